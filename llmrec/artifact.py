@@ -1,0 +1,136 @@
+"""The prunerec artifact (DESIGN.md §5): a directory that stock transformers loads, plus the catalog and a
+manifest.
+
+Layout: ``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files,
+``catalog.parquet`` (item_id, title) and ``prunerec.json`` (prompt template, history length, dataset
+fingerprint, lineage, parameter counts, metrics, library versions, creation time).
+
+Writes go to a hidden staging directory beside the target and are renamed into place, so a crash never
+leaves a half-written directory that looks complete; an existing artifact at the target is replaced only
+after the new one is fully written. Only safetensors are written or read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from recdata.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "prunerec.json"
+CATALOG = "catalog.parquet"
+FORMAT_VERSION = 1
+
+
+def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
+    """Unique parameters: total, embedding (input embedding + an untied LM head), non-embedding."""
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    embedding_params = {id(model.get_input_embeddings().weight)}
+    output = model.get_output_embeddings()
+    if output is not None:
+        embedding_params.add(id(output.weight))
+    embedding = sum(
+        p.numel() for p in {id(p): p for p in model.parameters() if id(p) in embedding_params}.values()
+    )
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("prunerec", "torch", "transformers", "peft", "accelerate"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_artifact(
+    directory: str | Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    catalog: Catalog,
+    manifest: dict[str, Any],
+) -> Path:
+    """Write an artifact atomically and return its path.
+
+    ``manifest`` must hold at least ``template`` (a PromptTemplate dict) and ``max_history``; parameter
+    counts, versions, the catalog fingerprint and the creation time are added here.
+    """
+    directory = Path(directory)
+    for key in ("template", "max_history"):
+        if key not in manifest:
+            raise ValueError(f"artifact manifest needs {key!r}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        catalog.save(staging / CATALOG)
+        full = {
+            "format_version": FORMAT_VERSION,
+            **manifest,
+            "params": parameter_counts(model),
+            "catalog": {"items": len(catalog), "fingerprint": catalog.fingerprint()},
+            "versions": library_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=str))
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            old.rmdir()
+            directory.rename(old)
+            staging.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote artifact %s", directory)
+    return directory
+
+
+def is_artifact(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return (directory / MANIFEST).is_file() and (directory / CATALOG).is_file()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a prunerec artifact (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def update_manifest(directory: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge fields into an artifact's manifest (atomic replace of the one file)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(directory / MANIFEST)
+    return manifest
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,267 @@
+"""Constrained beam search over a token trie of catalog titles (BIGRec/D3 grounding by decoding).
+
+Every answer is a real catalog item: at each step a beam may only extend its title prefix by a token
+that some catalog title continues with, and a beam that emits the end token completes exactly one item.
+DESIGN.md §3 and §7 set the requirements this implementation meets:
+
+- users are decoded together in one batch (left-padded prompts, explicit position ids), with the KV cache;
+- the prompt is run once per user and its cache is expanded to the beams afterwards;
+- the trie is a CSR of tensors (``child_offsets``, ``child_tokens``, ``child_nodes``); the allowed
+  continuations of all beams are gathered at once with ``repeat_interleave`` arithmetic, never by a Python
+  loop per beam;
+- the item behind a finished beam is read from the trie's terminal node, never by decoding strings.
+
+Scores are the sum of token log-probabilities of the response, end token included, i.e. log P(item | prompt)
+under the model (no length normalisation, so scores fall monotonically along a path and the search stops
+exactly when no live beam can beat the k-th finished item). The search keeps ``num_beams`` live prefixes
+per user; every completed item is recorded, and the best ``top_k`` distinct items are returned sorted by
+score. Items a caller excludes (e.g. the user's history) are dropped when they complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from llmrec.prefix_cache import prefix_beam_attention_enabled, prefix_beam_cache
+
+logger = logging.getLogger(__name__)
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class TitleTrie:
+    """A token trie of every catalog title, stored as tensors. Node 0 is the root."""
+
+    child_offsets: torch.Tensor
+    """(num_nodes + 1,) int64: the edges of node n are child_offsets[n] : child_offsets[n + 1]."""
+    child_tokens: torch.Tensor
+    """(num_edges,) int64: the token on each edge, sorted within a node."""
+    child_nodes: torch.Tensor
+    """(num_edges,) int64: the node each edge leads to."""
+    node_item: torch.Tensor
+    """(num_nodes,) int64: catalog index of the item completed at a node, -1 elsewhere."""
+    end_id: int
+    max_depth: int
+
+    @classmethod
+    def build(cls, sequences: Sequence[Sequence[int]], end_id: int) -> TitleTrie:
+        """Build from each item's response ids (title tokens *and* the end token), in catalog order."""
+        children: list[dict[int, int]] = [{}]
+        items = [-1]
+        for index, tokens in enumerate(sequences):
+            if not tokens or tokens[-1] != end_id:
+                raise ValueError(f"item {index}: response ids must end with the end token {end_id}")
+            if end_id in tokens[:-1]:
+                raise ValueError(f"item {index}: the end token occurs inside the title")
+            node = 0
+            for token in tokens:
+                nxt = children[node].get(token)
+                if nxt is None:
+                    nxt = len(children)
+                    children[node][token] = nxt
+                    children.append({})
+                    items.append(-1)
+                node = nxt
+            if items[node] != -1:
+                raise ValueError(f"items {items[node]} and {index} have identical token sequences")
+            items[node] = index
+        offsets, tokens_flat, nodes_flat = [0], [], []
+        for edges in children:
+            for token in sorted(edges):
+                tokens_flat.append(token)
+                nodes_flat.append(edges[token])
+            offsets.append(len(tokens_flat))
+        return cls(
+            child_offsets=torch.tensor(offsets, dtype=torch.long),
+            child_tokens=torch.tensor(tokens_flat, dtype=torch.long),
+            child_nodes=torch.tensor(nodes_flat, dtype=torch.long),
+            node_item=torch.tensor(items, dtype=torch.long),
+            end_id=end_id,
+            max_depth=max((len(s) for s in sequences), default=0),
+        )
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.node_item.numel())
+
+    def to(self, device: torch.device) -> TitleTrie:
+        return TitleTrie(
+            self.child_offsets.to(device),
+            self.child_tokens.to(device),
+            self.child_nodes.to(device),
+            self.node_item.to(device),
+            self.end_id,
+            self.max_depth,
+        )
+
+    def expand(self, nodes: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All allowed continuations of a set of beams.
+
+        Args:
+            nodes: (N,) trie node of each beam.
+            live: (N,) bool, False for beams that must not expand.
+        Returns:
+            (beam, token, child), each (C,): for every candidate, the beam it extends, the token it
+            appends and the node it reaches; ordered by beam.
+        """
+        starts = self.child_offsets[nodes]
+        counts = torch.where(live, self.child_offsets[nodes + 1] - starts, torch.zeros_like(starts))
+        beam = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)
+        first_of_beam = torch.cumsum(counts, 0) - counts  # exclusive prefix sum
+        edge = starts[beam] + torch.arange(beam.numel(), device=nodes.device) - first_of_beam[beam]
+        return beam, self.child_tokens[edge], self.child_nodes[edge]
+
+
+def grouped_topk(group: torch.Tensor, scores: torch.Tensor, num_groups: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k scores within each group of a flat, group-sorted candidate list.
+
+    Args:
+        group: (C,) non-decreasing group index of each candidate.
+        scores: (C,) candidate scores.
+    Returns:
+        (scores, index), each (num_groups, k): the best scores per group (-inf where a group has fewer than
+        k candidates) and their positions in the flat list (valid only where the score is finite).
+    """
+    device = scores.device
+    if scores.numel() == 0:
+        return torch.full((num_groups, k), NEG_INF, device=device), torch.zeros((num_groups, k), dtype=torch.long, device=device)
+    counts = torch.bincount(group, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(scores.numel(), device=device) - starts[group]
+    width = max(int(counts.max()), k)
+    table = torch.full((num_groups, width), NEG_INF, device=device, dtype=scores.dtype)
+    table[group, position] = scores
+    top_scores, top_position = table.topk(k, dim=1)
+    index = (starts[:, None] + top_position).clamp(max=scores.numel() - 1)
+    return top_scores, index
+
+
+@dataclass
+class BeamSearchConfig:
+    """Settings of the constrained search."""
+
+    num_beams: int = 20
+    """Live title prefixes kept per user (>= top_k; evaluation uses at least 20)."""
+    top_k: int = 10
+    """Distinct items returned per user."""
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    trie: TitleTrie,
+    config: BeamSearchConfig,
+    pad_id: int,
+    excluded: Sequence[Sequence[int]] | None = None,
+) -> list[list[tuple[int, float]]]:
+    """Top-k catalog items for each prompt, as (catalog index, log-probability) sorted by score.
+
+    Args:
+        model: a causal LM in eval mode.
+        prompts: B lists of prompt token ids.
+        trie: the catalog trie (moved to the model's device by the caller or here).
+        config: beams and k.
+        pad_id: token used for left padding and for the inputs of dead beams (always masked or ignored).
+        excluded: per prompt, catalog indices that must not be returned.
+    """
+    if config.num_beams < config.top_k:
+        raise ValueError(f"num_beams ({config.num_beams}) must be >= top_k ({config.top_k})")
+    device = next(model.parameters()).device
+    if trie.child_tokens.device != device:
+        trie = trie.to(device)
+    batch, beams, top_k = len(prompts), config.num_beams, config.top_k
+    if batch == 0:
+        return []
+    num_items = int(trie.node_item.max()) + 1
+
+    # ---- prompt pass: left-padded, one row per user ----
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention[row, length - len(prompt) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
+
+    # ---- B * beams rows from here on; the prompt cache stays one copy per user (see prefix_cache) ----
+    cache = prefix_beam_cache(out.past_key_values, attention.bool(), beams, trie.max_depth)
+    expand = torch.arange(batch, device=device).repeat_interleave(beams)
+    logprobs = logprobs[expand]  # (B*K, V)
+    next_position = positions[expand, -1] + 1  # (B*K,)
+    nodes = torch.zeros(batch * beams, dtype=torch.long, device=device)
+    scores = torch.full((batch * beams,), NEG_INF, device=device)
+    scores[::beams] = 0.0
+
+    exclusion = torch.zeros((batch, num_items), dtype=torch.bool, device=device)
+    if excluded is not None:
+        for row, items in enumerate(excluded):
+            valid = [i for i in items if 0 <= i < num_items]
+            if valid:
+                exclusion[row, torch.as_tensor(valid, device=device)] = True
+
+    pool_scores = torch.full((batch, top_k), NEG_INF, device=device)
+    pool_items = torch.full((batch, top_k), -1, dtype=torch.long, device=device)
+
+    for _step in range(trie.max_depth):
+        live = torch.isfinite(scores)
+        beam, token, child = trie.expand(nodes, live)
+        cand_scores = scores[beam] + logprobs[beam, token]  # (C,)
+        user = torch.div(beam, beams, rounding_mode="floor")
+
+        # Candidates that emit the end token complete an item.
+        ends = token == trie.end_id
+        if bool(ends.any()):
+            end_user, end_item = user[ends], trie.node_item[child[ends]]
+            end_scores = cand_scores[ends].masked_fill(exclusion[end_user, end_item], NEG_INF)
+            best, where = grouped_topk(end_user, end_scores, batch, top_k)
+            merged_scores = torch.cat([pool_scores, best], dim=1)
+            merged_items = torch.cat([pool_items, torch.where(torch.isfinite(best), end_item[where], -1)], dim=1)
+            pool_scores, order = merged_scores.topk(top_k, dim=1)
+            pool_items = merged_items.gather(1, order)
+
+        # The best `beams` unfinished continuations per user become the next beams.
+        cont_scores = cand_scores.masked_fill(ends, NEG_INF)
+        new_scores, where = grouped_topk(user, cont_scores, batch, beams)  # (B, K)
+        new_scores = new_scores.reshape(-1)
+        where = where.reshape(-1)
+        alive = torch.isfinite(new_scores)
+        # Stop users whose k-th finished item beats every live prefix (scores only fall along a path).
+        best_live = new_scores.view(batch, beams).max(dim=1).values
+        done = pool_scores[:, -1] >= best_live
+        if bool(done.all()):
+            break
+        new_scores = torch.where(done.repeat_interleave(beams), NEG_INF, new_scores)
+        alive = alive & torch.isfinite(new_scores)
+        if beam.numel() == 0 or not bool(alive.any()):
+            break
+        parent = torch.where(alive, beam[where], torch.arange(batch * beams, device=device))
+        step_tokens = torch.where(alive, token[where], torch.full_like(where, pad_id))
+        nodes = torch.where(alive, child[where], torch.zeros_like(where))
+        scores = new_scores
+
+        cache.reorder_cache(parent)
+        step_positions = next_position[parent]
+        with prefix_beam_attention_enabled(model):
+            out = model(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache, use_cache=True)
+        next_position = step_positions + 1
+        logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+
+    results: list[list[tuple[int, float]]] = []
+    for row in range(batch):
+        ranked = [
+            (int(item), float(score))
+            for item, score in zip(pool_items[row].tolist(), pool_scores[row].tolist(), strict=True)
+            if item >= 0 and score > NEG_INF
+        ]
+        results.append(ranked)
+    return results

@@ -1,0 +1,93 @@
+"""A loaded recommender: model + tokenizer + catalog + prompt template, answering top-k queries.
+
+This is what evaluation, the ``recommend`` command and the HTTP service call. Histories are catalog
+indices (oldest first); the prompt uses the last ``max_history`` of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llmrec.artifact import CATALOG, read_manifest
+from llmrec.decode import BeamSearchConfig, TitleTrie, constrained_beam_search
+from llmrec.model import load_model
+from llmrec.prompting import PromptEncoder
+from recdata.catalog import Catalog
+from recdata.prompts import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+
+class Recommender:
+    """Top-k next-item recommendation by constrained beam search."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        catalog: Catalog,
+        template: PromptTemplate,
+        max_history: int = 10,
+        manifest: dict | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.catalog = catalog
+        self.template = template
+        self.max_history = max_history
+        self.manifest = manifest or {}
+        self.encoder = PromptEncoder(tokenizer, template, max_history)
+        self.trie = TitleTrie.build([self.encoder.response_ids(t) for t in catalog.titles], self.encoder.end_id)
+        self.device = next(model.parameters()).device
+        self.trie = self.trie.to(self.device)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.encoder.end_id)
+
+    @classmethod
+    def from_artifact(cls, directory: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Recommender:
+        manifest = read_manifest(directory)
+        loaded = load_model(directory, device=device, dtype=dtype)
+        catalog = Catalog.load(Path(directory) / CATALOG)
+        template = PromptTemplate.from_dict(manifest["template"])
+        return cls(loaded.model, loaded.tokenizer, catalog, template, int(manifest["max_history"]), manifest)
+
+    def prompt_ids(self, history: Sequence[int]) -> list[int]:
+        return self.encoder.prompt_ids([self.catalog.titles[i] for i in history])
+
+    def recommend(
+        self,
+        histories: Sequence[Sequence[int]],
+        k: int = 10,
+        num_beams: int | None = None,
+        exclude: Sequence[Sequence[int]] | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[list[tuple[int, float]]]:
+        """For each history, the top-k (catalog index, score) pairs, best first.
+
+        Args:
+            histories: catalog indices per user, oldest first.
+            k: items per user.
+            num_beams: beams per user (default max(k, 20)).
+            exclude: catalog indices per user that must not be recommended (e.g. the history).
+            batch_size: users decoded together.
+            progress: show a progress bar.
+        """
+        if k < 1 or k > len(self.catalog):
+            raise ValueError(f"k must be between 1 and the catalog size {len(self.catalog)}, got {k}")
+        config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k)
+        results: list[list[tuple[int, float]]] = []
+        batches = range(0, len(histories), batch_size)
+        for start in tqdm(batches, desc="recommend", unit="batch", disable=not progress):
+            chunk = histories[start : start + batch_size]
+            prompts = [self.prompt_ids(h) for h in chunk]
+            excluded = exclude[start : start + batch_size] if exclude is not None else None
+            results.extend(
+                constrained_beam_search(self.model, prompts, self.trie, config, self.pad_id, excluded=excluded)
+            )
+        return results

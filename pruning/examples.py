@@ -1,0 +1,125 @@
+"""Training examples: token ids and labels for next-item fine-tuning (BIGRec/D3 style).
+
+Two layouts, both with the loss on response tokens only (labels are -100 elsewhere):
+
+- one sample per target: ``prompt(last N items before the target) + response(target) + end``;
+- packed windows (packable templates only, e.g. ``compact``): a window of up to N+1 consecutive items of a
+  user's training sequence is one causal sequence ``prefix + item_1 + ... + item_m``; every item after
+  the first of the user's sequence is a target, its history being the window's earlier items. Windows
+  overlap by ``N + 1 - stride`` items and only the last ``stride`` items of a window (every item of a
+  user's first window) carry labels, so each training target is learnt exactly once with between
+  ``N + 1 - stride`` and N items of history. One forward pass trains up to ``stride`` targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmrec.prompting import PromptEncoder
+from recdata.prep import PreparedData
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def targets(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+def sample_example(encoder: PromptEncoder, history_titles: list[str], target_title: str) -> Example:
+    prompt = encoder.prompt_ids(history_titles)
+    response = encoder.response_ids(target_title)
+    return Example(prompt + response, [IGNORE] * len(prompt) + response)
+
+
+def split_examples(data: PreparedData, encoder: PromptEncoder, split: str, limit: int | None = None, seed: int = 0) -> list[Example]:
+    """One example per sample of a split (optionally a seeded random subset of ``limit``)."""
+    pairs = data.splits[split]
+    if limit is not None and limit < len(pairs):
+        pairs = pairs[np.sort(np.random.default_rng(seed).choice(len(pairs), size=limit, replace=False))]
+    titles = data.catalog.titles
+    out = []
+    for user, position in pairs:
+        history = [titles[i] for i in data.history(int(user), int(position))]
+        out.append(sample_example(encoder, history, titles[data.target(int(user), int(position))]))
+    return out
+
+
+def packed_windows(data: PreparedData, max_history: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(user, start, first_labelled, end) windows over each user's training part: items [start, end) are in
+    the window, items [first_labelled, end) carry labels; every training target is labelled exactly once."""
+    if not 1 <= stride <= max_history:
+        raise ValueError(f"stride must be in [1, max_history={max_history}], got {stride}")
+    windows = []
+    width = max_history + 1
+    for user, length in enumerate(data.train_lengths):
+        length = int(length)
+        if length < 2:
+            continue
+        end = min(width, length)
+        windows.append((user, 0, 1, end))
+        while end < length:
+            previous, end = end, min(end + stride, length)
+            windows.append((user, max(0, end - width), previous, end))
+    return windows
+
+
+def window_example(
+    data: PreparedData, encoder: PromptEncoder, user: int, start: int, first_labelled: int, end: int
+) -> Example:
+    if not encoder.template.packable:
+        raise ValueError(f"template {encoder.template.name!r} cannot be packed; use per-sample examples")
+    titles = data.catalog.titles
+    seq = data.sequences[user]
+    ids = encoder.prompt_ids([])
+    labels = [IGNORE] * len(ids)
+    for position in range(start, end):
+        piece = encoder.response_ids(titles[int(seq[position])])
+        ids.extend(piece)
+        labels.extend(piece if position >= first_labelled else [IGNORE] * len(piece))
+    return Example(ids, labels)
+
+
+def training_examples(
+    data: PreparedData,
+    encoder: PromptEncoder,
+    packing: bool,
+    stride: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """Examples over the training split: packed windows or one sample per target; ``limit`` keeps a seeded
+    random subset (of windows or samples)."""
+    if not packing:
+        return split_examples(data, encoder, "train", limit=limit, seed=seed)
+    stride = stride or encoder.max_history
+    windows = packed_windows(data, encoder.max_history, stride)
+    if limit is not None and limit < len(windows):
+        keep = np.sort(np.random.default_rng(seed).choice(len(windows), size=limit, replace=False))
+        windows = [windows[i] for i in keep]
+    return [window_example(data, encoder, *window) for window in windows]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100)."""
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.as_tensor(example.input_ids)
+        labels[row, :n] = torch.as_tensor(example.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
