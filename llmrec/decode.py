@@ -249,7 +249,7 @@ def constrained_beam_search(
         nodes = torch.where(alive, child[where], torch.zeros_like(where))
         scores = new_scores
 
-        cache.reorder_cache(parent)
+        cache.reorder_cache(parent)  # type: ignore[arg-type]
         step_positions = next_position[parent]
         with prefix_beam_attention_enabled(model):
             out = model(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache, use_cache=True)

@@ -156,7 +156,8 @@ def load_model(
         use_safetensors=True,
         trust_remote_code=False,
         attn_implementation=attn_implementation,
-    ).to(target)
+    )
+    model.to(target)  # type: ignore[arg-type]
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None

@@ -96,9 +96,11 @@ class PrefixBeamLayer(CacheLayerMixin):
 
 def prefix_beam_cache(prompt_cache: Cache, prefix_mask: torch.Tensor, beams: int, capacity: int) -> Cache:
     """Wrap the cache of a prompt pass (one row per user) into a shared-prefix beam cache."""
-    layers = [
-        PrefixBeamLayer(layer.keys, layer.values, prefix_mask, beams, capacity) for layer in prompt_cache.layers
-    ]
+    layers: list[CacheLayerMixin] = []
+    for layer in prompt_cache.layers:
+        if layer.keys is None or layer.values is None:
+            raise ValueError("the prompt cache is empty")
+        layers.append(PrefixBeamLayer(layer.keys, layer.values, prefix_mask, beams, capacity))
     return Cache(layers=layers)
 
 

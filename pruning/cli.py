@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -65,7 +64,7 @@ DataOpt = Annotated[
 ]
 
 
-def _load_data(data: Path | None):  # noqa: ANN202 (PreparedData; imported lazily for a fast --help)
+def _load_data(data: Path | None):
     from recdata.errors import DataFormatError
     from recdata.prep import PreparedData, prepare
     from recdata.sources import read_ml100k
@@ -256,4 +255,4 @@ def run_cli() -> None:  # console-script entry point
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli())
+    run_cli()

@@ -107,8 +107,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "lr": 2e-4,
         "max_minutes": 8.0,
-        "eval_every": 20,
-        "valid_examples": 100,
+        "eval_every": 25,
+        "valid_examples": 64,
         "patience": 0,
     },
     # The full-size run for one GPU.
@@ -124,6 +124,29 @@ def apply_profile(config: TrainConfig, profile: str) -> TrainConfig:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     values = {**asdict(config), **PROFILES[profile], "profile": profile}
     return TrainConfig(**values)
+
+
+@dataclass
+class TrainerState:
+    """Progress that a checkpoint restores."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_loss: float = math.inf
+    bad_evals: int = 0
+    elapsed: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _stop_reason(config: TrainConfig, state: TrainerState, total_steps: int) -> str | None:
+    if config.max_steps is not None and state.step >= config.max_steps:
+        return "max steps"
+    if state.step >= total_steps:
+        return "epochs"
+    if config.max_minutes is not None and state.elapsed >= config.max_minutes * 60:
+        return "time budget"
+    return None
 
 
 def _config_key(config: TrainConfig) -> dict[str, Any]:
@@ -194,7 +217,7 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
             lora_dropout=config.lora_dropout,
             target_modules=list(config.lora_targets),
         )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora)  # type: ignore[assignment]
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info("trainable parameters: %d", sum(p.numel() for p in trainable))
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -208,8 +231,7 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
         total_steps = min(total_steps, config.max_steps)
 
     ckpt = config.checkpoint_path()
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_loss": math.inf, "bad_evals": 0,
-             "elapsed": 0.0, "history": []}
+    state = TrainerState()
     if config.resume and (ckpt / "trainer_state.json").is_file():
         saved = json.loads((ckpt / "trainer_state.json").read_text())
         if saved.get("config") != _config_key(config):
@@ -218,14 +240,14 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
                 "--checkpoint-dir"
             )
         accelerator.load_state(str(ckpt / "state"))
-        state = saved["state"]
-        logger.info("resumed from %s at step %d", ckpt, state["step"])
+        state = TrainerState(**saved["state"])
+        logger.info("resumed from %s at step %d", ckpt, state.step)
 
     def save_checkpoint() -> None:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(ckpt / "state"))
         if accelerator.is_main_process:
-            payload = {"config": _config_key(config), "state": state}
+            payload = {"config": _config_key(config), "state": asdict(state)}
             tmp = ckpt / "trainer_state.json.tmp"
             tmp.write_text(json.dumps(payload, indent=2))
             tmp.replace(ckpt / "trainer_state.json")
@@ -233,35 +255,34 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     def evaluate_and_track() -> bool:
         """Validation loss; keep the best weights; True when early stopping triggers."""
         loss = validation_loss(model, valid_set, pad_id, config.batch_size, accelerator.device)
-        state["history"].append({"step": state["step"], "valid_loss": loss})
-        if loss < state["best_loss"] - 1e-4:
-            state["best_loss"], state["bad_evals"] = loss, 0
+        state.history.append({"step": state.step, "valid_loss": loss})
+        if loss < state.best_loss - 1e-4:
+            state.best_loss, state.bad_evals = loss, 0
             if accelerator.is_main_process:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 save_file(_trainable_state(accelerator.unwrap_model(model)), str(ckpt / "best.safetensors"))
         else:
-            state["bad_evals"] += 1
-        logger.info("step %d: valid loss %.4f (best %.4f)", state["step"], loss, state["best_loss"])
-        return config.patience > 0 and state["bad_evals"] >= config.patience
+            state.bad_evals += 1
+        logger.info("step %d: valid loss %.4f (best %.4f)", state.step, loss, state.best_loss)
+        return config.patience > 0 and state.bad_evals >= config.patience
 
-    if state["step"] == 0 and not state["history"]:
+    if state.step == 0 and not state.history:
         evaluate_and_track()  # the starting point, so that a useless run keeps the base weights
         save_checkpoint()
 
     model.train()
-    started = time.monotonic() - state["elapsed"]
-    stop_reason = "epochs"
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step",
+    started = time.monotonic() - state.elapsed
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_local_main_process)
     running = 0.0
-    while state["step"] < total_steps:
-        generator = torch.Generator().manual_seed(config.seed + state["epoch"])
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
-                            collate_fn=lambda batch: collate(batch, pad_id))
+    stop_reason = _stop_reason(config, state, total_steps)
+    while stop_reason is None:
+        generator = torch.Generator().manual_seed(config.seed + state.epoch)
+        loader: DataLoader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,  # type: ignore[arg-type]
+                                        generator=generator, collate_fn=lambda batch: collate(batch, pad_id))
         loader = accelerator.prepare(loader)
-        if state["batches_in_epoch"]:
-            loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
-        stop = False
+        if state.batches_in_epoch:
+            loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
@@ -271,32 +292,28 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            state["batches_in_epoch"] += 1
+            state.batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
-            state["step"] += 1
-            running = 0.9 * running + 0.1 * float(loss) if state["step"] > 1 else float(loss)
+            state.step += 1
+            value = float(loss.detach())
+            running = 0.9 * running + 0.1 * value if state.step > 1 else value
             progress.update(1)
             progress.set_postfix(loss=f"{running:.3f}")
-            state["elapsed"] = time.monotonic() - started
-            out_of_time = config.max_minutes is not None and state["elapsed"] >= config.max_minutes * 60
-            if state["step"] % config.eval_every == 0 or state["step"] >= total_steps or out_of_time:
-                if evaluate_and_track():
-                    stop, stop_reason = True, "early stopping"
+            state.elapsed = time.monotonic() - started
+            stop_reason = _stop_reason(config, state, total_steps)
+            if state.step % config.eval_every == 0 or stop_reason is not None:
+                if evaluate_and_track() and stop_reason is None:
+                    stop_reason = "early stopping"
                 save_checkpoint()
-            if out_of_time:
-                stop, stop_reason = True, "time budget"
-            if stop or state["step"] >= total_steps:
-                if state["step"] >= total_steps and not stop:
-                    stop_reason = "max steps" if config.max_steps and state["step"] >= config.max_steps else "epochs"
-                stop = True
+            if stop_reason is not None:
                 break
-        if stop:
-            break
-        state["epoch"] += 1
-        state["batches_in_epoch"] = 0
+        else:  # the epoch ended without a stop
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            stop_reason = _stop_reason(config, state, total_steps)
     progress.close()
-    logger.info("training stopped (%s) at step %d after %.1f min", stop_reason, state["step"], state["elapsed"] / 60)
+    logger.info("training stopped (%s) at step %d after %.1f min", stop_reason, state.step, state.elapsed / 60)
 
     accelerator.wait_for_everyone()
     output = Path(config.output)
@@ -315,8 +332,8 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
             "stage_config": asdict(config),
             "training": {
                 "examples": len(train_set), "targets": targets, "tokens": tokens, "packing": packing,
-                "steps": state["step"], "stop_reason": stop_reason, "minutes": round(state["elapsed"] / 60, 2),
-                "best_valid_loss": state["best_loss"], "valid_history": state["history"],
+                "steps": state.step, "stop_reason": stop_reason, "minutes": round(state.elapsed / 60, 2),
+                "best_valid_loss": state.best_loss, "valid_history": state.history,
                 "processes": accelerator.num_processes,
             },
         }

@@ -131,7 +131,7 @@ class PreparedData:
             "items": len(self.catalog),
             "interactions": int(sum(len(s) for s in self.sequences)),
             "split": self.config.split,
-            **{f"{name}_samples": int(len(index)) for name, index in self.splits.items()},
+            **{f"{name}_samples": len(index) for name, index in self.splits.items()},
             "fingerprint": self.fingerprint,
         }
 
@@ -208,7 +208,7 @@ def prepare(raw: RawData, config: PrepConfig | None = None) -> PreparedData:
     items = items[items["item_id"].isin(used)].reset_index(drop=True)
     items["title"] = disambiguate_titles(items["title"].tolist())
     catalog = Catalog(items["item_id"].tolist(), items["title"].tolist())
-    frame = frame.assign(item_index=frame["item_id"].map(dict(zip(catalog.item_ids, range(len(catalog))))))
+    frame = frame.assign(item_index=frame["item_id"].map(dict(zip(catalog.item_ids, range(len(catalog)), strict=False))))
 
     # Stable chronological order per user; file order breaks timestamp ties (RecBole's behaviour).
     frame = frame.sort_values(["user_id", "timestamp", "row"], kind="stable")
@@ -237,7 +237,9 @@ def _as_pairs(rows: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _split_loo(sequences: list[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    train, valid, test = [], [], []
+    train: list[tuple[int, int]] = []
+    valid: list[tuple[int, int]] = []
+    test: list[tuple[int, int]] = []
     lengths = np.zeros(len(sequences), dtype=np.int64)
     for user, seq in enumerate(sequences):
         n = len(seq)

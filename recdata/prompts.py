@@ -17,6 +17,7 @@ calibration, evaluation and serving see identical ids. The template is saved in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -120,7 +121,7 @@ def compact_template(items: str = "movies", verb: str = "watched") -> PromptTemp
     )
 
 
-TEMPLATES = {"d3": d3_template, "compact": compact_template}
+TEMPLATES: dict[str, Callable[[], PromptTemplate]] = {"d3": d3_template, "compact": compact_template}
 
 
 def get_template(name: str) -> PromptTemplate:

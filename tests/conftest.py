@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import make_tokenizer, template_texts, tiny_llama
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import make_tokenizer, template_texts, tiny_llama  # noqa: E402
-
-from recdata.prep import PrepConfig, PreparedData, prepare  # noqa: E402
-from recdata.sources import RawData  # noqa: E402
+from recdata.prep import PreparedData, PrepConfig, prepare
+from recdata.sources import RawData
 
 TITLES = [
     "Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",

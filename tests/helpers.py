@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from recdata.prompts import compact_template, d3_template
@@ -67,3 +67,10 @@ def tiny_qwen2(vocab_size: int, seed: int = 0, tie: bool = False, layers: int = 
         use_sliding_window=False,
     )
     return Qwen2ForCausalLM(config).eval()
+
+
+def save_model_dir(path, model, tokenizer):
+    """A local HF directory (what `--model PATH` points at)."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

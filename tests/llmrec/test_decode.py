@@ -1,0 +1,92 @@
+"""Constrained beam search: real catalog items only, k distinct sorted, batch == single, exact scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_llama, tiny_qwen2
+
+from llmrec.decode import TitleTrie, grouped_topk
+from llmrec.recommender import Recommender
+from recdata.prompts import compact_template, d3_template
+
+
+def teacher_forced_score(rec: Recommender, history: list[int], item: int) -> float:
+    prompt = rec.prompt_ids(history)
+    response = rec.encoder.response_ids(rec.catalog.titles[item])
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(rec.model(ids).logits[0].float(), -1)
+    return sum(float(logprobs[len(prompt) - 1 + j, tok]) for j, tok in enumerate(response))
+
+
+@pytest.fixture(params=["llama-d3", "qwen2-compact"])
+def recommender(request, tokenizer, prepared):
+    if request.param == "llama-d3":
+        return Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, d3_template())
+    return Recommender(tiny_qwen2(len(tokenizer)), tokenizer, prepared.catalog, compact_template())
+
+
+def histories(prepared, n=6):
+    return [prepared.history(int(u), int(p)).tolist() for u, p in prepared.splits["test"][:n]]
+
+
+def test_returns_k_distinct_catalog_items_sorted(recommender, prepared):
+    for ranked in recommender.recommend(histories(prepared), k=5, num_beams=8, batch_size=3):
+        items = [i for i, _ in ranked]
+        scores = [s for _, s in ranked]
+        assert len(items) == 5 and len(set(items)) == 5
+        assert all(0 <= i < len(prepared.catalog) for i in items)
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_batch_equals_one_by_one(recommender, prepared):
+    hs = histories(prepared)
+    batched = recommender.recommend(hs, k=5, num_beams=8, batch_size=len(hs))
+    single = [recommender.recommend([h], k=5, num_beams=8)[0] for h in hs]
+    for a, b in zip(batched, single, strict=True):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
+
+
+def test_scores_are_exact_log_probabilities_and_search_is_exact_with_enough_beams(recommender, prepared):
+    history = histories(prepared, 1)[0]
+    n = len(prepared.catalog)
+    ranked = recommender.recommend([history], k=5, num_beams=n)[0]
+    brute = sorted(((teacher_forced_score(recommender, history, i), i) for i in range(n)), reverse=True)
+    assert [i for i, _ in ranked] == [i for _, i in brute[:5]]
+    for (_item, score), (expected, _) in zip(ranked, brute[:5], strict=True):
+        assert score == pytest.approx(expected, abs=1e-3)
+
+
+def test_exclusion_and_k_bounds(recommender, prepared):
+    hs = histories(prepared, 3)
+    for history, ranked in zip(hs, recommender.recommend(hs, k=5, num_beams=10, exclude=hs), strict=True):
+        assert not set(history) & {i for i, _ in ranked}
+    with pytest.raises(ValueError, match="k must be between"):
+        recommender.recommend(hs, k=0)
+    with pytest.raises(ValueError, match="k must be between"):
+        recommender.recommend(hs, k=len(prepared.catalog) + 1)
+
+
+def test_trie_rejects_bad_sequences_and_expands_by_tensor_ops():
+    trie = TitleTrie.build([[5, 6, 1], [5, 7, 1], [8, 1]], end_id=1)
+    beam, token, child = trie.expand(torch.tensor([0, 0]), torch.tensor([True, False]))
+    assert beam.tolist() == [0, 0] and token.tolist() == [5, 8]
+    node_5 = int(child[0])
+    beam, token, child = trie.expand(torch.tensor([node_5]), torch.tensor([True]))
+    assert token.tolist() == [6, 7]
+    ends = trie.node_item[trie.expand(child[:1], torch.tensor([True]))[2]]
+    assert ends.tolist() == [0]
+    with pytest.raises(ValueError, match="end with the end token"):
+        TitleTrie.build([[5, 6]], end_id=1)
+    with pytest.raises(ValueError, match="identical token sequences"):
+        TitleTrie.build([[5, 1], [5, 1]], end_id=1)
+
+
+def test_grouped_topk():
+    group = torch.tensor([0, 0, 0, 2])
+    scores = torch.tensor([1.0, 3.0, 2.0, 5.0])
+    top, index = grouped_topk(group, scores, num_groups=3, k=2)
+    assert top[0].tolist() == [3.0, 2.0] and index[0].tolist() == [1, 2]
+    assert torch.isinf(top[1]).all() and top[2, 0] == 5.0 and index[2, 0] == 3

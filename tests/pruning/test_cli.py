@@ -1,0 +1,100 @@
+"""The CLI: documented options, promised errors, and an end-to-end smoke test on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+from helpers import tiny_llama
+from typer.testing import CliRunner
+
+from llmrec.artifact import write_artifact
+from pruning.cli import app
+from recdata.prompts import compact_template
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["data", "train", "evaluate", "recommend"])
+def test_every_command_documents_its_options(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "--help" in result.output
+    click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    params = [p for p in click_command.params if p.name != "help"]
+    assert params
+    undocumented = [p.name for p in params if not getattr(p, "help", None)]
+    assert not undocumented, undocumented
+
+
+def test_data_command_writes_a_prepared_dataset(tmp_path):
+    result = runner.invoke(app, ["data", "-o", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["users"] == 943 and summary["test_samples"] == 943
+    assert (tmp_path / "d" / "prepared.json").is_file()
+
+
+def test_data_command_reports_bad_files_without_traceback(tmp_path):
+    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t2\tnoon\n")
+    (tmp_path / "x.item").write_text("item_id:token\ttitle:token_seq\n2\tTwo\n")
+    result = runner.invoke(app, ["data", "-o", str(tmp_path / "d"), "--source", "recbole",
+                                 "--interactions", str(tmp_path / "x.inter"), "--items", str(tmp_path / "x.item")])
+    assert result.exit_code == 2
+    assert "x.inter, line 2, column 'timestamp'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["data", "-o", str(tmp_path / "d"), "--source", "table"])
+    assert result.exit_code == 2 and "needs --interactions and --items" in result.output
+
+
+def test_recommend_and_evaluate_on_a_tiny_artifact(tmp_path, tokenizer, prepared):
+    prepared.save(tmp_path / "data")
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    path = write_artifact(tmp_path / "art", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
+    result = runner.invoke(app, ["recommend", str(path), "--history", "i1", "--history", "Babe (1995)", "--k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert len(rows) == 3 and not {"i1", "i6"} & {r["item_id"] for r in rows}
+    result = runner.invoke(app, ["recommend", str(path), "--history", "nope", "--history", "i1"])
+    assert result.exit_code == 2 and "unknown items: 'nope'" in result.output
+    result = runner.invoke(app, ["evaluate", str(path), "--data", str(tmp_path / "data"), "--num-beams", "20", "--users", "8"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((path / "eval" / "test.json").read_text())
+    assert metrics["protocol"]["users"] == 8 and metrics["protocol"]["num_beams"] == 20
+    assert 0.0 <= metrics["metrics"]["ndcg@10"] <= 1.0 and "ndcg@10" in metrics["mostpop"]
+    assert (path / "eval" / "test.ranks.csv").is_file()
+
+
+def test_train_reports_a_missing_model(tmp_path):
+    result = runner.invoke(app, ["train", "-o", str(tmp_path / "o"), "--model", str(tmp_path / "nothing"), "--profile", "tiny"])
+    assert result.exit_code == 2 and "no Hugging Face model" in result.output
+
+
+@pytest.mark.slow
+def test_smollm2_converts_loads_and_recommends_top5(tmp_path):
+    """The embedded default end to end: GGUF -> safetensors cache, tokenizer round trip, top-5 for an ml-100k user."""
+    from transformers import AutoTokenizer
+
+    from llmrec.model import load_model
+    from recdata.prep import prepare
+    from recdata.sources import read_ml100k
+
+    loaded = load_model()
+    assert loaded.model.config.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
+    assert loaded.tokenizer.eos_token == "<|im_end|>"
+    reloaded = AutoTokenizer.from_pretrained(loaded.path)
+    titles = ["Toy Story (1995)", "Usual Suspects, The (1995)", "Müller's Büro (1986)"]
+    assert [reloaded(t)["input_ids"] for t in titles] == [loaded.tokenizer(t)["input_ids"] for t in titles]
+    data = prepare(read_ml100k())
+    manifest = {"template": compact_template().to_dict(), "max_history": 10, "stage": "base"}
+    path = write_artifact(tmp_path / "smol", loaded.model, loaded.tokenizer, data.catalog, manifest)
+    user, position = data.splits["test"][0]
+    history = [data.catalog.item_ids[i] for i in data.history(int(user), int(position))[-10:]]
+    args = ["recommend", str(path), "--k", "5", "--json"] + [a for h in history for a in ("--history", h)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert len(rows) == 5 and len({r["item_id"] for r in rows}) == 5
+    assert all(r["title"] in data.catalog.titles for r in rows) and not set(history) & {r["item_id"] for r in rows}
+    with torch.no_grad():
+        assert torch.isfinite(torch.tensor([r["score"] for r in rows])).all()
