@@ -1,0 +1,151 @@
+"""Calibration data and the teacher's distribution at response positions (PruneRec, arXiv 2507.07064, §3.2).
+
+The released PruneRec code calibrates on one sample and compares unshifted logits; here a calibration set
+of many training prompts (seeded) is batched with padding masked, and every comparison is made at the
+*shifted* response positions: the logits at position t predict the token at t + 1, so the positions that
+matter are those whose next token carries a label.
+
+The teacher's distribution is cached once, coarsened to its top-k tokens plus one "tail" bucket holding
+the remaining mass. KL between two coarsened distributions is exact for that partition (and a lower bound
+of the full-vocabulary KL); it needs k + 1 numbers per position instead of the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from llmrec.prompting import PromptEncoder
+from pruning.examples import IGNORE, Example, collate, split_examples, training_examples
+from recdata.prep import PreparedData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationConfig:
+    """Which samples calibrate importance scores."""
+
+    samples: int = 128
+    """Training samples (one prompt + response each), a seeded random subset of the training split."""
+    batch_size: int = 8
+    seed: int = 0
+    top_k: int = 64
+    """Teacher tokens kept per position (plus one tail bucket)."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    """(B, T)"""
+    attention_mask: torch.Tensor
+    """(B, T)"""
+    labels: torch.Tensor
+    """(B, T), -100 outside responses"""
+
+    @property
+    def response(self) -> torch.Tensor:
+        """(B, T) bool: positions whose *next* token is a response token (the shifted targets)."""
+        mask = torch.zeros_like(self.labels, dtype=torch.bool)
+        mask[:, :-1] = self.labels[:, 1:] != IGNORE
+        return mask
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(n,) the tokens predicted at the response positions, in row-major order."""
+        return self.labels[:, 1:][self.labels[:, 1:] != IGNORE]
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def batches(examples: list[Example], pad_id: int, batch_size: int) -> list[Batch]:
+    out = []
+    for start in range(0, len(examples), batch_size):
+        tensors = collate(examples[start : start + batch_size], pad_id)
+        out.append(Batch(tensors["input_ids"], tensors["attention_mask"], tensors["labels"]))
+    return out
+
+
+def calibration_batches(data: PreparedData, encoder: PromptEncoder, config: CalibrationConfig, pad_id: int) -> list[Batch]:
+    """Seeded training samples (history -> next item), batched."""
+    examples = split_examples(data, encoder, "train", limit=config.samples, seed=config.seed)
+    return batches(examples, pad_id, config.batch_size)
+
+
+def distillation_examples(data: PreparedData, encoder: PromptEncoder, limit: int | None, seed: int) -> list[Example]:
+    """The examples distillation trains on: the same layout as fine-tuning (packed when possible)."""
+    return training_examples(data, encoder, encoder.template.packable, None, limit, seed + 1)
+
+
+def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """Logits at the response positions only, (n, V): the LM head never runs on other positions."""
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    return model.lm_head(hidden[batch.response])
+
+
+@dataclass
+class TeacherTargets:
+    """A coarsened teacher distribution at n positions, at temperature T."""
+
+    top_index: torch.Tensor
+    """(n, k) int64 token ids"""
+    top_logprob: torch.Tensor
+    """(n, k) float32 log-probabilities of those tokens"""
+    tail_logprob: torch.Tensor
+    """(n,) float32 log of the remaining mass"""
+
+
+def coarsen(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> TeacherTargets:
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    top_logprob, top_index = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+    tail = torch.log1p(-top_logprob.exp().sum(-1).clamp(max=1 - 1e-6))
+    return TeacherTargets(top_index, top_logprob, tail)
+
+
+def coarse_kl(targets: TeacherTargets, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position KL(teacher ‖ student) over the partition {top-k tokens, tail}; (n,)."""
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    q_top = logq.gather(-1, targets.top_index)
+    q_tail = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    p_top, p_tail = targets.top_logprob, targets.tail_logprob
+    kl = (p_top.exp() * (p_top - q_top)).sum(-1) + p_tail.exp() * (p_tail - q_tail)
+    return kl
+
+
+@torch.no_grad()
+def teacher_targets(model: PreTrainedModel, calibration: list[Batch], top_k: int, temperature: float = 1.0) -> list[TeacherTargets]:
+    model.eval()
+    device = next(model.parameters()).device
+    return [coarsen(response_logits(model, b.to(device)), top_k, temperature) for b in calibration]
+
+
+@torch.no_grad()
+def mean_kl(model: PreTrainedModel, calibration: list[Batch], targets: list[TeacherTargets]) -> float:
+    """Mean KL(teacher ‖ model) over every response position of the calibration set."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch, target in zip(calibration, targets, strict=True):
+        kl = coarse_kl(target, response_logits(model, batch.to(device)))
+        total += float(kl.sum())
+        count += kl.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def mean_ce(model: PreTrainedModel, calibration: list[Batch]) -> float:
+    """Mean cross-entropy of the labels at the response positions (the recommendation loss)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in calibration:
+        batch = batch.to(device)
+        logits = response_logits(model, batch)
+        total += float(nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum"))
+        count += int(batch.targets.numel())
+    return total / max(count, 1)

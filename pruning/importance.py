@@ -1,0 +1,207 @@
+"""Importance scores for the PruneRec stages (arXiv 2507.07064, §3.2–3.4).
+
+- Attention heads: KL(teacher ‖ model with the head ablated) at the response positions of the calibration
+  set. A head is ablated by zeroing its slice of the ``o_proj`` input; a KV group by zeroing all of its
+  query heads. Each layer's input is cached from one clean pass, and the ablated pass starts at that layer
+  (the layers before it are unaffected), which halves the cost on average.
+- Residual channels: activation energy E[y_d²] at the output of every RMSNorm (what enters q/k/v/gate/up and
+  the LM head), summed over norms, padding masked.
+- MLP channels: E[|x_c|] of the real input of ``down_proj`` (act(gate)·up) times the norm of the matching
+  ``down_proj`` column (the channel's contribution to the residual stream).
+- Layers: the calibration recommendation loss with each remaining layer removed (BlockPruner style,
+  arXiv 2406.10594), greedily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from pruning.calibration import Batch, TeacherTargets, coarse_kl, mean_ce
+from pruning.surgery import shape_of
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def layers_replaced(model: PreTrainedModel, layers: list[nn.Module]) -> Iterator[None]:
+    """Run the model with another list of decoder layers (a suffix, or one with a layer left out)."""
+    original = model.model.layers
+    model.model.layers = nn.ModuleList(layers)
+    try:
+        yield
+    finally:
+        model.model.layers = original
+
+
+@torch.no_grad()
+def layer_inputs(model: PreTrainedModel, calibration: list[Batch]) -> list[list[torch.Tensor]]:
+    """Per batch, the hidden states entering every decoder layer: [batch][layer] -> (B, T, d)."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    device = next(model.parameters()).device
+    out = []
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    with _hooks(handles):
+        for batch in calibration:
+            captured.clear()
+            batch = batch.to(device)
+            model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            out.append(list(captured))
+    return out
+
+
+def _kl_from_layer(
+    model: PreTrainedModel, start: int, inputs: list[list[torch.Tensor]], calibration: list[Batch], targets: list[TeacherTargets]
+) -> float:
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with layers_replaced(model, list(model.model.layers)[start:]):
+        for batch, cached, target in zip(calibration, inputs, targets, strict=True):
+            batch = batch.to(device)
+            hidden = model.model(inputs_embeds=cached[start], attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+            kl = coarse_kl(target, model.lm_head(hidden[batch.response]))
+            total += float(kl.sum())
+            count += kl.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def head_importance(
+    model: PreTrainedModel, calibration: list[Batch], targets: list[TeacherTargets], level: str = "both"
+) -> dict[str, torch.Tensor]:
+    """KL when ablating each KV group ("groups": (L, kv_heads)) and each query head ("heads": (L, heads)).
+
+    ``level`` picks "groups", "heads" or "both" (only what a plan needs is computed).
+    """
+    model.eval()
+    shape = shape_of(model)
+    inputs = layer_inputs(model, calibration)
+    mask = torch.ones(shape.heads * shape.head_dim, device=next(model.parameters()).device)
+    results: dict[str, torch.Tensor] = {}
+    units: list[tuple[str, int]] = []
+    if level in ("groups", "both"):
+        results["groups"] = torch.zeros(shape.layers, shape.kv_heads)
+        units += [("groups", g) for g in range(shape.kv_heads)]
+    if level in ("heads", "both"):
+        results["heads"] = torch.zeros(shape.layers, shape.heads)
+        units += [("heads", h) for h in range(shape.heads)]
+
+    def apply_mask(_module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * mask,)
+
+    progress = tqdm(total=shape.layers * len(units), desc="head importance", unit="ablation")
+    for layer in range(shape.layers):
+        o_proj = model.model.layers[layer].self_attn.o_proj
+        with _hooks([o_proj.register_forward_pre_hook(apply_mask)]):
+            for kind, unit in units:
+                heads = range(unit * shape.groups, (unit + 1) * shape.groups) if kind == "groups" else [unit]
+                mask.fill_(1.0)
+                for head in heads:
+                    mask[head * shape.head_dim : (head + 1) * shape.head_dim] = 0.0
+                results[kind][layer, unit] = _kl_from_layer(model, layer, inputs, calibration, targets)
+                progress.update(1)
+        mask.fill_(1.0)
+    progress.close()
+    return results
+
+
+@torch.no_grad()
+def _accumulate(
+    model: PreTrainedModel,
+    calibration: list[Batch],
+    modules: list[nn.Module],
+    statistic: Callable[[torch.Tensor], torch.Tensor],
+    on_input: bool,
+) -> list[torch.Tensor]:
+    """Mean of ``statistic`` over non-padding tokens at each module's input or output."""
+    sums: list[torch.Tensor | None] = [None] * len(modules)
+    count = 0
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(index: int) -> Callable:
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor | None = None) -> None:
+            tensor = args[0] if on_input else output
+            assert tensor is not None
+            values = statistic(tensor[current["mask"]].float()).sum(0)  # (channels,)
+            previous = sums[index]
+            sums[index] = values if previous is None else previous + values
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(hook_for(i)) if on_input else m.register_forward_hook(hook_for(i))
+        for i, m in enumerate(modules)
+    ]
+    device = next(model.parameters()).device
+    with _hooks(handles):
+        for batch in calibration:
+            batch = batch.to(device)
+            current["mask"] = batch.attention_mask.bool()
+            count += int(current["mask"].sum())
+            model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return [s / count for s in sums if s is not None]
+
+
+def residual_importance(model: PreTrainedModel, calibration: list[Batch]) -> torch.Tensor:
+    """(d,) activation energy of each residual channel at every RMSNorm output, summed."""
+    model.eval()
+    norms: list[nn.Module] = []
+    for layer in model.model.layers:
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+    norms.append(model.model.norm)
+    energies = _accumulate(model, calibration, norms, lambda x: x.pow(2), on_input=False)
+    # Each norm weighs equally: energies are normalised to unit mean before summing.
+    return torch.stack([e / e.mean().clamp(min=1e-12) for e in energies]).sum(0).cpu()
+
+
+def mlp_importance(model: PreTrainedModel, calibration: list[Batch]) -> torch.Tensor:
+    """(L, I) |down_proj input| times the norm of the matching down_proj column."""
+    model.eval()
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    magnitudes = _accumulate(model, calibration, downs, lambda x: x.abs(), on_input=True)
+    return torch.stack([m * d.weight.detach().float().norm(dim=0) for m, d in zip(magnitudes, downs, strict=True)]).cpu()
+
+
+@torch.no_grad()
+def greedy_layer_removal(model: PreTrainedModel, calibration: list[Batch], remove: int) -> tuple[list[int], list[float]]:
+    """Remove ``remove`` layers one at a time, each time the one whose absence raises the calibration
+    recommendation loss least. Returns the removed indices (original numbering) and the loss after each."""
+    layers = list(model.model.layers)
+    kept = list(range(len(layers)))
+    removed, losses = [], []
+    progress = tqdm(total=sum(len(layers) - r for r in range(remove)), desc="layer search", unit="trial")
+    for _ in range(remove):
+        best: tuple[float, int] | None = None
+        for candidate in kept:
+            trial = [layers[i] for i in kept if i != candidate]
+            with layers_replaced(model, trial):
+                loss = mean_ce(model, calibration)
+            progress.update(1)
+            if best is None or loss < best[0]:
+                best = (loss, candidate)
+        assert best is not None
+        kept.remove(best[1])
+        removed.append(best[1])
+        losses.append(best[0])
+        logger.info("layer %d removed: calibration loss %.4f", best[1], best[0])
+    progress.close()
+    return removed, losses

@@ -1,0 +1,272 @@
+"""The PruneRec stages and their pipeline (arXiv 2507.07064): width first (attention heads + residual width,
+then MLP width), then depth, each stage recovered by distillation from the dense fine-tuned teacher.
+
+Departures from the released code, on purpose: calibration uses many samples (not one), with padding
+masked; distillation compares shifted response positions; shapes come from the model config (any
+Llama/Qwen2/Mistral-family model, not hard-coded Qwen2-0.5B sizes); every stage writes an artifact that
+stock ``AutoModelForCausalLM`` loads (uniform counts, explicit ``head_dim``), not a custom class.
+
+Each stage writes ``<output>/<n>-<stage>`` and the run is resumable: a stage whose artifact exists with
+the same configuration is loaded instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from llmrec.artifact import is_artifact, parameter_counts, read_manifest, write_artifact
+from llmrec.model import load_model
+from llmrec.prompting import PromptEncoder
+from pruning import distill, importance
+from pruning.calibration import (
+    Batch,
+    CalibrationConfig,
+    TeacherTargets,
+    calibration_batches,
+    distillation_examples,
+    teacher_targets,
+)
+from pruning.distill import DistillConfig
+from pruning.evaluate import EvalConfig
+from pruning.evaluate import run as evaluate_artifact
+from pruning.examples import split_examples
+from pruning.plan import DEFAULT_RATIOS, KeepRatios, Plan, has_attention_bias, plan_for_target, plan_from_ratios
+from pruning.surgery import drop_layers, shape_of, slice_heads, slice_mlp, slice_residual
+from recdata.prep import PreparedData
+from recdata.prompts import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("attn", "mlp", "depth")
+
+
+@dataclass
+class PruneConfig:
+    """A compression run from a dense fine-tuned artifact."""
+
+    output: str
+    """Run directory; stage artifacts go to <output>/<n>-<stage>."""
+    teacher: str
+    """The dense fine-tuned artifact: the first stage's input and every stage's distillation teacher."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Stages to run, in order (a subset of attn, mlp, depth)."""
+    target: float | None = None
+    """Share of non-embedding parameters to remove; derives a uniform plan (overrides ratios)."""
+    ratios: KeepRatios = field(default_factory=lambda: DEFAULT_RATIOS)
+    """Per-stage keep ratios (used when target is None)."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: bool = True
+    """Evaluate every stage's artifact (and the teacher) after it is written."""
+    eval_users: int | None = 100
+    """Seeded sample of test users for the per-stage evaluation (None = all)."""
+    num_beams: int = 20
+    eval_batch_size: int = 16
+
+
+
+def make_plan(model: PreTrainedModel, config: PruneConfig) -> Plan:
+    shape, bias = shape_of(model), has_attention_bias(model.config)
+    if config.target is not None:
+        return plan_for_target(shape, config.target, bias)
+    return plan_from_ratios(shape, config.ratios, bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages: importance -> physical slicing (distillation is applied by the pipeline)
+# ------------------------------------------------------------------------------------------------
+
+
+def prune_attention(
+    model: PreTrainedModel, plan: Plan, calibration: list[Batch], targets: list[TeacherTargets]
+) -> tuple[PreTrainedModel, dict]:
+    """Stage 1: KV groups / query heads by ablation KL, then residual width by activation energy."""
+    shape, goal = shape_of(model), plan.target
+    record: dict = {}
+    per_group = goal.heads // goal.kv_heads
+    if goal.kv_heads < shape.kv_heads or per_group < shape.groups:
+        level = "both"
+        if per_group == shape.groups:
+            level = "groups"
+        elif goal.kv_heads == shape.kv_heads:
+            level = "heads"
+        scores = importance.head_importance(model, calibration, targets, level)
+        keep_kv, keep_q = [], []
+        for layer in range(shape.layers):
+            groups = (
+                scores["groups"][layer].topk(goal.kv_heads).indices.sort().values.tolist()
+                if "groups" in scores else list(range(shape.kv_heads))
+            )
+            heads: list[int] = []
+            for g in groups:
+                members = list(range(g * shape.groups, (g + 1) * shape.groups))
+                if "heads" in scores:
+                    ranked = scores["heads"][layer, members].topk(per_group).indices.tolist()
+                    heads += sorted(members[i] for i in ranked)
+                else:
+                    heads += members
+            keep_kv.append(groups)
+            keep_q.append(heads)
+        model = slice_heads(model, keep_kv, keep_q)
+        record["kept_kv_groups"], record["kept_heads"] = keep_kv, keep_q
+        record["head_importance"] = {k: v.tolist() for k, v in scores.items()}
+    if goal.hidden < shape.hidden:
+        energy = importance.residual_importance(model, calibration)
+        keep = energy.topk(goal.hidden).indices.sort().values
+        model = slice_residual(model, keep)
+        record["kept_residual_channels"] = keep.tolist()
+    return model, record
+
+
+def prune_mlp(model: PreTrainedModel, plan: Plan, calibration: list[Batch]) -> tuple[PreTrainedModel, dict]:
+    """Stage 2: the top-K channels of every layer by |down_proj input| × column norm."""
+    shape, goal = shape_of(model), plan.target
+    if goal.intermediate >= shape.intermediate:
+        return model, {}
+    scores = importance.mlp_importance(model, calibration)
+    keep = [row.topk(goal.intermediate).indices.sort().values.tolist() for row in scores]
+    return slice_mlp(model, keep), {"kept_channels_per_layer": goal.intermediate}
+
+
+def prune_depth(model: PreTrainedModel, plan: Plan, calibration: list[Batch]) -> tuple[PreTrainedModel, dict]:
+    """Stage 3: greedy removal of whole layers minimising the calibration recommendation loss."""
+    shape, goal = shape_of(model), plan.target
+    if goal.layers >= shape.layers:
+        return model, {}
+    removed, losses = importance.greedy_layer_removal(model, calibration, shape.layers - goal.layers)
+    return drop_layers(model, removed), {"removed_layers": removed, "calibration_loss_after_each": losses}
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline
+# ------------------------------------------------------------------------------------------------
+
+
+def _stage_key(config: PruneConfig, stage: str, plan: Plan) -> dict:
+    return {
+        "stage": stage, "teacher": str(Path(config.teacher).resolve()), "plan": plan.to_dict(),
+        "calibration": asdict(config.calibration), "distill": asdict(config.distill), "stages": config.stages,
+    }
+
+
+def run(config: PruneConfig, data: PreparedData) -> list[Path]:
+    """Run the stages in order; returns the stage artifact directories."""
+    unknown = [s for s in config.stages if s not in STAGES]
+    if unknown or not config.stages:
+        raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    order = [s for s in STAGES if s in config.stages]
+    if order != config.stages:
+        raise ValueError(f"stages must run in the order {', '.join(STAGES)}")
+    if not is_artifact(config.teacher):
+        raise FileNotFoundError(f"{config.teacher} is not a prunerec artifact; run `prunerec train` first")
+    manifest = read_manifest(config.teacher)
+    template = PromptTemplate.from_dict(manifest["template"])
+    loaded = load_model(config.teacher, device="cpu", dtype=torch.float32)
+    teacher, tokenizer = loaded.model, loaded.tokenizer
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    encoder = PromptEncoder(tokenizer, template, int(manifest["max_history"]))
+    pad_id = int(tokenizer.pad_token_id)
+    plan = make_plan(teacher, config)
+    logger.info("pruning plan:\n%s", plan.describe())
+
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    if config.evaluate and "test" not in manifest.get("metrics", {}):
+        evaluate_artifact(_eval_config(config, config.teacher), data)
+
+    calibration = calibration_batches(data, encoder, config.calibration, pad_id)
+    targets = teacher_targets(teacher, calibration, config.calibration.top_k)
+    examples = distillation_examples(data, encoder, config.distill.examples, config.distill.seed)
+    valid = split_examples(data, encoder, "valid", limit=config.distill.valid_examples, seed=config.distill.seed)
+    cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature)
+
+    student: PreTrainedModel | None = None
+    parent = config.teacher
+    written: list[Path] = []
+    for number, stage in enumerate(config.stages, start=1):
+        directory = output / f"{number}-{stage}"
+        key = _stage_key(config, stage, plan)
+        if is_artifact(directory) and read_manifest(directory).get("stage_key") == key:
+            logger.info("stage %s already done: %s", stage, directory)
+            student = load_model(directory, device="cpu", dtype=torch.float32).model
+            parent = str(directory)
+            written.append(directory)
+            continue
+        if student is None:
+            student = load_model(parent, device="cpu", dtype=torch.float32).model
+        before = parameter_counts(student)
+        logger.info("stage %s: pruning", stage)
+        if stage == "attn":
+            student, record = prune_attention(student, plan, calibration, targets)
+        elif stage == "mlp":
+            student, record = prune_mlp(student, plan, calibration)
+        else:
+            student, record = prune_depth(student, plan, calibration)
+        expected = shape_of(student) == plan.after(stage)
+        if not expected:
+            raise RuntimeError(f"stage {stage} produced {shape_of(student)}, the plan says {plan.after(stage)}")
+        logger.info("stage %s: distilling (%s -> %s params)", stage, before["total"], parameter_counts(student)["total"])
+        student, distilled = distill.run(config.distill, student, cache, valid, output / f".{number}-{stage}.ckpt")
+        stage_manifest = {
+            "stage": stage,
+            "parent": parent,
+            "teacher": config.teacher,
+            "template": manifest["template"],
+            "max_history": manifest["max_history"],
+            "dataset": data.summary(),
+            "stage_key": key,
+            "stage_config": {"plan": plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill)},
+            "calibration_fingerprint": f"{data.fingerprint}:train:{config.calibration.samples}:{config.calibration.seed}",
+            "pruning": record,
+            "distillation": distilled,
+        }
+        write_artifact(directory, student, tokenizer, data.catalog, stage_manifest)
+        if config.evaluate:
+            evaluate_artifact(_eval_config(config, str(directory)), data)
+        parent = str(directory)
+        written.append(directory)
+    summary = summarize(config.teacher, written)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return written
+
+
+def _eval_config(config: PruneConfig, artifact: str) -> EvalConfig:
+    return EvalConfig(artifact=artifact, users=config.eval_users, num_beams=config.num_beams, batch_size=config.eval_batch_size)
+
+
+def summarize(teacher: str, stages: list[Path]) -> list[dict]:
+    """Per artifact: parameter counts and test metrics, with the ratio to the dense teacher."""
+    rows = []
+    dense = read_manifest(teacher)
+    dense_metrics = dense.get("metrics", {}).get("test", {})
+    for name, path in [("dense", Path(teacher)), *[(p.name, p) for p in stages]]:
+        manifest = read_manifest(path)
+        metrics = manifest.get("metrics", {}).get("test", {})
+        row = {"name": name, "artifact": str(path), "params": manifest["params"]}
+        for key in ("ndcg@10", "hr@10"):
+            if key in metrics:
+                row[key] = metrics[key]
+                if dense_metrics.get(key):
+                    row[f"{key}_vs_dense"] = metrics[key] / dense_metrics[key]
+        row["non_embedding_removed"] = 1 - manifest["params"]["non_embedding"] / dense["params"]["non_embedding"]
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"{'stage':<10}{'total':>13}{'non-emb':>13}{'removed':>9}{'NDCG@10':>9}{'HR@10':>8}{'NDCG/dense':>11}"]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<10}{r['params']['total']:>13,}{r['params']['non_embedding']:>13,}"
+            f"{100 * r['non_embedding_removed']:>8.1f}%{r.get('ndcg@10', float('nan')):>9.4f}"
+            f"{r.get('hr@10', float('nan')):>8.4f}{r.get('ndcg@10_vs_dense', float('nan')):>11.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""The PruneRec stages and pipeline on tiny models: plan counts, KL falls with distillation, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import save_model_dir, tiny_llama, tiny_qwen2
+from safetensors.torch import load_file
+
+from llmrec.artifact import parameter_counts, read_manifest
+from llmrec.prompting import PromptEncoder
+from pruning import distill
+from pruning.calibration import CalibrationConfig, batches, calibration_batches, mean_kl, teacher_targets
+from pruning.examples import split_examples
+from pruning.plan import DEFAULT_RATIOS, KeepRatios, plan_for_target, plan_from_ratios
+from pruning.prune import PruneConfig, run
+from pruning.surgery import Shape, count_parameters, shape_of, slice_mlp
+from pruning.train import TrainConfig
+from pruning.train import run as train
+from recdata.prompts import compact_template
+
+SMOLLM2 = Shape(hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, layers=30, vocab=49152, tied=True)
+
+
+def test_default_plan_for_smollm2_removes_at_least_95_percent():
+    plan = plan_from_ratios(SMOLLM2, DEFAULT_RATIOS)
+    assert plan.removed_fraction >= 0.95
+    assert (plan.target.kv_heads, plan.target.heads, plan.target.hidden, plan.target.intermediate, plan.target.layers) == (1, 3, 288, 384, 10)
+    assert count_parameters(SMOLLM2)["total"] == 134_515_008  # what torch counts on the real SmolLM2-135M
+    target = plan_for_target(SMOLLM2, 0.95)
+    assert target.removed_fraction >= 0.95
+    looser = plan_for_target(SMOLLM2, 0.5)
+    assert 0.5 <= looser.removed_fraction < target.removed_fraction
+    assert "non-embedding parameters removed" in plan.describe()
+    with pytest.raises(ValueError):
+        KeepRatios(hidden=0.0)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory, tokenizer, prepared):
+    """A briefly fine-tuned tiny Qwen2 (GQA, biases, untied) as the dense teacher artifact."""
+    root = tmp_path_factory.mktemp("dense")
+    base = save_model_dir(root / "base", tiny_qwen2(len(tokenizer), layers=4), tokenizer)
+    config = TrainConfig(output=str(root / "dense"), model=str(base), max_steps=10, eval_every=10, lr=3e-3,
+                         epochs=20.0, valid_examples=16, warmup_steps=0, patience=0)
+    return train(config, prepared)
+
+
+def tiny_prune_config(output, teacher, **overrides) -> PruneConfig:
+    values = dict(
+        output=str(output), teacher=str(teacher),
+        ratios=KeepRatios(kv_groups=0.5, heads_per_group=1.0, hidden=0.5, mlp=0.5, layers=0.5),
+        calibration=CalibrationConfig(samples=16, batch_size=8, top_k=16),
+        distill=distill.DistillConfig(examples=32, max_steps=4, eval_every=2, valid_examples=8, batch_size=8, lr=3e-3),
+        evaluate=False,
+    )
+    values.update(overrides)
+    return PruneConfig(**values)
+
+
+def test_pipeline_counts_match_the_plan_and_artifacts_load(tmp_path, dense, prepared):
+    paths = run(tiny_prune_config(tmp_path / "run", dense), prepared)
+    assert [p.name for p in paths] == ["1-attn", "2-mlp", "3-depth"]
+    plan = plan_from_ratios(shape_of_artifact(dense), KeepRatios(kv_groups=0.5, heads_per_group=1.0, hidden=0.5, mlp=0.5, layers=0.5), True)
+    for path, stage in zip(paths, ["attn", "mlp", "depth"], strict=True):
+        manifest = read_manifest(path)
+        assert manifest["params"] == count_parameters(plan.after(stage), attention_bias=True)
+        assert manifest["parent"] and manifest["distillation"]["steps"] == 4
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(paths[-1])
+    assert final.config.num_hidden_layers == 2 and final.config.num_key_value_heads == 1
+    assert final.config.head_dim == 16
+    ids = torch.randint(2, 300, (1, 6))
+    with torch.no_grad():
+        cached = final.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = final.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def shape_of_artifact(path):
+    from transformers import AutoModelForCausalLM
+
+    return shape_of(AutoModelForCausalLM.from_pretrained(path))
+
+
+def test_resumed_pipeline_gives_the_same_artifact(tmp_path, dense, prepared):
+    config = tiny_prune_config(tmp_path / "run", dense, stages=["attn", "mlp"])
+    first = run(config, prepared)
+    reference = load_file(str(first[1] / "model.safetensors"))
+    # interrupted after the first stage: the second stage's artifact is missing
+    import shutil
+
+    shutil.rmtree(first[1])
+    second = run(config, prepared)
+    again = load_file(str(second[1] / "model.safetensors"))
+    assert reference.keys() == again.keys()
+    for key in reference:
+        torch.testing.assert_close(reference[key], again[key], rtol=0, atol=1e-6)
+
+
+def test_distillation_lowers_kl_on_held_out_samples(tmp_path, tokenizer, prepared):
+    teacher = tiny_llama(len(tokenizer), seed=1)
+    student = slice_mlp(tiny_llama(len(tokenizer), seed=2), [list(range(32))] * 2)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    held_out = calibration_batches(prepared, encoder, CalibrationConfig(samples=16, seed=7), 0)
+    targets = teacher_targets(teacher, held_out, top_k=32)
+    before = mean_kl(student, held_out, targets)
+    examples = split_examples(prepared, encoder, "train", limit=64, seed=1)
+    cache = distill.TeacherCache(teacher, examples, 0, top_k=32, temperature=1.0)
+    valid = split_examples(prepared, encoder, "valid", limit=8)
+    config = distill.DistillConfig(alpha=0.0, temperature=1.0, max_steps=30, eval_every=10, patience=0, lr=3e-3, epochs=10)
+    student, record = distill.run(config, student, cache, valid, tmp_path / "ckpt")
+    after = mean_kl(student, held_out, targets)
+    assert after < 0.7 * before
+    assert record["teacher_examples_computed"] == 64  # each example's teacher output computed once
+    assert batches(examples[:3], 0, 2)[0].input_ids.shape[0] == 2
+
+
+def test_attention_stage_keeps_uniform_gqa(tmp_path, dense, prepared):
+    paths = run(tiny_prune_config(tmp_path / "r", dense, stages=["attn"]), prepared)
+    manifest = read_manifest(paths[0])
+    groups = manifest["pruning"]["kept_kv_groups"]
+    heads = manifest["pruning"]["kept_heads"]
+    for g, h in zip(groups, heads, strict=True):
+        assert len(g) == 1 and len(h) == 2 and all(x // 2 == g[0] for x in h)
+    assert parameter_counts  # imported for the pipeline tests
