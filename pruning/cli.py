@@ -4,6 +4,8 @@
     prunerec train      fine-tune an LLM as a generative recommender
     prunerec evaluate   HR/NDCG/MRR over the full catalog, MostPop beside
     prunerec recommend  top-k for a history from an artifact
+    prunerec prune      PruneRec compression of an artifact (attn, mlp, depth + distillation)
+    prunerec pipeline   fine-tune -> prune -> evaluate every stage
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -187,6 +189,135 @@ def train(
     except (ModelNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"artifact written to {path}")
+
+
+def _prune_config(
+    output: Path, teacher: Path, stages: str, profile: str | None, target: float | None, ratios: dict[str, float | None],
+    calibration_samples: int | None, distill_examples: int | None, distill_steps: int | None,
+    distill_minutes: float | None, distill_lr: float | None, alpha: float | None, temperature: float | None,
+    evaluate: bool, eval_users: int | None, seed: int,
+):
+    from dataclasses import replace
+
+    from pruning.plan import DEFAULT_RATIOS
+    from pruning.prune import PruneConfig, apply_profile
+
+    config = PruneConfig(output=str(output), teacher=str(teacher), stages=[s.strip() for s in stages.split(",") if s.strip()])
+    if profile:
+        try:
+            config = apply_profile(config, profile)
+        except ValueError as exc:
+            _fail(str(exc))
+    given = {k: v for k, v in ratios.items() if v is not None}
+    try:
+        config.ratios = replace(DEFAULT_RATIOS, **given)
+    except ValueError as exc:
+        _fail(str(exc))
+    config.target = target
+    if calibration_samples is not None:
+        config.calibration.samples = calibration_samples
+    config.calibration.seed = seed
+    updates: dict[str, Any] = {"examples": distill_examples, "max_steps": distill_steps, "max_minutes": distill_minutes,
+               "lr": distill_lr, "alpha": alpha, "temperature": temperature}
+    config.distill = replace(config.distill, seed=seed, **{k: v for k, v in updates.items() if v is not None})
+    config.evaluate = evaluate
+    if eval_users is not None:
+        config.eval_users = eval_users
+    return config
+
+
+StagesOpt = Annotated[str, typer.Option(help="Comma-separated stages in order: attn (heads + residual width), mlp, depth.")]
+TargetOpt = Annotated[Optional[float], typer.Option(help="Share of non-embedding parameters to remove (e.g. 0.95); derives a uniform plan and overrides the keep ratios.")]
+KvOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of KV groups per layer [1/3].")]
+HpgOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of query heads in each kept group [1.0].")]
+HiddenOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of the residual width [0.5].")]
+MlpOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of the MLP width [0.25].")]
+LayersOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of decoder layers [1/3].")]
+CalOpt = Annotated[Optional[int], typer.Option(help="Calibration samples drawn from the training prompts [128; cpu profile 32].")]
+DexOpt = Annotated[Optional[int], typer.Option(help="Training examples to distil on [512].")]
+DstepsOpt = Annotated[Optional[int], typer.Option(help="Distillation steps per stage (cap).")]
+DminOpt = Annotated[Optional[float], typer.Option(help="Distillation minutes per stage (cap).")]
+DlrOpt = Annotated[Optional[float], typer.Option(help="Distillation learning rate [3e-4].")]
+AlphaOpt = Annotated[Optional[float], typer.Option(help="Weight of the hard-label CE in the distillation loss [0.5].")]
+TempOpt = Annotated[Optional[float], typer.Option(help="Distillation temperature T [2.0].")]
+EvalOpt = Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate the teacher and every stage on the test split.")]
+EvalUsersOpt = Annotated[Optional[int], typer.Option(help="Seeded sample of test users for per-stage evaluation [100; gpu profile: all].")]
+PruneProfileOpt = Annotated[Optional[str], typer.Option(help="Preset: cpu (minutes on 2 cores) or gpu. Explicit options override it.")]
+
+
+@app.command()
+def prune(
+    teacher: Annotated[Path, typer.Argument(help="Dense fine-tuned artifact (input of the first stage and distillation teacher).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory; stage artifacts go to <output>/<n>-<stage>.")],
+    data: DataOpt = None,
+    stages: StagesOpt = "attn,mlp,depth",
+    profile: PruneProfileOpt = None,
+    target: TargetOpt = None,
+    keep_kv_groups: KvOpt = None,
+    keep_heads_per_group: HpgOpt = None,
+    keep_hidden: HiddenOpt = None,
+    keep_mlp: MlpOpt = None,
+    keep_layers: LayersOpt = None,
+    calibration_samples: CalOpt = None,
+    distill_examples: DexOpt = None,
+    distill_steps: DstepsOpt = None,
+    distill_minutes: DminOpt = None,
+    distill_lr: DlrOpt = None,
+    alpha: AlphaOpt = None,
+    temperature: TempOpt = None,
+    evaluate: EvalOpt = True,
+    eval_users: EvalUsersOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of calibration and distillation sampling.")] = 0,
+) -> None:
+    """Compress an artifact with the PruneRec stages, each recovered by distillation (resumable)."""
+    from pruning.prune import format_summary, run, summarize
+
+    ratios = {"kv_groups": keep_kv_groups, "heads_per_group": keep_heads_per_group, "hidden": keep_hidden,
+              "mlp": keep_mlp, "layers": keep_layers}
+    config = _prune_config(output, teacher, stages, profile, target, ratios, calibration_samples, distill_examples,
+                           distill_steps, distill_minutes, distill_lr, alpha, temperature, evaluate, eval_users, seed)
+    prepared = _load_data(data)
+    try:
+        paths = run(config, prepared)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_summary(summarize(str(teacher), paths)))
+
+
+@app.command()
+def pipeline(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory: 0-dense, then one artifact per stage.")],
+    data: DataOpt = None,
+    model: Annotated[str, typer.Option(help="Base model: 'smollm2-135m' (embedded) or a local HF directory.")] = "smollm2-135m",
+    profile: Annotated[str, typer.Option(help="Preset for fine-tuning and compression: cpu, gpu or tiny (fine-tuning only; compression then uses cpu).")] = "cpu",
+    stages: StagesOpt = "attn,mlp,depth",
+    target: TargetOpt = None,
+    eval_users: EvalUsersOpt = None,
+    seed: Annotated[int, typer.Option(help="Random seed of every stage.")] = 0,
+) -> None:
+    """Fine-tune, then attn -> mlp -> depth with distillation, evaluating every stage; resumable."""
+    from pruning.prune import format_summary, run, summarize
+    from pruning.train import TrainConfig, apply_profile
+    from pruning.train import run as train_run
+
+    prepared = _load_data(data)
+    dense = output / "0-dense"
+    from llmrec.artifact import is_artifact
+
+    if not is_artifact(dense):
+        try:
+            train_config = apply_profile(TrainConfig(output=str(dense), model=model, seed=seed), profile)
+            train_run(train_config, prepared)
+        except ValueError as exc:
+            _fail(str(exc))
+    prune_profile = profile if profile in ("cpu", "gpu") else "cpu"
+    config = _prune_config(output, dense, stages, prune_profile, target, {}, None, None, None, None, None, None, None,
+                           True, eval_users, seed)
+    try:
+        paths = run(config, prepared)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_summary(summarize(str(dense), paths)))
 
 
 @app.command()

@@ -71,6 +71,28 @@ class PruneConfig:
 
 
 
+PROFILES: dict[str, dict] = {
+    # Minutes on 2 CPU cores: small calibration set, a few minutes of distillation per stage.
+    "cpu": {"calibration": {"samples": 32, "batch_size": 8},
+            "distill": {"examples": 512, "max_minutes": 4.0, "eval_every": 20, "valid_examples": 32, "batch_size": 8}},
+    # One GPU: hundreds of calibration samples, an epoch over 20k examples per stage, every test user.
+    "gpu": {"calibration": {"samples": 256, "batch_size": 32},
+            "distill": {"examples": 20000, "epochs": 1.0, "eval_every": 200, "valid_examples": 256, "batch_size": 32},
+            "eval_users": None},
+}
+
+
+def apply_profile(config: PruneConfig, profile: str) -> PruneConfig:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    preset = PROFILES[profile]
+    config.calibration = CalibrationConfig(**{**asdict(config.calibration), **preset.get("calibration", {})})
+    config.distill = DistillConfig(**{**asdict(config.distill), **preset.get("distill", {})})
+    if "eval_users" in preset:
+        config.eval_users = preset["eval_users"]
+    return config
+
+
 def make_plan(model: PreTrainedModel, config: PruneConfig) -> Plan:
     shape, bias = shape_of(model), has_attention_bias(model.config)
     if config.target is not None:

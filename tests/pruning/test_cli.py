@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import typer
-from helpers import tiny_llama
+from helpers import save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
-from llmrec.artifact import write_artifact
+from llmrec.artifact import read_manifest, write_artifact
 from pruning.cli import app
 from recdata.prompts import compact_template
 
@@ -98,3 +98,36 @@ def test_smollm2_converts_loads_and_recommends_top5(tmp_path):
     assert all(r["title"] in data.catalog.titles for r in rows) and not set(history) & {r["item_id"] for r in rows}
     with torch.no_grad():
         assert torch.isfinite(torch.tensor([r["score"] for r in rows])).all()
+
+
+def test_pipeline_command_fine_tunes_prunes_and_reports(tmp_path, tokenizer, prepared):
+    from helpers import tiny_qwen2
+
+    prepared.save(tmp_path / "data")
+    base = save_model_dir(tmp_path / "base", tiny_qwen2(len(tokenizer), layers=4), tokenizer)
+    result = runner.invoke(app, ["pipeline", "-o", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                                 "--model", str(base), "--profile", "tiny", "--target", "0.6", "--eval-users", "8"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [row["name"] for row in summary] == ["dense", "1-attn", "2-mlp", "3-depth"]
+    assert summary[-1]["non_embedding_removed"] >= 0.6
+    assert all("ndcg@10" in row for row in summary)
+    assert "3-depth" in result.output and "NDCG/dense" in result.output
+    # a second invocation resumes: no artifact is written again
+    created = [read_manifest(tmp_path / "run" / name)["created"] for name in ("0-dense", "1-attn", "2-mlp", "3-depth")]
+    stamps = [(tmp_path / "run" / name / "model.safetensors").stat().st_mtime_ns for name in ("0-dense", "3-depth")]
+    again = runner.invoke(app, ["pipeline", "-o", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                                "--model", str(base), "--profile", "tiny", "--target", "0.6", "--eval-users", "8"])
+    assert again.exit_code == 0, again.output
+    assert [read_manifest(tmp_path / "run" / n)["created"] for n in ("0-dense", "1-attn", "2-mlp", "3-depth")] == created
+    assert [(tmp_path / "run" / n / "model.safetensors").stat().st_mtime_ns for n in ("0-dense", "3-depth")] == stamps
+
+
+def test_prune_command_rejects_bad_stages_and_ratios(tmp_path, tokenizer, prepared):
+    prepared.save(tmp_path / "data")
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    path = write_artifact(tmp_path / "art", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
+    result = runner.invoke(app, ["prune", str(path), "-o", str(tmp_path / "r"), "--data", str(tmp_path / "data"), "--stages", "mlp,attn"])
+    assert result.exit_code == 2 and "order" in result.output
+    result = runner.invoke(app, ["prune", str(path), "-o", str(tmp_path / "r"), "--keep-mlp", "1.5"])
+    assert result.exit_code == 2 and "keep ratio mlp" in result.output
