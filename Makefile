@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
-DEMO_USERS ?= 100
+DEMO_USERS ?= 50
 PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 
 .PHONY: setup test lint demo clean
@@ -30,12 +30,15 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
-# About 15 minutes on 2 CPU cores: prepare ml-100k, fine-tune SmolLM2 with the cpu profile, evaluate
-# a seeded sample of test users (20 beams, full catalog) beside MostPop.
+# On 2 CPU cores: prepare ml-100k, fine-tune SmolLM2 with the cpu profile, compress it with the PruneRec
+# stages (95.5% of non-embedding parameters removed, each stage distilled for a short budget), and print
+# NDCG@10 / HR@10 of every stage beside dense and MostPop on a seeded sample of test users (20 beams,
+# full catalog). Resumable: run it again after an interruption.
 demo: setup
 	$(BIN)/prunerec data -o $(DEMO)/data
 	$(BIN)/prunerec train -o $(DEMO)/dense --data $(DEMO)/data --profile cpu
-	$(BIN)/prunerec evaluate $(DEMO)/dense --data $(DEMO)/data --users $(DEMO_USERS) --num-beams 20 --batch-size 16
+	$(BIN)/prunerec prune $(DEMO)/dense -o $(DEMO)/pruned --data $(DEMO)/data --profile cpu \
+		--calibration-samples 16 --distill-minutes 1.5 --eval-users $(DEMO_USERS)
 
 clean:
 	rm -rf $(VENV) runs

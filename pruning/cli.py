@@ -6,6 +6,7 @@
     prunerec recommend  top-k for a history from an artifact
     prunerec prune      PruneRec compression of an artifact (attn, mlp, depth + distillation)
     prunerec pipeline   fine-tune -> prune -> evaluate every stage
+    prunerec serve      the HTTP service with A/B arms
 """
 
 from __future__ import annotations
@@ -379,6 +380,61 @@ def recommend(
     else:
         for row in rows:
             typer.echo(f"{row['rank']:>3}  {row['item_id']:>8}  {row['score']:>9.4f}  {row['title']}")
+
+
+@app.command()
+def serve(
+    models: Annotated[list[str], typer.Option("--models", help="An arm as NAME=ARTIFACT_DIR; repeat for several arms (or set PRUNEREC_MODELS).")] = [],  # noqa: B006
+    weights: Annotated[list[str], typer.Option("--weights", help="Traffic weight as NAME=W; repeat (default: equal).")] = [],  # noqa: B006
+    shadow: Annotated[Optional[str], typer.Option(help="Arm that answers a copy of every request off the response path.")] = None,
+    salt: Annotated[Optional[str], typer.Option(help="Salt of the sticky A/B assignment hash.")] = None,
+    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /admin routes (or PRUNEREC_ADMIN_TOKEN).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="Requests decoded together per arm [16].")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits for more requests [5].")] = None,
+    num_beams: Annotated[Optional[int], typer.Option(help="Beams per request [20].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto; bf16 on CUDA].")] = None,
+) -> None:
+    """Serve top-k recommendations over HTTP from one or more artifacts, with A/B assignment."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    def pairs(values: list[str], what: str) -> dict[str, str]:
+        out = {}
+        for value in values:
+            if "=" not in value:
+                _fail(f"{what} expects NAME=VALUE, got {value!r}")
+            name, _, rest = value.partition("=")
+            out[name.strip()] = rest.strip()
+        return out
+
+    overrides: dict[str, Any] = {}
+    if models:
+        overrides["models"] = pairs(models, "--models")
+    if weights:
+        try:
+            overrides["weights"] = {k: float(v) for k, v in pairs(weights, "--weights").items()}
+        except ValueError:
+            _fail("--weights values must be numbers")
+    for key, value in {"shadow": shadow, "salt": salt, "admin_token": admin_token, "max_batch_size": max_batch_size,
+                       "max_wait_ms": max_wait_ms, "num_beams": num_beams, "device": device}.items():
+        if value is not None:
+            overrides[key] = value
+    try:
+        settings = Settings(**overrides)
+        settings.effective_weights()
+    except (ValidationError, ValueError) as exc:
+        _fail(str(exc))
+    if not settings.models:
+        _fail("no arms: pass --models NAME=ARTIFACT_DIR (or set PRUNEREC_MODELS)")
+    for name, path in settings.models.items():
+        if not Path(path, "prunerec.json").is_file():
+            _fail(f"arm {name}: {path} is not a prunerec artifact")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
 def run_cli() -> None:  # console-script entry point

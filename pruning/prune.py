@@ -280,12 +280,24 @@ def summarize(teacher: str, stages: list[Path]) -> list[dict]:
                     row[f"{key}_vs_dense"] = metrics[key] / dense_metrics[key]
         row["non_embedding_removed"] = 1 - manifest["params"]["non_embedding"] / dense["params"]["non_embedding"]
         rows.append(row)
+    evaluation = Path(teacher) / "eval" / "test.json"
+    if evaluation.is_file():  # MostPop on the same users, for reference
+        mostpop = json.loads(evaluation.read_text())["mostpop"]
+        row = {"name": "MostPop", "artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
+               "ndcg@10": mostpop["ndcg@10"], "hr@10": mostpop["hr@10"], "non_embedding_removed": float("nan")}
+        if dense_metrics.get("ndcg@10"):
+            row["ndcg@10_vs_dense"] = mostpop["ndcg@10"] / dense_metrics["ndcg@10"]
+        rows.append(row)
     return rows
 
 
 def format_summary(rows: list[dict]) -> str:
     lines = [f"{'stage':<10}{'total':>13}{'non-emb':>13}{'removed':>9}{'NDCG@10':>9}{'HR@10':>8}{'NDCG/dense':>11}"]
     for r in rows:
+        if r["artifact"] is None:
+            lines.append(f"{r['name']:<10}{'':>13}{'':>13}{'':>9}{r['ndcg@10']:>9.4f}{r['hr@10']:>8.4f}"
+                         f"{r.get('ndcg@10_vs_dense', float('nan')):>11.3f}")
+            continue
         lines.append(
             f"{r['name']:<10}{r['params']['total']:>13,}{r['params']['non_embedding']:>13,}"
             f"{100 * r['non_embedding_removed']:>8.1f}%{r.get('ndcg@10', float('nan')):>9.4f}"

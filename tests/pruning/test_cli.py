@@ -109,8 +109,8 @@ def test_pipeline_command_fine_tunes_prunes_and_reports(tmp_path, tokenizer, pre
                                  "--model", str(base), "--profile", "tiny", "--target", "0.6", "--eval-users", "8"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [row["name"] for row in summary] == ["dense", "1-attn", "2-mlp", "3-depth"]
-    assert summary[-1]["non_embedding_removed"] >= 0.6
+    assert [row["name"] for row in summary] == ["dense", "1-attn", "2-mlp", "3-depth", "MostPop"]
+    assert summary[3]["non_embedding_removed"] >= 0.6
     assert all("ndcg@10" in row for row in summary)
     assert "3-depth" in result.output and "NDCG/dense" in result.output
     # a second invocation resumes: no artifact is written again
