@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= runs/demo
 DEMO_USERS ?= 50
+PORT   ?= 8000
+DEMO_SERVE ?= 1
 PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 
 .PHONY: setup test lint demo clean
@@ -33,12 +35,20 @@ test: lint
 # On 2 CPU cores: prepare ml-100k, fine-tune SmolLM2 with the cpu profile, compress it with the PruneRec
 # stages (95.5% of non-embedding parameters removed, each stage distilled for a short budget), and print
 # NDCG@10 / HR@10 of every stage beside dense and MostPop on a seeded sample of test users (20 beams,
-# full catalog). Resumable: run it again after an interruption.
+# full catalog); then serve both at 50/50 on localhost (DEMO_SERVE=0 skips that). Resumable: run it again
+# after an interruption.
 demo: setup
-	$(BIN)/prunerec data -o $(DEMO)/data
-	$(BIN)/prunerec train -o $(DEMO)/dense --data $(DEMO)/data --profile cpu
+	test -f $(DEMO)/data/prepared.json || $(BIN)/prunerec data -o $(DEMO)/data
+	test -f $(DEMO)/dense/prunerec.json || $(BIN)/prunerec train -o $(DEMO)/dense --data $(DEMO)/data --profile cpu
 	$(BIN)/prunerec prune $(DEMO)/dense -o $(DEMO)/pruned --data $(DEMO)/data --profile cpu \
 		--calibration-samples 16 --distill-minutes 1.5 --eval-users $(DEMO_USERS)
+	@if [ "$(DEMO_SERVE)" = "1" ]; then \
+		echo; echo "Serving dense and pruned at 50/50 on http://127.0.0.1:$(PORT) (Ctrl-C to stop). Try:"; \
+		echo "  curl -s localhost:$(PORT)/v1/recommend -H 'content-type: application/json' -d '{\"user_id\": \"42\", \"history\": [\"50\", \"181\", \"Fargo (1996)\"], \"k\": 5}'"; \
+		echo "  A/B report: curl -s localhost:$(PORT)/v1/ab/report    metrics: curl -s localhost:$(PORT)/metrics"; \
+		$(BIN)/prunerec serve --models dense=$(DEMO)/dense --models pruned=$(DEMO)/pruned/3-depth \
+			--weights dense=0.5 --weights pruned=0.5 --port $(PORT); \
+	fi
 
 clean:
 	rm -rf $(VENV) runs
