@@ -84,11 +84,11 @@ class Registry:
 
     def decode_fn(self, name: str):
         arm = self.arms[name]
-        num_beams = self.settings.num_beams
+        num_beams, head = self.settings.num_beams, self.settings.head
         recommender = arm.recommender  # bound now: a reload swaps it for the next batch only
 
         def decode(histories: Sequence[Sequence[int]], k: int, excludes: Sequence[Sequence[int]]) -> list[Ranked]:
             return recommender.recommend(histories, k=k, num_beams=max(num_beams, k), exclude=excludes,
-                                         batch_size=len(histories))
+                                         batch_size=len(histories), head=head)
 
         return decode

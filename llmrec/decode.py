@@ -48,6 +48,10 @@ class TitleTrie:
     """(num_nodes,) int64: catalog index of the item completed at a node, -1 elsewhere."""
     end_id: int
     max_depth: int
+    vocabulary: torch.Tensor
+    """(U,) int64: the sorted distinct tokens the catalog's responses use (the end token included)."""
+    child_local: torch.Tensor
+    """(num_edges,) int64: each edge's token as an index into ``vocabulary``."""
 
     @classmethod
     def build(cls, sequences: Sequence[Sequence[int]], end_id: int) -> TitleTrie:
@@ -77,13 +81,17 @@ class TitleTrie:
                 tokens_flat.append(token)
                 nodes_flat.append(edges[token])
             offsets.append(len(tokens_flat))
+        child_tokens = torch.tensor(tokens_flat, dtype=torch.long)
+        vocabulary = torch.unique(child_tokens)  # sorted
         return cls(
             child_offsets=torch.tensor(offsets, dtype=torch.long),
-            child_tokens=torch.tensor(tokens_flat, dtype=torch.long),
+            child_tokens=child_tokens,
             child_nodes=torch.tensor(nodes_flat, dtype=torch.long),
             node_item=torch.tensor(items, dtype=torch.long),
             end_id=end_id,
             max_depth=max((len(s) for s in sequences), default=0),
+            vocabulary=vocabulary,
+            child_local=torch.searchsorted(vocabulary, child_tokens),
         )
 
     @property
@@ -98,6 +106,8 @@ class TitleTrie:
             self.node_item.to(device),
             self.end_id,
             self.max_depth,
+            self.vocabulary.to(device),
+            self.child_local.to(device),
         )
 
     def expand(self, nodes: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,12 +120,17 @@ class TitleTrie:
             (beam, token, child), each (C,): for every candidate, the beam it extends, the token it
             appends and the node it reaches; ordered by beam.
         """
+        beam, edge = self.expand_edges(nodes, live)
+        return beam, self.child_tokens[edge], self.child_nodes[edge]
+
+    def expand_edges(self, nodes: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(beam, edge) of every allowed continuation, each (C,), ordered by beam."""
         starts = self.child_offsets[nodes]
         counts = torch.where(live, self.child_offsets[nodes + 1] - starts, torch.zeros_like(starts))
         beam = torch.repeat_interleave(torch.arange(nodes.numel(), device=nodes.device), counts)
         first_of_beam = torch.cumsum(counts, 0) - counts  # exclusive prefix sum
         edge = starts[beam] + torch.arange(beam.numel(), device=nodes.device) - first_of_beam[beam]
-        return beam, self.child_tokens[edge], self.child_nodes[edge]
+        return beam, edge
 
 
 def grouped_topk(group: torch.Tensor, scores: torch.Tensor, num_groups: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +165,41 @@ class BeamSearchConfig:
     """Live title prefixes kept per user (>= top_k; evaluation uses at least 20)."""
     top_k: int = 10
     """Distinct items returned per user."""
+    head: str = "full"
+    """'full': log-softmax over the whole vocabulary (exact item probabilities). 'catalog': the LM head only
+    over the tokens catalog titles use, normalised over them (cheaper; changes the scores). 'catalog-fullnorm':
+    the catalog rows for the scores but normalised over the full vocabulary (same lists as 'full'; a check)."""
+
+
+HEADS = ("full", "catalog", "catalog-fullnorm")
+
+
+class NextTokenScorer:
+    """Log-probabilities of the next token from the last hidden state, per the head mode.
+
+    For 'catalog' modes the rows of the LM head (and bias) for the catalog's tokens are gathered once, here,
+    not per step: (U, d) instead of (V, d).
+    """
+
+    def __init__(self, model: PreTrainedModel, trie: TitleTrie, head: str) -> None:
+        if head not in HEADS:
+            raise ValueError(f"unknown head mode {head!r}; choose one of {HEADS}")
+        self.head = head
+        self.output = model.get_output_embeddings()
+        weight = self.output.weight
+        self.sub_weight = weight.index_select(0, trie.vocabulary.to(weight.device)) if head != "full" else None
+        bias = getattr(self.output, "bias", None)
+        self.sub_bias = bias.index_select(0, trie.vocabulary.to(bias.device)) if bias is not None and head != "full" else None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, d) -> (N, V) log-probs for 'full', (N, U) over the catalog vocabulary otherwise."""
+        if self.head == "full":
+            return torch.log_softmax(self.output(hidden).float(), dim=-1)
+        assert self.sub_weight is not None
+        logits = torch.nn.functional.linear(hidden, self.sub_weight, self.sub_bias).float()
+        if self.head == "catalog":
+            return torch.log_softmax(logits, dim=-1)
+        return logits - torch.logsumexp(self.output(hidden).float(), dim=-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -160,6 +210,7 @@ def constrained_beam_search(
     config: BeamSearchConfig,
     pad_id: int,
     excluded: Sequence[Sequence[int]] | None = None,
+    scorer: NextTokenScorer | None = None,
 ) -> list[list[tuple[int, float]]]:
     """Top-k catalog items for each prompt, as (catalog index, log-probability) sorted by score.
 
@@ -170,6 +221,7 @@ def constrained_beam_search(
         config: beams and k.
         pad_id: token used for left padding and for the inputs of dead beams (always masked or ignored).
         excluded: per prompt, catalog indices that must not be returned.
+        scorer: a prebuilt :class:`NextTokenScorer` for ``config.head`` (saves gathering the head rows).
     """
     if config.num_beams < config.top_k:
         raise ValueError(f"num_beams ({config.num_beams}) must be >= top_k ({config.top_k})")
@@ -190,13 +242,17 @@ def constrained_beam_search(
         attention[row, length - len(prompt) :] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
+    if scorer is None or scorer.head != config.head:
+        scorer = NextTokenScorer(model, trie, config.head)
+    token_column = trie.child_tokens if config.head == "full" else trie.child_local  # column of an edge's token
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    logprobs = scorer(out.last_hidden_state[:, -1, :])  # (B, V) or (B, U)
 
     # ---- B * beams rows from here on; the prompt cache stays one copy per user (see prefix_cache) ----
     cache = prefix_beam_cache(out.past_key_values, attention.bool(), beams, trie.max_depth)
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
-    logprobs = logprobs[expand]  # (B*K, V)
+    logprobs = logprobs[expand]  # (B*K, V or U)
     next_position = positions[expand, -1] + 1  # (B*K,)
     nodes = torch.zeros(batch * beams, dtype=torch.long, device=device)
     scores = torch.full((batch * beams,), NEG_INF, device=device)
@@ -214,8 +270,9 @@ def constrained_beam_search(
 
     for _step in range(trie.max_depth):
         live = torch.isfinite(scores)
-        beam, token, child = trie.expand(nodes, live)
-        cand_scores = scores[beam] + logprobs[beam, token]  # (C,)
+        beam, edge = trie.expand_edges(nodes, live)
+        token, child = trie.child_tokens[edge], trie.child_nodes[edge]
+        cand_scores = scores[beam] + logprobs[beam, token_column[edge]]  # (C,)
         user = torch.div(beam, beams, rounding_mode="floor")
 
         # Candidates that emit the end token complete an item.
@@ -252,9 +309,9 @@ def constrained_beam_search(
         cache.reorder_cache(parent)  # type: ignore[arg-type]
         step_positions = next_position[parent]
         with prefix_beam_attention_enabled(model):
-            out = model(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache, use_cache=True)
+            out = decoder(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache, use_cache=True)
         next_position = step_positions + 1
-        logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        logprobs = scorer(out.last_hidden_state[:, -1, :])
 
     results: list[list[tuple[int, float]]] = []
     for row in range(batch):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmrec.artifact import CATALOG, read_manifest
-from llmrec.decode import BeamSearchConfig, TitleTrie, constrained_beam_search
+from llmrec.decode import BeamSearchConfig, NextTokenScorer, TitleTrie, constrained_beam_search
 from llmrec.model import load_model
 from llmrec.prompting import PromptEncoder
 from recdata.catalog import Catalog
@@ -47,6 +47,13 @@ class Recommender:
         self.device = next(model.parameters()).device
         self.trie = self.trie.to(self.device)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.encoder.end_id)
+        self._scorers: dict[str, NextTokenScorer] = {}
+
+    def scorer(self, head: str) -> NextTokenScorer:
+        """The next-token scorer of a head mode, its LM-head rows gathered once per catalog."""
+        if head not in self._scorers:
+            self._scorers[head] = NextTokenScorer(self.model, self.trie, head)
+        return self._scorers[head]
 
     @classmethod
     def from_artifact(cls, directory: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Recommender:
@@ -67,6 +74,7 @@ class Recommender:
         exclude: Sequence[Sequence[int]] | None = None,
         batch_size: int = 8,
         progress: bool = False,
+        head: str = "full",
     ) -> list[list[tuple[int, float]]]:
         """For each history, the top-k (catalog index, score) pairs, best first.
 
@@ -77,10 +85,13 @@ class Recommender:
             exclude: catalog indices per user that must not be recommended (e.g. the history).
             batch_size: users decoded together.
             progress: show a progress bar.
+            head: 'full' (exact log-probabilities), 'catalog' (LM head over the catalog's tokens only,
+                renormalised over them) or 'catalog-fullnorm' (see :class:`llmrec.decode.BeamSearchConfig`).
         """
         if k < 1 or k > len(self.catalog):
             raise ValueError(f"k must be between 1 and the catalog size {len(self.catalog)}, got {k}")
-        config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k)
+        config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k, head=head)
+        scorer = self.scorer(head)
         results: list[list[tuple[int, float]]] = []
         batches = range(0, len(histories), batch_size)
         for start in tqdm(batches, desc="recommend", unit="batch", disable=not progress):
@@ -88,6 +99,6 @@ class Recommender:
             prompts = [self.prompt_ids(h) for h in chunk]
             excluded = exclude[start : start + batch_size] if exclude is not None else None
             results.extend(
-                constrained_beam_search(self.model, prompts, self.trie, config, self.pad_id, excluded=excluded)
+                constrained_beam_search(self.model, prompts, self.trie, config, self.pad_id, excluded=excluded, scorer=scorer)
             )
         return results

@@ -333,6 +333,7 @@ def evaluate(
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Remove past items from rankings.")] = True,
     output: Annotated[Optional[Path], typer.Option(help="Metrics JSON path [<artifact>/eval/<split>.json].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto].")] = None,
+    head: Annotated[str, typer.Option(help="full: exact log-probabilities over the vocabulary; catalog: LM head over the catalog's tokens only (renormalised); catalog-fullnorm: a check equal to full.")] = "full",
 ) -> None:
     """HR/NDCG/MRR@{1,5,10,20} over the full catalog, with MostPop on the same users."""
     from pruning.evaluate import EvalConfig, format_table, run
@@ -342,7 +343,7 @@ def evaluate(
     prepared = _load_data(data)
     config = EvalConfig(
         artifact=str(artifact), split=split, num_beams=num_beams, users=users, seed=seed, batch_size=batch_size,  # type: ignore[arg-type]
-        exclude_history=exclude_history, output=str(output) if output else None, device=device,
+        exclude_history=exclude_history, output=str(output) if output else None, device=device, head=head,
     )
     try:
         result = run(config, prepared)

@@ -47,6 +47,8 @@ class EvalConfig:
     output: str | None = None
     """Metrics JSON path (default: <artifact>/eval/<split>.json); per-user ranks go beside it."""
     device: str | None = None
+    head: str = "full"
+    """Next-token normalisation: 'full' vocabulary (exact) or 'catalog' tokens only (cheaper, renormalised)."""
 
 
 def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
@@ -74,7 +76,7 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
     started = time.perf_counter()
     lists = recommender.recommend(
         histories, k=config.num_beams, num_beams=config.num_beams, exclude=excluded,
-        batch_size=config.batch_size, progress=True,
+        batch_size=config.batch_size, progress=True, head=config.head,
     )
     seconds = time.perf_counter() - started
     items = [[item for item, _ in ranked] for ranked in lists]
@@ -98,6 +100,7 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
         "num_beams": config.num_beams,
         "catalog_size": len(data.catalog),
         "ranking": "full catalog, constrained beam search, score = log P(title + end | prompt)",
+        "head": config.head,
         "exclude_history": config.exclude_history,
     }
     result = {

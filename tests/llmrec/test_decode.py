@@ -90,3 +90,20 @@ def test_grouped_topk():
     top, index = grouped_topk(group, scores, num_groups=3, k=2)
     assert top[0].tolist() == [3.0, 2.0] and index[0].tolist() == [1, 2]
     assert torch.isinf(top[1]).all() and top[2, 0] == 5.0 and index[2, 0] == 3
+
+
+def test_catalog_head_modes(recommender, prepared):
+    hs = histories(prepared, 4)
+    full = recommender.recommend(hs, k=5, num_beams=8)
+    fullnorm = recommender.recommend(hs, k=5, num_beams=8, head="catalog-fullnorm")
+    for a, b in zip(full, fullnorm, strict=True):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
+    catalog = recommender.recommend(hs, k=5, num_beams=8, head="catalog")
+    for a, c in zip(full, catalog, strict=True):
+        assert len({i for i, _ in c}) == 5 and all(0 <= i < len(prepared.catalog) for i, _ in c)
+        # renormalising over fewer tokens can only raise each token's probability
+        assert c[0][1] >= a[0][1] - 1e-4
+    assert recommender.trie.vocabulary.numel() < len(recommender.tokenizer)
+    with pytest.raises(ValueError, match="unknown head mode"):
+        recommender.recommend(hs, k=5, head="tiny")
