@@ -74,3 +74,16 @@ def save_model_dir(path, model, tokenizer):
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+# Requests the service must answer with a 4xx naming the problem (max_k 10, max_history 20 in the API tests).
+BAD_INPUTS = [
+    ({"user_id": "u", "history": ["nope", "i1", 424242], "k": 3}, 422, "nope"),
+    ({"user_id": "u", "history": [], "k": 3}, 422, "history is empty"),
+    ({"user_id": "u", "history": ["i1"] * 21, "k": 3}, 422, "at most 20"),
+    ({"user_id": "u", "history": ["i1"], "k": 0}, 422, "k must be between 1 and 10"),
+    ({"user_id": "u", "history": ["i1"], "k": 11}, 422, "k must be between 1 and 10"),
+    ({"user_id": "", "history": ["i1"], "k": 3}, 422, "user_id"),
+    ({"history": ["i1"]}, 422, "user_id"),
+    ({"user_id": "u", "history": "i1", "k": 3}, 422, "history"),
+]

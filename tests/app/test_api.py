@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import BAD_INPUTS
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
@@ -45,19 +46,9 @@ def test_recommend_returns_k_items_with_arm_and_version(client, prepared):
     assert again.json()["arm"] == body["arm"] and again.json()["items"] == body["items"]
 
 
-@pytest.mark.parametrize(
-    ("payload", "status", "needle"),
-    [
-        ({"user_id": "u", "history": ["nope", "i1", 424242], "k": 3}, 422, "nope"),
-        ({"user_id": "u", "history": [], "k": 3}, 422, "history is empty"),
-        ({"user_id": "u", "history": ["i1"] * 21, "k": 3}, 422, "at most 20"),
-        ({"user_id": "u", "history": ["i1"], "k": 0}, 422, "k must be between 1 and 10"),
-        ({"user_id": "u", "history": ["i1"], "k": 11}, 422, "k must be between 1 and 10"),
-        ({"user_id": "", "history": ["i1"], "k": 3}, 422, "user_id"),
-        ({"history": ["i1"]}, 422, "user_id"),
-        ({"user_id": "u", "history": "i1", "k": 3}, 422, "history"),
-    ],
-)
+
+
+@pytest.mark.parametrize(("payload", "status", "needle"), BAD_INPUTS)
 def test_bad_input_gets_a_4xx_that_names_the_problem(client, payload, status, needle):
     response = client.post("/v1/recommend", json=payload)
     assert response.status_code == status

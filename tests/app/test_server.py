@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from helpers import BAD_INPUTS
 from prometheus_client.parser import text_string_to_metric_families
 
 TOKEN = "t0ken"
@@ -23,14 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(arms, tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    pruned = shutil.copytree(arms["pruned"], root / "pruned")  # a copy this test may break
+def launch(arms: dict[str, str], *extra: str):
     port = free_port()
-    command = [sys.executable, "-m", "pruning.cli", "serve", "--models", f"dense={arms['dense']}", "--models",
-               f"pruned={pruned}", "--port", str(port), "--admin-token", TOKEN, "--max-batch-size", "16",
-               "--max-wait-ms", "50"]
+    command = [sys.executable, "-m", "pruning.cli", "serve", "--port", str(port), "--admin-token", TOKEN,
+               "--max-batch-size", "16", "--max-wait-ms", "50", *extra]
+    for name, path in arms.items():
+        command += ["--models", f"{name}={path}"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     base = f"http://127.0.0.1:{port}"
@@ -47,12 +46,24 @@ def server(arms, tmp_path_factory):
     else:
         process.kill()
         raise RuntimeError("server did not become ready")
-    yield {"base": base, "pruned": pruned}
+    return process, base
+
+
+def stop(process) -> None:
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(arms, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    pruned = shutil.copytree(arms["pruned"], root / "pruned")  # a copy this test may break
+    process, base = launch({"dense": arms["dense"], "pruned": str(pruned)})
+    yield {"base": base, "pruned": pruned}
+    stop(process)
 
 
 def recommend(base, user, history, k=5, arm=None):
@@ -88,11 +99,22 @@ def test_assignment_is_sticky_and_split_near_intended(server):
 
 def test_bad_input_and_auth_over_http(server):
     base = server["base"]
-    assert recommend(base, "u", ["ghost-item"]).status_code == 422
-    assert "ghost-item" in recommend(base, "u", ["ghost-item"]).text
+    for payload, status, needle in BAD_INPUTS:
+        if payload.get("k") == 11 or len(payload.get("history", [])) == 21:
+            continue  # these limits differ in this server's settings (max_k 50, max_history 200)
+        needle = needle.replace("between 1 and 10", "between 1 and 50")
+        response = httpx.post(f"{base}/v1/recommend", json=payload, timeout=60)
+        assert response.status_code == status and needle in response.text, (payload, response.text)
+    assert httpx.post(f"{base}/v1/recommend", json={"user_id": "u", "history": ["i1"], "k": 51}).status_code == 422
+    too_long = httpx.post(f"{base}/v1/recommend", json={"user_id": "u", "history": ["i1"] * 201, "k": 3})
+    assert too_long.status_code == 422 and "at most 200" in too_long.text
     bad = httpx.post(f"{base}/v1/recommend", content=b"{", headers={"content-type": "application/json"})
     assert bad.status_code == 422
+    huge = httpx.post(f"{base}/v1/recommend", content=b"x" * 70000, headers={"content-type": "application/json"})
+    assert huge.status_code == 413
     assert httpx.post(f"{base}/admin/weights", json={"weights": {"dense": 1}}).status_code == 401
+    wrong = httpx.post(f"{base}/admin/weights", json={"weights": {"dense": 1}}, headers={"Authorization": "Bearer x"})
+    assert wrong.status_code == 401
 
 
 def test_failed_reload_keeps_the_old_model(server):
@@ -103,3 +125,22 @@ def test_failed_reload_keeps_the_old_model(server):
     assert failed.status_code == 409 and failed.json()["serving"] == before["model_version"]
     after = recommend(base, "r", ["i1"], 3, arm="pruned").json()
     assert after["items"] == before["items"]
+
+
+def test_shadow_answers_are_logged_never_returned(arms):
+    process, base = launch(arms, "--weights", "dense=1", "--weights", "pruned=0", "--shadow", "pruned")
+    try:
+        answers = [recommend(base, f"sh{i}", ["i1", "i2"], 3).json() for i in range(10)]
+        assert {a["arm"] for a in answers} == {"dense"}
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            report = httpx.get(f"{base}/v1/ab/report").json()
+            if report["shadow"].get("pruned", {}).get("requests", 0) >= 10:
+                break
+            time.sleep(0.2)
+        assert report["shadow"]["pruned"]["requests"] >= 10
+        assert report["arms"].get("pruned", {}).get("requests", 0) == 0
+        pruned_alone = recommend(base, "sh0", ["i1", "i2"], 3, arm="pruned").json()
+        assert pruned_alone["arm"] == "pruned" and answers[0]["model_version"] != pruned_alone["model_version"]
+    finally:
+        stop(process)
