@@ -34,7 +34,12 @@ class Example:
 
     @property
     def targets(self) -> int:
+        """Labelled tokens."""
         return sum(1 for label in self.labels if label != IGNORE)
+
+    def target_items(self, end_id: int) -> int:
+        """Labelled items (each response ends with the end token)."""
+        return sum(1 for label in self.labels if label == end_id)
 
 
 def sample_example(encoder: PromptEncoder, history_titles: list[str], target_title: str) -> Example:

@@ -201,10 +201,11 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     if not train_set:
         raise ValueError("no training examples: the training split is empty")
     targets = sum(e.targets for e in train_set)
+    items = sum(e.target_items(encoder.end_id) for e in train_set)
     tokens = sum(len(e.input_ids) for e in train_set)
     logger.info(
-        "training on %d examples (%d targets, %d tokens, packing=%s), validating on %d",
-        len(train_set), targets, tokens, packing, len(valid_set),
+        "training on %d examples (%d target items, %d target tokens, %d tokens, packing=%s), validating on %d",
+        len(train_set), items, targets, tokens, packing, len(valid_set),
     )
 
     if config.method == "lora":
@@ -331,7 +332,8 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
             "dataset": data.summary(),
             "stage_config": asdict(config),
             "training": {
-                "examples": len(train_set), "targets": targets, "tokens": tokens, "packing": packing,
+                "examples": len(train_set), "target_items": items, "target_tokens": targets, "tokens": tokens,
+                "packing": packing,
                 "steps": state.step, "stop_reason": stop_reason, "minutes": round(state.elapsed / 60, 2),
                 "best_valid_loss": state.best_loss, "valid_history": state.history,
                 "processes": accelerator.num_processes,
