@@ -125,3 +125,20 @@ def test_attention_stage_keeps_uniform_gqa(tmp_path, dense, prepared):
     for g, h in zip(groups, heads, strict=True):
         assert len(g) == 1 and len(h) == 2 and all(x // 2 == g[0] for x in h)
     assert parameter_counts  # imported for the pipeline tests
+
+
+def test_greedy_layer_search_matches_removing_and_measuring(tokenizer, prepared):
+    from pruning.calibration import mean_ce
+    from pruning.importance import greedy_layer_removal, layers_replaced
+
+    model = tiny_llama(len(tokenizer), layers=4)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    calibration = calibration_batches(prepared, encoder, CalibrationConfig(samples=16), 0)
+    removed, losses = greedy_layer_removal(model, calibration, 1)
+    layers = list(model.model.layers)
+    brute = []
+    for i in range(4):
+        with layers_replaced(model, [layer for j, layer in enumerate(layers) if j != i]):
+            brute.append(mean_ce(model, calibration))
+    assert removed == [min(range(4), key=brute.__getitem__)]
+    assert losses[0] == pytest.approx(min(brute), rel=1e-5)
