@@ -192,7 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             history = catalog.resolve(str(h) for h in body.history)
         except UnknownItemsError as exc:
-            raise HTTPException(422, {"detail": "unknown items in history", "unknown": exc.missing}) from None
+            raise HTTPException(422, {"message": "unknown items in history", "unknown": exc.missing}) from None
         if body.k > len(catalog) - (len(set(history)) if body.exclude_history else 0):
             raise HTTPException(422, "k is larger than the number of items that can be recommended")
         exclude = history if body.exclude_history else []
