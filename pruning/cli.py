@@ -227,6 +227,17 @@ def _prune_config(
     return config
 
 
+def _run_prune(config, prepared) -> None:
+    """Run the stages and print the per-stage table; configuration problems exit with code 2."""
+    from pruning.prune import format_summary, run, summarize
+
+    try:
+        paths = run(config, prepared)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_summary(summarize(config.teacher, paths)))
+
+
 StagesOpt = Annotated[str, typer.Option(help="Comma-separated stages in order: attn (heads + residual width), mlp, depth.")]
 TargetOpt = Annotated[Optional[float], typer.Option(help="Share of non-embedding parameters to remove (e.g. 0.95); derives a uniform plan and overrides the keep ratios.")]
 KvOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of KV groups per layer [1/3].")]
@@ -271,18 +282,11 @@ def prune(
     seed: Annotated[int, typer.Option(help="Seed of calibration and distillation sampling.")] = 0,
 ) -> None:
     """Compress an artifact with the PruneRec stages, each recovered by distillation (resumable)."""
-    from pruning.prune import format_summary, run, summarize
-
     ratios = {"kv_groups": keep_kv_groups, "heads_per_group": keep_heads_per_group, "hidden": keep_hidden,
               "mlp": keep_mlp, "layers": keep_layers}
     config = _prune_config(output, teacher, stages, profile, target, ratios, calibration_samples, distill_examples,
                            distill_steps, distill_minutes, distill_lr, alpha, temperature, evaluate, eval_users, seed)
-    prepared = _load_data(data)
-    try:
-        paths = run(config, prepared)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    typer.echo(format_summary(summarize(str(teacher), paths)))
+    _run_prune(config, _load_data(data))
 
 
 @app.command()
@@ -297,7 +301,6 @@ def pipeline(
     seed: Annotated[int, typer.Option(help="Random seed of every stage.")] = 0,
 ) -> None:
     """Fine-tune, then attn -> mlp -> depth with distillation, evaluating every stage; resumable."""
-    from pruning.prune import format_summary, run, summarize
     from pruning.train import TrainConfig, apply_profile
     from pruning.train import run as train_run
 
@@ -314,11 +317,7 @@ def pipeline(
     prune_profile = profile if profile in ("cpu", "gpu") else "cpu"
     config = _prune_config(output, dense, stages, prune_profile, target, {}, None, None, None, None, None, None, None,
                            True, eval_users, seed)
-    try:
-        paths = run(config, prepared)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    typer.echo(format_summary(summarize(str(dense), paths)))
+    _run_prune(config, prepared)
 
 
 @app.command()
