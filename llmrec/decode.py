@@ -52,6 +52,26 @@ class TitleTrie:
     """(U,) int64: the sorted distinct tokens the catalog's responses use (the end token included)."""
     child_local: torch.Tensor
     """(num_edges,) int64: each edge's token as an index into ``vocabulary``."""
+    item_paths: torch.Tensor
+    """(num_items, max_depth) int64: the nodes on each item's path below the root, padded with 0 (the root)."""
+    subtree_items: torch.Tensor
+    """(num_nodes,) int64: how many items complete at or below each node."""
+
+    def available(self, excluded: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, num_nodes) items still reachable below each node once each row's excluded items are removed.
+
+        A beam whose node has none left can only end in excluded items, so it is never extended; this keeps
+        all beams on items that can be returned (else a model that favours the history could fill its
+        beams with excluded titles and return fewer than k items).
+        """
+        rows = [torch.as_tensor(sorted(set(int(i) for i in items if 0 <= int(i) < self.item_paths.shape[0])), dtype=torch.long)
+                for items in excluded]
+        out = self.subtree_items.repeat(len(rows), 1)
+        for row, items in enumerate(rows):
+            if items.numel():
+                path_nodes = self.item_paths.index_select(0, items.to(self.item_paths.device)).reshape(-1)
+                out[row].index_add_(0, path_nodes, torch.full_like(path_nodes, -1))
+        return out
 
     @classmethod
     def build(cls, sequences: Sequence[Sequence[int]], end_id: int) -> TitleTrie:
@@ -83,6 +103,15 @@ class TitleTrie:
             offsets.append(len(tokens_flat))
         child_tokens = torch.tensor(tokens_flat, dtype=torch.long)
         vocabulary = torch.unique(child_tokens)  # sorted
+        depth = max((len(s) for s in sequences), default=0)
+        paths = torch.zeros((len(sequences), depth), dtype=torch.long)
+        subtree = torch.zeros(len(children), dtype=torch.long)
+        for index, tokens in enumerate(sequences):
+            node = 0
+            for position, token in enumerate(tokens):
+                node = children[node][token]
+                paths[index, position] = node
+                subtree[node] += 1
         return cls(
             child_offsets=torch.tensor(offsets, dtype=torch.long),
             child_tokens=child_tokens,
@@ -92,6 +121,8 @@ class TitleTrie:
             max_depth=max((len(s) for s in sequences), default=0),
             vocabulary=vocabulary,
             child_local=torch.searchsorted(vocabulary, child_tokens),
+            item_paths=paths,
+            subtree_items=subtree,
         )
 
     @property
@@ -108,6 +139,8 @@ class TitleTrie:
             self.max_depth,
             self.vocabulary.to(device),
             self.child_local.to(device),
+            self.item_paths.to(device),
+            self.subtree_items.to(device),
         )
 
     def expand(self, nodes: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,11 +292,13 @@ def constrained_beam_search(
     scores[::beams] = 0.0
 
     exclusion = torch.zeros((batch, num_items), dtype=torch.bool, device=device)
+    available = None  # (B, num_nodes) reachable non-excluded items per node
     if excluded is not None:
         for row, items in enumerate(excluded):
             valid = [i for i in items if 0 <= i < num_items]
             if valid:
                 exclusion[row, torch.as_tensor(valid, device=device)] = True
+        available = trie.available(excluded)
 
     pool_scores = torch.full((batch, top_k), NEG_INF, device=device)
     pool_items = torch.full((batch, top_k), -1, dtype=torch.long, device=device)
@@ -274,6 +309,8 @@ def constrained_beam_search(
         token, child = trie.child_tokens[edge], trie.child_nodes[edge]
         cand_scores = scores[beam] + logprobs[beam, token_column[edge]]  # (C,)
         user = torch.div(beam, beams, rounding_mode="floor")
+        if available is not None:  # never step into a subtree holding only excluded items
+            cand_scores = cand_scores.masked_fill(available[user, child] <= 0, NEG_INF)
 
         # Candidates that emit the end token complete an item.
         ends = token == trie.end_id

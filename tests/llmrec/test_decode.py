@@ -107,3 +107,13 @@ def test_catalog_head_modes(recommender, prepared):
     assert recommender.trie.vocabulary.numel() < len(recommender.tokenizer)
     with pytest.raises(ValueError, match="unknown head mode"):
         recommender.recommend(hs, k=5, head="tiny")
+
+
+def test_excluding_most_of_the_catalog_still_returns_k_items(recommender, prepared):
+    n = len(prepared.catalog)
+    keep = [3, 7, 11, 15, 19]
+    excluded = [i for i in range(n) if i not in keep]
+    ranked = recommender.recommend([[0, 1]], k=5, num_beams=5, exclude=[excluded])[0]
+    assert sorted(i for i, _ in ranked) == keep
+    full = recommender.recommend([[0, 1]], k=5, num_beams=n)[0]
+    assert len(full) == 5
