@@ -22,7 +22,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from recdata.catalog import Catalog
@@ -130,7 +129,3 @@ def update_manifest(directory: str | Path, **fields: Any) -> dict[str, Any]:
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     tmp.replace(directory / MANIFEST)
     return manifest
-
-
-def tensor_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())

@@ -264,7 +264,6 @@ def constrained_beam_search(
     batch, beams, top_k = len(prompts), config.num_beams, config.top_k
     if batch == 0:
         return []
-    num_items = int(trie.node_item.max()) + 1
 
     # ---- prompt pass: left-padded, one row per user ----
     length = max(len(p) for p in prompts)
@@ -291,14 +290,9 @@ def constrained_beam_search(
     scores = torch.full((batch * beams,), NEG_INF, device=device)
     scores[::beams] = 0.0
 
-    exclusion = torch.zeros((batch, num_items), dtype=torch.bool, device=device)
-    available = None  # (B, num_nodes) reachable non-excluded items per node
-    if excluded is not None:
-        for row, items in enumerate(excluded):
-            valid = [i for i in items if 0 <= i < num_items]
-            if valid:
-                exclusion[row, torch.as_tensor(valid, device=device)] = True
-        available = trie.available(excluded)
+    # (B, num_nodes) reachable non-excluded items per node; an excluded item's own end node holds 0, so
+    # masking candidates by it also keeps excluded items out of the results.
+    available = trie.available(excluded) if excluded is not None else None
 
     pool_scores = torch.full((batch, top_k), NEG_INF, device=device)
     pool_items = torch.full((batch, top_k), -1, dtype=torch.long, device=device)
@@ -316,8 +310,7 @@ def constrained_beam_search(
         ends = token == trie.end_id
         if bool(ends.any()):
             end_user, end_item = user[ends], trie.node_item[child[ends]]
-            end_scores = cand_scores[ends].masked_fill(exclusion[end_user, end_item], NEG_INF)
-            best, where = grouped_topk(end_user, end_scores, batch, top_k)
+            best, where = grouped_topk(end_user, cand_scores[ends], batch, top_k)
             merged_scores = torch.cat([pool_scores, best], dim=1)
             merged_items = torch.cat([pool_items, torch.where(torch.isfinite(best), end_item[where], -1)], dim=1)
             pool_scores, order = merged_scores.topk(top_k, dim=1)

@@ -8,7 +8,6 @@ coverage@k = distinct items recommended in top-k over all users / catalog size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,9 +40,6 @@ def coverage(recommendations: Sequence[Sequence[int]], catalog_size: int, ks: Se
         out[f"coverage@{k}"] = len(distinct) / catalog_size
     return out
 
-
-def ndcg_of_rank(rank: int | None, k: int) -> float:
-    return 0.0 if rank is None or rank >= k else 1.0 / math.log2(rank + 2)
 
 
 def mostpop_ranks(
