@@ -180,7 +180,16 @@ def train(
     if lora_targets:
         path = Path(lora_targets)
         if path.is_file():
-            values["lora_targets"] = list(json.loads(path.read_text())["target_modules"])
+            from pruning.peft_search import read_search
+
+            try:
+                searched = read_search(path)
+            except (ValueError, json.JSONDecodeError) as exc:
+                _fail(f"--lora-targets {path}: {exc}")
+            values["lora_targets"] = list(searched["target_modules"])
+            # the rank and alpha the search scored at, unless given explicitly
+            values["lora_r"] = lora_r if lora_r is not None else int(searched.get("rank", values["lora_r"]))
+            values["lora_alpha"] = lora_alpha if lora_alpha is not None else int(searched.get("alpha", values["lora_alpha"]))
         else:
             values["lora_targets"] = [t.strip() for t in lora_targets.split(",") if t.strip()]
     config = TrainConfig(**values)
@@ -192,11 +201,54 @@ def train(
     typer.echo(f"artifact written to {path}")
 
 
+@app.command("peft-search")
+def peft_search(
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON file to write; pass it to `prunerec train --method lora --lora-targets`.")],
+    data: DataOpt = None,
+    model: Annotated[str, typer.Option(help="Base model the LoRA will be trained on: 'smollm2-135m' or a local HF directory.")] = "smollm2-135m",
+    template: Annotated[str, typer.Option(help="Prompt template (as in train).")] = "compact",
+    max_history: Annotated[int, typer.Option(help="Items of history per prompt.")] = 10,
+    rank: Annotated[int, typer.Option(help="LoRA rank of every candidate adapter.")] = 8,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    projections: Annotated[str, typer.Option(help="Comma-separated candidate projections in every layer.")] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    budget: Annotated[float, typer.Option(help="Trainable-parameter budget as a share of all candidates' LoRA parameters.")] = 0.25,
+    budget_params: Annotated[Optional[int], typer.Option(help="Trainable-parameter budget in parameters (overrides --budget), e.g. a plain LoRA's count to match.")] = None,
+    drop_fraction: Annotated[float, typer.Option(help="Share of the live adapters dropped per round.")] = 0.3,
+    steps_per_round: Annotated[int, typer.Option(help="Training steps before each round's scoring.")] = 6,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="LoRA learning rate during the search.")] = 1e-3,
+    examples: Annotated[int, typer.Option(help="Seeded subset of training examples the search trains on.")] = 256,
+    assignment: Annotated[Optional[Path], typer.Option(help="JSON file mapping '<attn|mlp>/<shallow|middle|deep>' to lists of criteria (magnitude, zeros, threshold, activation, gradient, taylor).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (LoRA init, example sampling, batch order).")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [cpu].")] = None,
+) -> None:
+    """PrunePEFT (arXiv 2506.07587): choose LoRA placement by iteratively pruning candidate adapters to a budget."""
+    from llmrec.model import ModelNotFoundError
+    from pruning.peft_search import PeftSearchConfig, search
+
+    try:
+        extra = {"assignment": json.loads(assignment.read_text())} if assignment else {}
+        config = PeftSearchConfig(
+            output=str(output), model=model, template=template, max_history=max_history, rank=rank, alpha=alpha,
+            projections=[p.strip() for p in projections.split(",") if p.strip()], budget=budget,
+            budget_params=budget_params, drop_fraction=drop_fraction, steps_per_round=steps_per_round,
+            batch_size=batch_size, lr=lr, examples=examples, seed=seed, **extra,
+        )
+        record = search(config, _load_data(data), device=device)
+    except (ModelNotFoundError, ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"{len(record['target_modules'])} of {record['all_candidates']} adapters kept, "
+        f"{record['trainable_params']:,} trainable parameters (budget {record['budget_params']:,}); per cell: "
+        f"{record['kept_per_cell']}\nwritten to {output}; train with: prunerec train --method lora --lora-targets {output} ..."
+    )
+
+
 def _prune_config(
     output: Path, teacher: Path, stages: str, profile: str | None, target: float | None, ratios: dict[str, float | None],
     calibration_samples: int | None, distill_examples: int | None, distill_steps: int | None,
     distill_minutes: float | None, distill_lr: float | None, alpha: float | None, temperature: float | None,
-    evaluate: bool, eval_users: int | None, seed: int,
+    evaluate: bool, eval_users: int | None, seed: int, depth_method: str = "greedy", trsp: dict[str, Any] | None = None,
 ):
     from dataclasses import replace
 
@@ -224,6 +276,10 @@ def _prune_config(
     config.evaluate = evaluate
     if eval_users is not None:
         config.eval_users = eval_users
+    if depth_method not in ("greedy", "trsp", "elder"):
+        _fail(f"--depth-method must be greedy, trsp or elder, not {depth_method!r}")
+    config.depth_method = depth_method  # type: ignore[assignment]
+    config.trsp = replace(config.trsp, seed=seed, **{k: v for k, v in (trsp or {}).items() if v is not None})
     return config
 
 
@@ -255,6 +311,13 @@ TempOpt = Annotated[Optional[float], typer.Option(help="Distillation temperature
 EvalOpt = Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate the teacher and every stage on the test split.")]
 EvalUsersOpt = Annotated[Optional[int], typer.Option(help="Seeded sample of test users for per-stage evaluation [100; gpu profile: all].")]
 PruneProfileOpt = Annotated[Optional[str], typer.Option(help="Preset: cpu (minutes on 2 cores) or gpu. Explicit options override it.")]
+DepthMethodOpt = Annotated[str, typer.Option(help="Depth stage: greedy (PruneRec, calibration loss), trsp (gated selection + identity regularisation, arXiv 2505.18232) or elder (trsp with lambda1 = 0). Non-greedy results go to <n>-depth-<method>.")]
+Lambda1Opt = Annotated[Optional[float], typer.Option(help="TRSP: L1 weight on the live gates in the selection stage [0.05].")]
+Lambda2Opt = Annotated[Optional[float], typer.Option(help="TRSP: weight of the identity penalty on the chosen layers [1.0].")]
+RoundStepsOpt = Annotated[Optional[int], typer.Option(help="TRSP: gate-training steps per selection round [8].")]
+StageTwoOpt = Annotated[Optional[int], typer.Option(help="TRSP: most weight-training steps of the identity stage [200; cpu 100].")]
+StageTwoMinOpt = Annotated[Optional[float], typer.Option(help="TRSP: time budget of the identity stage in minutes [none; cpu 4].")]
+RecoveryOpt = Annotated[bool, typer.Option("--trsp-recovery/--no-trsp-recovery", help="TRSP/ELDeR: distil after removing the layers, like the other stages.")]
 
 
 @app.command()
@@ -280,12 +343,22 @@ def prune(
     evaluate: EvalOpt = True,
     eval_users: EvalUsersOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of calibration and distillation sampling.")] = 0,
+    depth_method: DepthMethodOpt = "greedy",
+    trsp_lambda1: Lambda1Opt = None,
+    trsp_lambda2: Lambda2Opt = None,
+    trsp_round_steps: RoundStepsOpt = None,
+    trsp_stage_two_steps: StageTwoOpt = None,
+    trsp_stage_two_minutes: StageTwoMinOpt = None,
+    trsp_recovery: RecoveryOpt = True,
 ) -> None:
     """Compress an artifact with the PruneRec stages, each recovered by distillation (resumable)."""
     ratios = {"kv_groups": keep_kv_groups, "heads_per_group": keep_heads_per_group, "hidden": keep_hidden,
               "mlp": keep_mlp, "layers": keep_layers}
+    trsp = {"lambda1": trsp_lambda1, "lambda2": trsp_lambda2, "steps_per_round": trsp_round_steps,
+            "stage_two_steps": trsp_stage_two_steps, "stage_two_minutes": trsp_stage_two_minutes, "recovery": trsp_recovery}
     config = _prune_config(output, teacher, stages, profile, target, ratios, calibration_samples, distill_examples,
-                           distill_steps, distill_minutes, distill_lr, alpha, temperature, evaluate, eval_users, seed)
+                           distill_steps, distill_minutes, distill_lr, alpha, temperature, evaluate, eval_users, seed,
+                           depth_method, trsp)
     _run_prune(config, _load_data(data))
 
 
@@ -299,6 +372,7 @@ def pipeline(
     target: TargetOpt = None,
     eval_users: EvalUsersOpt = None,
     seed: Annotated[int, typer.Option(help="Random seed of every stage.")] = 0,
+    depth_method: DepthMethodOpt = "greedy",
 ) -> None:
     """Fine-tune, then attn -> mlp -> depth with distillation, evaluating every stage; resumable."""
     from pruning.train import TrainConfig, apply_profile
@@ -316,7 +390,7 @@ def pipeline(
             _fail(str(exc))
     prune_profile = profile if profile in ("cpu", "gpu") else "cpu"
     config = _prune_config(output, dense, stages, prune_profile, target, {}, None, None, None, None, None, None, None,
-                           True, eval_users, seed)
+                           True, eval_users, seed, depth_method)
     _run_prune(config, prepared)
 
 

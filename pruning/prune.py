@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -38,6 +39,7 @@ from pruning.evaluate import run as evaluate_artifact
 from pruning.examples import split_examples
 from pruning.plan import DEFAULT_RATIOS, KeepRatios, Plan, has_attention_bias, plan_for_target, plan_from_ratios
 from pruning.surgery import drop_layers, shape_of, slice_heads, slice_mlp, slice_residual
+from pruning.trsp import TRSPConfig, trsp_depth
 from recdata.prep import PreparedData
 from recdata.prompts import PromptTemplate
 
@@ -68,16 +70,21 @@ class PruneConfig:
     """Seeded sample of test users for the per-stage evaluation (None = all)."""
     num_beams: int = 20
     eval_batch_size: int = 16
-
+    depth_method: Literal["greedy", "trsp", "elder"] = "greedy"
+    """Depth stage: greedy removal by calibration loss (PruneRec), TRSP gates, or ELDeR (TRSP with λ1 = 0)."""
+    trsp: TRSPConfig = field(default_factory=TRSPConfig)
+    """Settings of the trsp/elder depth methods."""
 
 
 PROFILES: dict[str, dict] = {
     # Minutes on 2 CPU cores: small calibration set, a few minutes of distillation per stage.
     "cpu": {"calibration": {"samples": 32, "batch_size": 8},
-            "distill": {"examples": 512, "max_minutes": 4.0, "eval_every": 20, "valid_examples": 32, "batch_size": 8}},
+            "distill": {"examples": 512, "max_minutes": 4.0, "eval_every": 20, "valid_examples": 32, "batch_size": 8},
+            "trsp": {"steps_per_round": 8, "stage_two_steps": 100, "stage_two_minutes": 4.0, "check_every": 20}},
     # One GPU: hundreds of calibration samples, an epoch over 20k examples per stage, every test user.
     "gpu": {"calibration": {"samples": 256, "batch_size": 32},
             "distill": {"examples": 20000, "epochs": 1.0, "eval_every": 200, "valid_examples": 256, "batch_size": 32},
+            "trsp": {"steps_per_round": 40, "stage_two_steps": 1000, "check_every": 100, "batch_size": 32},
             "eval_users": None},
 }
 
@@ -88,6 +95,7 @@ def apply_profile(config: PruneConfig, profile: str) -> PruneConfig:
     preset = PROFILES[profile]
     config.calibration = CalibrationConfig(**{**asdict(config.calibration), **preset.get("calibration", {})})
     config.distill = DistillConfig(**{**asdict(config.distill), **preset.get("distill", {})})
+    config.trsp = TRSPConfig(**{**asdict(config.trsp), **preset.get("trsp", {})})
     if "eval_users" in preset:
         config.eval_users = preset["eval_users"]
     return config
@@ -171,10 +179,28 @@ def prune_depth(model: PreTrainedModel, plan: Plan, calibration: list[Batch]) ->
 
 
 def _stage_key(config: PruneConfig, stage: str, plan: Plan) -> dict:
-    return {
+    key = {
         "stage": stage, "teacher": str(Path(config.teacher).resolve()), "plan": plan.to_dict(),
         "calibration": asdict(config.calibration), "distill": asdict(config.distill), "stages": config.stages,
     }
+    if stage == "depth" and config.depth_method != "greedy":
+        key["depth_method"] = config.depth_method
+        key["trsp"] = asdict(_trsp_settings(config))
+    return key
+
+
+def _trsp_settings(config: PruneConfig) -> TRSPConfig:
+    settings = TRSPConfig(**asdict(config.trsp))
+    if config.depth_method == "elder":
+        settings.lambda1 = 0.0
+    return settings
+
+
+def stage_directory(output: Path, number: int, stage: str, config: PruneConfig) -> Path:
+    """``<output>/<n>-<stage>``; a non-default depth method gets its own directory (``3-depth-trsp``), so
+    that it can be compared with the greedy stage on the same width-pruned parent."""
+    suffix = f"-{config.depth_method}" if stage == "depth" and config.depth_method != "greedy" else ""
+    return output / f"{number}-{stage}{suffix}"
 
 
 def run(config: PruneConfig, data: PreparedData) -> list[Path]:
@@ -214,7 +240,7 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
     parent = config.teacher
     written: list[Path] = []
     for number, stage in enumerate(config.stages, start=1):
-        directory = output / f"{number}-{stage}"
+        directory = stage_directory(output, number, stage, config)
         key = _stage_key(config, stage, plan)
         if is_artifact(directory) and read_manifest(directory).get("stage_key") == key:
             logger.info("stage %s already done: %s", stage, directory)
@@ -230,13 +256,19 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
             student, record = prune_attention(student, plan, calibration, targets)
         elif stage == "mlp":
             student, record = prune_mlp(student, plan, calibration)
-        else:
+        elif config.depth_method == "greedy":
             student, record = prune_depth(student, plan, calibration)
+        else:
+            remove = shape_of(student).layers - plan.target.layers
+            student, record = trsp_depth(student, examples, valid, pad_id, remove, _trsp_settings(config))
         expected = shape_of(student) == plan.after(stage)
         if not expected:
             raise RuntimeError(f"stage {stage} produced {shape_of(student)}, the plan says {plan.after(stage)}")
         logger.info("stage %s: distilling (%s -> %s params)", stage, before["total"], parameter_counts(student)["total"])
-        student, distilled = distill.run(config.distill, student, cache, valid, output / f".{number}-{stage}.ckpt")
+        if stage == "depth" and config.depth_method != "greedy" and not _trsp_settings(config).recovery:
+            distilled = {"skipped": "recovery disabled (trsp.recovery = false)"}
+        else:
+            student, distilled = distill.run(config.distill, student, cache, valid, output / f".{directory.name}.ckpt")
         stage_manifest = {
             "stage": stage,
             "parent": parent,
@@ -245,7 +277,8 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
             "max_history": manifest["max_history"],
             "dataset": data.summary(),
             "stage_key": key,
-            "stage_config": {"plan": plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill)},
+            "stage_config": {"plan": plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill),
+                             **({"depth_method": config.depth_method, "trsp": key.get("trsp")} if stage == "depth" else {})},
             "calibration_fingerprint": f"{data.fingerprint}:train:{config.calibration.samples}:{config.calibration.seed}",
             "pruning": record,
             "distillation": distilled,

@@ -220,7 +220,8 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
         )
         model = get_peft_model(model, lora)  # type: ignore[assignment]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    logger.info("trainable parameters: %d", sum(p.numel() for p in trainable))
+    trainable_params = sum(p.numel() for p in trainable)
+    logger.info("trainable parameters: %d", trainable_params)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(config.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
@@ -333,7 +334,7 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
             "stage_config": asdict(config),
             "training": {
                 "examples": len(train_set), "target_items": items, "target_tokens": targets, "tokens": tokens,
-                "packing": packing,
+                "packing": packing, "trainable_params": trainable_params,
                 "steps": state.step, "stop_reason": stop_reason, "minutes": round(state.elapsed / 60, 2),
                 "best_valid_loss": state.best_loss, "valid_history": state.history,
                 "processes": accelerator.num_processes,
