@@ -68,11 +68,13 @@ def write_artifact(
     tokenizer: PreTrainedTokenizerBase,
     catalog: Catalog,
     manifest: dict[str, Any],
+    extra_tokenizers: dict[str, PreTrainedTokenizerBase] | None = None,
 ) -> Path:
     """Write an artifact atomically and return its path.
 
     ``manifest`` must hold at least ``template`` (a PromptTemplate dict) and ``max_history``; parameter
-    counts, versions, the catalog fingerprint and the creation time are added here.
+    counts, versions, the catalog fingerprint and the creation time are added here. ``extra_tokenizers``
+    are saved in sub-directories (the vocab stage keeps the unpruned tokenizer this way).
     """
     directory = Path(directory)
     for key in ("template", "max_history"):
@@ -83,6 +85,8 @@ def write_artifact(
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        for relative, extra in (extra_tokenizers or {}).items():
+            extra.save_pretrained(staging / relative)
         catalog.save(staging / CATALOG)
         full = {
             "format_version": FORMAT_VERSION,

@@ -60,6 +60,12 @@ class Recommender:
         manifest = read_manifest(directory)
         loaded = load_model(directory, device=device, dtype=dtype)
         catalog = Catalog.load(Path(directory) / CATALOG)
+        if manifest.get("vocab"):  # a pruned vocabulary serves only the titles it was cut for
+            from llmrec.vocabulary import VocabularyCoverageError, check_artifact_catalog
+
+            problems = check_artifact_catalog(directory, catalog.titles)
+            if problems:
+                raise VocabularyCoverageError(problems)
         template = PromptTemplate.from_dict(manifest["template"])
         return cls(loaded.model, loaded.tokenizer, catalog, template, int(manifest["max_history"]), manifest)
 

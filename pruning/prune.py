@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,12 +40,13 @@ from pruning.examples import split_examples
 from pruning.plan import DEFAULT_RATIOS, KeepRatios, Plan, has_attention_bias, plan_for_target, plan_from_ratios
 from pruning.surgery import drop_layers, shape_of, slice_heads, slice_mlp, slice_residual
 from pruning.trsp import TRSPConfig, trsp_depth
+from pruning.vocab import ORIGINAL_TOKENIZER, prune_vocabulary
 from recdata.prep import PreparedData
 from recdata.prompts import PromptTemplate
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("attn", "mlp", "depth")
+STAGES = ("attn", "mlp", "depth", "vocab")
 
 
 @dataclass
@@ -57,7 +58,7 @@ class PruneConfig:
     teacher: str
     """The dense fine-tuned artifact: the first stage's input and every stage's distillation teacher."""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
-    """Stages to run, in order (a subset of attn, mlp, depth)."""
+    """Stages to run, in order (a subset of attn, mlp, depth, vocab)."""
     target: float | None = None
     """Share of non-embedding parameters to remove; derives a uniform plan (overrides ratios)."""
     ratios: KeepRatios = field(default_factory=lambda: DEFAULT_RATIOS)
@@ -189,6 +190,13 @@ def _stage_key(config: PruneConfig, stage: str, plan: Plan) -> dict:
     return key
 
 
+def _same_key(saved: dict | None, key: dict) -> bool:
+    """Stage keys match, ignoring the list of stages requested (adding a later stage resumes the earlier)."""
+    if saved is None:
+        return False
+    return {k: v for k, v in saved.items() if k != "stages"} == {k: v for k, v in key.items() if k != "stages"}
+
+
 def _trsp_settings(config: PruneConfig) -> TRSPConfig:
     settings = TRSPConfig(**asdict(config.trsp))
     if config.depth_method == "elder":
@@ -230,8 +238,9 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
     if config.evaluate and "test" not in manifest.get("metrics", {}):
         evaluate_artifact(_eval_config(config, config.teacher), data)
 
-    calibration = calibration_batches(data, encoder, config.calibration, pad_id)
-    targets = teacher_targets(teacher, calibration, config.calibration.top_k)
+    needs_calibration = any(stage != "vocab" for stage in config.stages)  # the vocab stage is exact: no data
+    calibration = calibration_batches(data, encoder, config.calibration, pad_id) if needs_calibration else []
+    targets = teacher_targets(teacher, calibration, config.calibration.top_k) if needs_calibration else []
     examples = distillation_examples(data, encoder, config.distill.examples, config.distill.seed)
     valid = split_examples(data, encoder, "valid", limit=config.distill.valid_examples, seed=config.distill.seed)
     cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature)
@@ -242,9 +251,12 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
     for number, stage in enumerate(config.stages, start=1):
         directory = stage_directory(output, number, stage, config)
         key = _stage_key(config, stage, plan)
-        if is_artifact(directory) and read_manifest(directory).get("stage_key") == key:
+        if is_artifact(directory) and _same_key(read_manifest(directory).get("stage_key"), key):
             logger.info("stage %s already done: %s", stage, directory)
-            student = load_model(directory, device="cpu", dtype=torch.float32).model
+            resumed = load_model(directory, device="cpu", dtype=torch.float32)
+            student = resumed.model
+            if stage == "vocab":
+                tokenizer = resumed.tokenizer
             parent = str(directory)
             written.append(directory)
             continue
@@ -256,16 +268,23 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
             student, record = prune_attention(student, plan, calibration, targets)
         elif stage == "mlp":
             student, record = prune_mlp(student, plan, calibration)
-        elif config.depth_method == "greedy":
+        elif stage == "depth" and config.depth_method == "greedy":
             student, record = prune_depth(student, plan, calibration)
-        else:
+        elif stage == "depth":
             remove = shape_of(student).layers - plan.target.layers
             student, record = trsp_depth(student, examples, valid, pad_id, remove, _trsp_settings(config))
-        expected = shape_of(student) == plan.after(stage)
-        if not expected:
-            raise RuntimeError(f"stage {stage} produced {shape_of(student)}, the plan says {plan.after(stage)}")
-        logger.info("stage %s: distilling (%s -> %s params)", stage, before["total"], parameter_counts(student)["total"])
-        if stage == "depth" and config.depth_method != "greedy" and not _trsp_settings(config).recovery:
+        else:
+            original_tokenizer = tokenizer
+            student, tokenizer, record = prune_vocabulary(student, tokenizer, template, data.catalog, int(manifest["max_history"]))
+            extras = {ORIGINAL_TOKENIZER: original_tokenizer}
+        if stage != "vocab":
+            expected = replace(plan.after(stage), vocab=shape_of(student).vocab)
+            if shape_of(student) != expected:
+                raise RuntimeError(f"stage {stage} produced {shape_of(student)}, the plan says {expected}")
+        logger.info("stage %s: %s -> %s params", stage, before["total"], parameter_counts(student)["total"])
+        if stage == "vocab":
+            distilled = {"skipped": "exact transformation: the kept tokens' logits are unchanged"}
+        elif stage == "depth" and config.depth_method != "greedy" and not _trsp_settings(config).recovery:
             distilled = {"skipped": "recovery disabled (trsp.recovery = false)"}
         else:
             student, distilled = distill.run(config.distill, student, cache, valid, output / f".{directory.name}.ckpt")
@@ -280,10 +299,12 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
             "stage_config": {"plan": plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill),
                              **({"depth_method": config.depth_method, "trsp": key.get("trsp")} if stage == "depth" else {})},
             "calibration_fingerprint": f"{data.fingerprint}:train:{config.calibration.samples}:{config.calibration.seed}",
-            "pruning": record,
+            "pruning": {k: v for k, v in record.items() if k != "kept_ids"},
             "distillation": distilled,
         }
-        write_artifact(directory, student, tokenizer, data.catalog, stage_manifest)
+        if stage == "vocab":
+            stage_manifest["vocab"] = record
+        write_artifact(directory, student, tokenizer, data.catalog, stage_manifest, extras if stage == "vocab" else None)
         if config.evaluate:
             evaluate_artifact(_eval_config(config, str(directory)), data)
         parent = str(directory)
