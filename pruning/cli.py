@@ -244,6 +244,28 @@ def peft_search(
     )
 
 
+@app.command("vocab-check")
+def vocab_check(
+    artifact: Annotated[Path, typer.Argument(help="A vocabulary-pruned artifact (its last stage is vocab).")],
+    data: DataOpt = None,
+) -> None:
+    """Report the catalog titles of a dataset that the artifact's pruned vocabulary cannot tokenise (exit 1)."""
+    from llmrec.vocabulary import VocabularyCoverageError, check_artifact_catalog
+
+    prepared = _load_data(data)
+    try:
+        problems = check_artifact_catalog(artifact, prepared.catalog.titles)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if not problems:
+        typer.echo(f"all {len(prepared.catalog)} titles are inside the artifact's vocabulary")
+        return
+    for problem in problems:
+        typer.echo(f"{problem['title']}: needs pruned tokens {problem['missing_tokens'] or '(a pruned BPE intermediate)'}")
+    typer.secho(str(VocabularyCoverageError(problems)), fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
 def _prune_config(
     output: Path, teacher: Path, stages: str, profile: str | None, target: float | None, ratios: dict[str, float | None],
     calibration_samples: int | None, distill_examples: int | None, distill_steps: int | None,
@@ -294,7 +316,7 @@ def _run_prune(config, prepared) -> None:
     typer.echo(format_summary(summarize(config.teacher, paths)))
 
 
-StagesOpt = Annotated[str, typer.Option(help="Comma-separated stages in order: attn (heads + residual width), mlp, depth.")]
+StagesOpt = Annotated[str, typer.Option(help="Comma-separated stages in order: attn (heads + residual width), mlp, depth, vocab (embedding/LM head/tokenizer cut to the template + catalog titles).")]
 TargetOpt = Annotated[Optional[float], typer.Option(help="Share of non-embedding parameters to remove (e.g. 0.95); derives a uniform plan and overrides the keep ratios.")]
 KvOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of KV groups per layer [1/3].")]
 HpgOpt = Annotated[Optional[float], typer.Option(help="Keep ratio of query heads in each kept group [1.0].")]

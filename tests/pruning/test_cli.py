@@ -17,7 +17,7 @@ from recdata.prompts import compact_template
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", ["data", "train", "evaluate", "recommend", "prune", "pipeline", "peft-search", "serve"])
+@pytest.mark.parametrize("command", ["data", "train", "evaluate", "recommend", "prune", "pipeline", "peft-search", "vocab-check", "serve"])
 def test_every_command_documents_its_options(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "--help" in result.output

@@ -3,9 +3,11 @@ decoding unchanged, and catalog titles outside the pruned vocabulary reported.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from helpers import save_model_dir, tiny_llama, tiny_qwen2
+from helpers import tiny_llama, tiny_qwen2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmrec.artifact import read_manifest, write_artifact
@@ -103,3 +105,21 @@ def test_titles_outside_the_pruned_vocabulary_are_reported(pruned, prepared):
     with pytest.raises(VocabularyCoverageError, match="Qwzx Jjjj") as error:
         Recommender.from_artifact(path)
     assert "Re-run the vocab stage from the unpruned parent" in str(error.value)
+
+
+def test_vocab_check_command(pruned, prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from pruning.cli import app
+
+    _, path = pruned
+    prepared.save(tmp_path / "data")
+    result = CliRunner().invoke(app, ["vocab-check", str(path), "--data", str(tmp_path / "data")])
+    assert result.exit_code == 0 and "inside the artifact's vocabulary" in result.output
+    changed = copy.deepcopy(prepared)  # the fixture is shared by the session
+    titles = list(changed.catalog.titles)
+    titles[3] = "Qwzx Jjjj (2031)"
+    changed.catalog = Catalog(changed.catalog.item_ids, titles)
+    changed.save(tmp_path / "new")
+    result = CliRunner().invoke(app, ["vocab-check", str(path), "--data", str(tmp_path / "new")])
+    assert result.exit_code == 1 and "Qwzx Jjjj (2031): needs pruned tokens" in result.output
