@@ -101,6 +101,7 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
         "catalog_size": len(data.catalog),
         "ranking": "full catalog, constrained beam search, score = log P(title + end | prompt)",
         "head": config.head,
+        "vocab_size": int(recommender.model.config.vocab_size),
         "exclude_history": config.exclude_history,
     }
     result = {
