@@ -11,7 +11,7 @@ PORT   ?= 8000
 DEMO_SERVE ?= 1
 PIP    := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-baselines.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The benchmark (prunerec bench): dense, every PruneRec stage + vocab, TRSP, RecBole SASRec and MostPop on the
+# same users; dense / pruned / pruned+vocab served over HTTP; bench/results/<profile>/report.{json,md} + plots.
+# BENCH_PROFILE=cpu (<= 60 min on 2 cores) or gpu (one GPU). Resumable.
+BENCH_PROFILE ?= cpu
+bench: setup
+	$(BIN)/prunerec bench --profile $(BENCH_PROFILE)
 
 # On 2 CPU cores: prepare ml-100k, fine-tune SmolLM2 with the cpu profile, compress it with the PruneRec
 # stages (95.5% of non-embedding parameters removed, each stage distilled for a short budget), and print

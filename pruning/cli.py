@@ -244,6 +244,53 @@ def peft_search(
     )
 
 
+@app.command()
+def bench(
+    profile: Annotated[str, typer.Option(help="cpu (<= 60 min on 2 cores, 300 seeded users, SASRec capped at 5 epochs) or gpu (one GPU, every user).")] = "cpu",
+    output: Annotated[Optional[Path], typer.Option(help="Report directory [bench/results/<profile>].")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="Artifacts and evaluations; a re-run resumes [runs/bench-<profile>].")] = None,
+    users: Annotated[Optional[int], typer.Option(help="Seeded test users for every quality number [profile].")] = None,
+    sasrec_epochs: Annotated[Optional[int], typer.Option(help="Most SASRec epochs [profile].")] = None,
+    latency_requests: Annotated[Optional[int], typer.Option(help="Requests per concurrency level and arm [profile].")] = None,
+    head: Annotated[str, typer.Option(help="Head mode of the served arms (full or catalog).")] = "catalog",
+) -> None:
+    """Dense, every stage, TRSP, SASRec and MostPop on the same users; served latency; report.json/md and plots."""
+    from pruning.bench import bench_config, run_bench
+
+    try:
+        config = bench_config(profile, output=str(output) if output else None, work=str(work) if work else None,
+                              users=users, sasrec_epochs=sasrec_epochs, latency_requests=latency_requests, head=head)
+        written = run_bench(config, _load_data(None))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo((written[1]).read_text())
+    typer.echo("written: " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="Artifact A (the reference).")],
+    b: Annotated[Path, typer.Argument(help="Artifact B.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report directory.")] = Path("bench/results/compare"),
+    data: DataOpt = None,
+    users: Annotated[Optional[int], typer.Option(help="Seeded test users [300; 0 = all].")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the user sample.")] = 0,
+    head: Annotated[str, typer.Option(help="Head mode for quality and serving (full or catalog).")] = "full",
+    latency_requests: Annotated[int, typer.Option(help="Requests per concurrency level and arm.")] = 24,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also measure latency through the HTTP service.")] = True,
+) -> None:
+    """Offline A/B: the bench tables and plots for two artifacts, plus a paired test on per-user NDCG@10."""
+    from pruning.bench import compare as run_compare
+    from pruning.bench import markdown
+
+    try:
+        report = run_compare(str(a), str(b), _load_data(data), output, users=users or None, seed=seed, head=head,
+                             latency_requests=latency_requests, serve=serve)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(markdown(report))
+
+
 @app.command("vocab-check")
 def vocab_check(
     artifact: Annotated[Path, typer.Argument(help="A vocabulary-pruned artifact (its last stage is vocab).")],

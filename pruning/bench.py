@@ -1,0 +1,474 @@
+"""The benchmark and the offline A/B comparison: quality, cost and speed side by side in one run.
+
+``prunerec bench --profile cpu|gpu`` fine-tunes the dense model, runs the PruneRec stages (plus the vocab
+stage), the TRSP depth variant, RecBole SASRec on the identical split and MostPop, all scored on the same
+seeded test users (LOO, history 10, full catalog, 20 beams, history excluded); then serves dense, pruned and
+pruned + vocab through the real HTTP service on 127.0.0.1, one server per arm (so that each arm's peak
+memory is its own), at concurrency 1 and 16. Everything lands in ``bench/results/<profile>/``:
+``report.json`` (the shape below), ``report.md`` and two plots. Every step is resumable (finished artifacts
+and evaluations are reused).
+
+``prunerec compare A B`` does the same for two artifacts, plus a paired test on per-user NDCG@10.
+
+report.json::
+
+    {"protocol": {...},
+     "models": {"<name>": {"artifact", "params": {"total", "embedding", "non_embedding"}, "artifact_bytes",
+                           "metrics": {"ndcg@10", "hr@10", ...}, "latency_ms": {"p50", "p99"},
+                           "throughput_rps", "peak_rss_bytes", "macs_per_token"}},
+     "ratios": {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from llmrec.artifact import read_manifest
+from recdata.prep import PreparedData
+
+logger = logging.getLogger(__name__)
+
+NDCG_K = 10
+
+
+# ------------------------------------------------------------------------------------------------
+# serving measurements
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _peak_rss(pid: int) -> int | None:
+    """Peak resident memory of a process (VmHWM), in bytes; None where /proc is not available."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def request_payloads(data: PreparedData, pairs: np.ndarray, k: int = 10) -> list[dict]:
+    """One /v1/recommend body per (user, position): the last 10 items as history, history excluded."""
+    return [
+        {"user_id": data.users[int(u)], "k": k, "exclude_history": True,
+         "history": [data.catalog.item_ids[i] for i in data.history(int(u), int(p))[-10:]]}
+        for u, p in pairs
+    ]
+
+
+def serve_and_measure(name: str, artifact: str, payloads: list[dict], levels: list[int], head: str = "catalog",
+                      max_batch_size: int = 16, device: str | None = None) -> dict[str, Any]:
+    """Start the service with one arm, time the payloads at each concurrency level, read its peak memory."""
+    import httpx
+
+    port = _free_port()
+    command = [sys.executable, "-m", "pruning.cli", "serve", "--port", str(port), "--models", f"{name}={artifact}",
+               "--max-batch-size", str(max_batch_size)]
+    if device:
+        command += ["--device", device]
+    env = {**os.environ, "PRUNEREC_HEAD": head}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the service for {name} did not start")
+            time.sleep(0.5)
+
+        def one(payload: dict) -> float:
+            started = time.perf_counter()
+            response = httpx.post(f"{base}/v1/recommend", json=payload, timeout=900)
+            response.raise_for_status()
+            return (time.perf_counter() - started) * 1000
+
+        for payload in payloads[:2]:  # warm-up
+            one(payload)
+        result: dict[str, Any] = {}
+        for level in levels:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=level) as pool:
+                latencies = list(pool.map(one, payloads))
+            wall = time.perf_counter() - started
+            result[f"c{level}"] = {
+                "requests": len(payloads), "latency_ms": {"p50": float(np.percentile(latencies, 50)),
+                                                          "p99": float(np.percentile(latencies, 99))},
+                "throughput_rps": len(payloads) / wall,
+            }
+            logger.info("%s c=%d: p50 %.1f ms, %.2f req/s", name, level, result[f"c{level}"]["latency_ms"]["p50"],
+                        result[f"c{level}"]["throughput_rps"])
+        result["peak_rss_bytes"] = _peak_rss(server.pid)
+        return result
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# quality: per-user NDCG and the paired test
+# ------------------------------------------------------------------------------------------------
+
+
+def per_user_ndcg(ranks: list[int | None] | pd.Series, k: int = NDCG_K) -> np.ndarray:
+    """1/log2(rank + 2) when the target is in the top k, else 0; ranks are 0-based (−1 or None = missed)."""
+    values = np.array([-1 if r is None or (isinstance(r, float) and np.isnan(r)) else int(r) for r in ranks])
+    return np.where((values >= 0) & (values < k), 1.0 / np.log2(np.clip(values, 0, None) + 2.0), 0.0)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Paired comparison of per-user NDCG (same users, same order): mean difference (B − A) with a 95%
+    bootstrap interval, Wilcoxon signed-rank p-value (zero differences split) and paired t-test p-value."""
+    from scipy import stats
+
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError("the paired test needs the same non-empty set of users for both models")
+    difference = b - a
+    rng = np.random.default_rng(0)
+    resampled = difference[rng.integers(0, difference.size, size=(2000, difference.size))].mean(1)
+    result: dict[str, Any] = {"users": int(a.size), "mean_a": float(a.mean()), "mean_b": float(b.mean()),
+              "mean_difference": float(difference.mean()),
+              "ci95": [float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))],
+              "users_better_b": int((difference > 0).sum()), "users_better_a": int((difference < 0).sum())}
+    if np.any(difference != 0):
+        result["wilcoxon_p"] = float(stats.wilcoxon(a, b, zero_method="zsplit").pvalue)
+        result["ttest_p"] = float(stats.ttest_rel(a, b).pvalue)
+    else:
+        result["wilcoxon_p"] = result["ttest_p"] = 1.0
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------------------------
+
+
+def artifact_bytes(directory: str | Path) -> int:
+    """Bytes on disk of what an artifact ships (evaluation outputs left out)."""
+    root = Path(directory)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and "eval" not in p.relative_to(root).parts)
+
+
+def model_entry(artifact: str | Path, evaluation: dict, repo_root: Path | None = None) -> dict[str, Any]:
+    """A report entry for an LLM artifact from its manifest and an evaluation result."""
+    manifest = read_manifest(artifact)
+    path = Path(artifact).resolve()
+    shown = str(path.relative_to(repo_root)) if repo_root and path.is_relative_to(repo_root) else str(artifact)
+    return {"artifact": shown, "params": manifest["params"], "artifact_bytes": artifact_bytes(artifact),
+            "metrics": evaluation["metrics"], "vocab_size": evaluation["protocol"].get("vocab_size")}
+
+
+def ratios(models: dict[str, dict], dense: str = "dense", pruned: str = "pruned") -> dict[str, float]:
+    a, b = models.get(dense), models.get(pruned)
+    if not a or not b:
+        return {}
+    out = {
+        "retention_ndcg@10": b["metrics"]["ndcg@10"] / a["metrics"]["ndcg@10"] if a["metrics"]["ndcg@10"] else float("nan"),
+        "non_embedding_pruned_fraction": 1 - b["params"]["non_embedding"] / a["params"]["non_embedding"],
+    }
+    if "latency_ms" in a and "latency_ms" in b:
+        out["speedup_p50"] = a["latency_ms"]["p50"] / b["latency_ms"]["p50"]
+        out["throughput_gain"] = b["throughput_rps"] / a["throughput_rps"]
+    return out
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(report: dict) -> str:
+    """report.md: the protocol, the quality table, the cost table and the ratios."""
+    lines = [f"# prunerec benchmark: {report['protocol'].get('profile', 'compare')}", ""]
+    lines += ["## Protocol", ""] + [f"- {k}: {v}" for k, v in report["protocol"].items()] + [""]
+    lines += ["## Quality (same users)", "", "| model | NDCG@1 | NDCG@5 | NDCG@10 | NDCG@20 | HR@1 | HR@5 | HR@10 | HR@20 | MRR@20 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in report["models"].items():
+        m = entry.get("metrics", {})
+        cells = [m.get(f"ndcg@{k}") for k in (1, 5, 10, 20)] + [m.get(f"hr@{k}") for k in (1, 5, 10, 20)] + [m.get("mrr@20")]
+        lines.append(f"| {name} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines += ["", "## Cost", "", "| model | params | embedding | non-embedding | artifact MB | MACs/token | peak RSS MB "
+              "| p50 ms (c1) | p99 ms (c1) | req/s (c1) | p50 ms (c16) | req/s (c16) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, entry in report["models"].items():
+        p = entry.get("params", {})
+        serving = entry.get("serving", {})
+        c1, c16 = serving.get("c1", {}), serving.get("c16", {})
+        size = entry.get("artifact_bytes")
+        rss = serving.get("peak_rss_bytes")
+        cells = [p.get("total"), p.get("embedding"), p.get("non_embedding"), size / 1e6 if size else None,
+                 entry.get("macs_per_token"), rss / 1e6 if rss else None,
+                 c1.get("latency_ms", {}).get("p50"), c1.get("latency_ms", {}).get("p99"), c1.get("throughput_rps"),
+                 c16.get("latency_ms", {}).get("p50"), c16.get("throughput_rps")]
+        lines.append(f"| {name} | " + " | ".join(_fmt(c, 1) if isinstance(c, float) else _fmt(c) for c in cells) + " |")
+    if report.get("ratios"):
+        lines += ["", "## Ratios (pruned vs dense)", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in report["ratios"].items()]
+    if report.get("paired_test"):
+        lines += ["", "## Paired test on per-user NDCG@10", ""] + [f"- {k}: {v}" for k, v in report["paired_test"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, directory: Path) -> list[Path]:
+    """NDCG@10 against non-embedding parameters (every model), and p50 latency against parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, entry in report["models"].items():
+        params = entry.get("params", {}).get("non_embedding")
+        ndcg = entry.get("metrics", {}).get("ndcg@10")
+        if ndcg is None:
+            continue
+        if not params:  # MostPop has none: a horizontal reference line
+            ax.axhline(ndcg, linestyle="--", color="grey", linewidth=1)
+            ax.annotate(name, (ax.get_xlim()[0], ndcg), fontsize=8, color="grey")
+            continue
+        ax.scatter(params, ndcg)
+        ax.annotate(name, (params, ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("NDCG@10")
+    ax.set_title("Quality against size")
+    fig.tight_layout()
+    written.append(directory / "ndcg_vs_params.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    served = {n: e for n, e in report["models"].items() if e.get("serving", {}).get("c1")}
+    if served:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, entry in served.items():
+            x = entry["params"]["total"]
+            y = entry["serving"]["c1"]["latency_ms"]["p50"]
+            ax.scatter(x, y)
+            ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (total)")
+        ax.set_ylabel("top-10 latency p50, ms (concurrency 1)")
+        ax.set_title("Latency against size (HTTP, 127.0.0.1)")
+        fig.tight_layout()
+        written.append(directory / "latency_vs_params.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def write_report(report: dict, directory: Path, pair: tuple[str, str] = ("dense", "pruned")) -> list[Path]:
+    """report.json, report.md and the plots; returns the paths written. ``pair`` names the models the
+    ratios compare (reference first)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, entry in report["models"].items():  # the flat fields the report promises
+        serving = entry.get("serving", {})
+        if serving.get("c1"):
+            entry["latency_ms"] = serving["c1"]["latency_ms"]
+            entry["throughput_rps"] = serving.get("c16", serving["c1"])["throughput_rps"]
+        logger.debug("report entry %s", name)
+    report["ratios"] = ratios(report["models"], *pair)
+    (directory / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (directory / "report.md").write_text(markdown(report))
+    return [directory / "report.json", directory / "report.md", *plots(report, directory)]
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark and the comparison
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run; the profile scales the work, never the protocol (history 10, 20 beams, full catalog)."""
+
+    profile: str = "cpu"
+    output: str | None = None
+    """Report directory [bench/results/<profile>]."""
+    work: str | None = None
+    """Artifacts and evaluations [runs/bench-<profile>]; re-running resumes from it."""
+    users: int | None = 300
+    """Seeded test users for every quality number (None = all)."""
+    sasrec_epochs: int = 5
+    latency_requests: int = 24
+    concurrency: list[int] = field(default_factory=lambda: [1, 16])
+    head: str = "catalog"
+    """Head mode of the served arms (the service default)."""
+    device: str | None = None
+    seed: int = 0
+
+
+BENCH_PROFILES: dict[str, dict[str, Any]] = {
+    # <= 60 minutes on 2 CPU cores (the fine-tuning and compression profiles named cpu).
+    "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24},
+    # the full-size pipeline on one GPU: every user, SASRec to convergence.
+    "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda"},
+}
+
+
+def bench_config(profile: str, **overrides: Any) -> BenchConfig:
+    if profile not in BENCH_PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(BENCH_PROFILES)}")
+    values = {**BENCH_PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    return BenchConfig(profile=profile, **values)
+
+
+def _evaluate(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
+              device: str | None) -> dict:
+    """Evaluate (or reuse an evaluation with the same protocol written to ``output``)."""
+    from pruning.evaluate import EvalConfig
+    from pruning.evaluate import run as evaluate
+
+    if output.is_file():
+        cached = json.loads(output.read_text())
+        if cached["config"]["users"] == users and cached["config"]["seed"] == seed and cached["config"]["head"] == head:
+            return cached
+    return evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, head=head, output=str(output),
+                               batch_size=16, device=device), data)
+
+
+def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
+    """The whole benchmark (see the module docstring); returns the report files."""
+    from pruning import sasrec
+    from pruning.evaluate import sample_users
+    from pruning.prune import PruneConfig
+    from pruning.prune import apply_profile as prune_profile
+    from pruning.prune import run as prune
+    from pruning.train import TrainConfig
+    from pruning.train import apply_profile as train_profile
+    from pruning.train import run as train
+
+    work = Path(config.work or f"runs/bench-{config.profile}")
+    output = Path(config.output or f"bench/results/{config.profile}")
+    started = time.monotonic()
+    dense = work / "0-dense"
+    if not (dense / "prunerec.json").is_file():
+        train(train_profile(TrainConfig(output=str(dense), seed=config.seed), config.profile), data)
+    stages = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
+                                      evaluate=False), config, prune_profile), data)
+    trsp = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
+                                    depth_method="trsp", evaluate=False), config, prune_profile), data)[-1]
+    named = {"dense": dense, **{p.name: p for p in stages}, "pruned": stages[2], "pruned+vocab": stages[3],
+             "trsp": trsp}
+    named.pop(stages[2].name)
+    named.pop(stages[3].name)
+    repo_root = Path.cwd().resolve()
+    models: dict[str, dict] = {}
+    evaluations: dict[str, dict] = {}
+    for name, path in named.items():
+        evaluations[name] = _evaluate(path, data, config.users, config.seed, "full", work / "eval" / f"{name}.json", config.device)
+        models[name] = model_entry(path, evaluations[name], repo_root)
+    pairs = sample_users(data.splits["test"], config.users, config.seed)
+    sasrec_result = sasrec.run(sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs,
+                                                   device=config.device or "cpu"), data, users=pairs)
+    models["sasrec"] = {"artifact": None, "params": {"total": sasrec_result["params"], "embedding": None, "non_embedding": None},
+                        "metrics": sasrec_result["metrics"], "epochs_run": sasrec_result["epochs_run"],
+                        "minutes": sasrec_result["minutes"]}
+    models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
+                         "metrics": evaluations["dense"]["mostpop"]}
+    payloads = request_payloads(data, pairs[: config.latency_requests])
+    for name in ("dense", "pruned", "pruned+vocab"):
+        models[name]["serving"] = serve_and_measure(name, str(named[name]), payloads, config.concurrency, config.head,
+                                                    device=config.device)
+        models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
+    report = {
+        "protocol": {
+            "profile": config.profile, "dataset": data.name, "split": "leave-one-out (test)", "users": len(pairs),
+            "users_sampled": config.users is not None, "seed": config.seed, "history_length": 10, "num_beams": 20,
+            "ranking": "full catalog, history excluded", "quality_head": "full",
+            "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
+                       f"per level, concurrency {config.concurrency}",
+            "sasrec": f"RecBole 1.2.1, CE loss, max {config.sasrec_epochs} epochs, early stopping on valid NDCG@10",
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "minutes": round((time.monotonic() - started) / 60, 1),
+            "config": asdict(config),
+        },
+        "models": models,
+    }
+    return write_report(report, output)
+
+
+def _prune(config: Any, bench: BenchConfig, apply: Any) -> Any:
+    config = apply(config, bench.profile)
+    config.eval_users = bench.users
+    return config
+
+
+def macs_per_token(artifact: str | Path, head: str, context: int = 64) -> int:
+    """Multiply-adds of one cached decoding step (projections counted by torch's FlopCounterMode) plus the
+    LM-head rows the head mode uses × hidden size."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmrec.recommender import Recommender
+
+    recommender = Recommender.from_artifact(artifact, device="cpu")
+    model = recommender.model
+    ids = torch.full((1, context), int(recommender.encoder.end_id), dtype=torch.long)
+    with torch.no_grad():
+        cache = model.model(input_ids=ids, use_cache=True).past_key_values
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model.model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    rows = model.config.vocab_size if head == "full" else int(recommender.trie.vocabulary.numel())
+    return int(counter.get_total_flops() // 2 + rows * model.config.hidden_size)
+
+
+def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None = 300, seed: int = 0,
+            head: str = "full", latency_requests: int = 24, concurrency: list[int] | None = None,
+            serve: bool = True, device: str | None = None) -> dict:
+    """Offline A/B of two artifacts: quality on the same users, a paired test on per-user NDCG@10, cost."""
+    from pruning.evaluate import sample_users
+
+    names = {"A": Path(a), "B": Path(b)}
+    models: dict[str, dict] = {}
+    ndcg: dict[str, np.ndarray] = {}
+    for name, path in names.items():
+        result = _evaluate(path, data, users, seed, head, output / "eval" / f"{name}.json", device)
+        models[name] = model_entry(path, result, Path.cwd().resolve())
+        ranks = pd.read_csv((output / "eval" / f"{name}.json").with_suffix(".ranks.csv"))
+        ndcg[name] = per_user_ndcg(ranks["rank"].tolist())
+    pairs = sample_users(data.splits["test"], users, seed)
+    if serve:
+        payloads = request_payloads(data, pairs[:latency_requests])
+        for name, path in names.items():
+            models[name]["serving"] = serve_and_measure(name, str(path), payloads, concurrency or [1, 16], head, device=device)
+    report = {
+        "protocol": {"compare": {"A": str(a), "B": str(b)}, "dataset": data.name, "users": len(pairs), "seed": seed,
+                     "history_length": 10, "num_beams": 20, "head": head, "ranking": "full catalog, history excluded"},
+        "models": models,
+        "paired_test": paired_test(ndcg["A"], ndcg["B"]),
+    }
+    write_report(report, output, ("A", "B"))
+    return report

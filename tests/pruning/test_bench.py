@@ -1,0 +1,75 @@
+"""The benchmark's parts: per-user NDCG, the paired test, the report files, and `prunerec compare` end to end
+(two tiny artifacts, evaluation on the same users and latency through the real HTTP service)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import tiny_llama
+from typer.testing import CliRunner
+
+from llmrec.artifact import write_artifact
+from pruning.bench import paired_test, per_user_ndcg, ratios, write_report
+from pruning.cli import app
+from recdata.prompts import compact_template
+
+
+def test_per_user_ndcg_and_paired_test():
+    assert per_user_ndcg([0, 1, 9, 10, -1, None]).tolist() == pytest.approx([1.0, 1 / np.log2(3), 1 / np.log2(11), 0, 0, 0])
+    a = np.array([0.0, 0.5, 0.0, 1.0] * 25)
+    same = paired_test(a, a.copy())
+    assert same["mean_difference"] == 0 and same["wilcoxon_p"] == 1.0
+    better = paired_test(a, np.clip(a + 0.3, 0, 1))
+    assert better["mean_difference"] > 0 and better["wilcoxon_p"] < 0.01 and better["ci95"][0] > 0
+    assert better["users_better_b"] > better["users_better_a"]
+    with pytest.raises(ValueError):
+        paired_test(a, a[:10])
+
+
+def _entry(non_embedding, ndcg, p50=None, rps=None):
+    entry = {"artifact": "x", "params": {"total": non_embedding + 10, "embedding": 10, "non_embedding": non_embedding},
+             "metrics": {"ndcg@10": ndcg, "hr@10": 2 * ndcg}}
+    if p50:
+        entry["serving"] = {"c1": {"latency_ms": {"p50": p50, "p99": 2 * p50}, "throughput_rps": 1000 / p50},
+                            "c16": {"latency_ms": {"p50": p50, "p99": 2 * p50}, "throughput_rps": rps}}
+    return entry
+
+
+def test_report_has_the_promised_shape_and_files(tmp_path):
+    report = {"protocol": {"profile": "test"}, "models": {
+        "dense": _entry(1000, 0.05, 400.0, 1.0), "pruned": _entry(40, 0.04, 40.0, 12.0),
+        "sasrec": _entry(100, 0.06), "mostpop": {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
+                                                 "metrics": {"ndcg@10": 0.03, "hr@10": 0.06}}}}
+    written = write_report(report, tmp_path)
+    assert [p.name for p in written] == ["report.json", "report.md", "ndcg_vs_params.png", "latency_vs_params.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert {"dense", "pruned", "sasrec", "mostpop"} <= set(saved["models"])
+    assert saved["models"]["pruned"]["latency_ms"] == {"p50": 40.0, "p99": 80.0}
+    assert saved["models"]["pruned"]["throughput_rps"] == 12.0
+    assert saved["ratios"] == pytest.approx({"retention_ndcg@10": 0.8, "non_embedding_pruned_fraction": 0.96,
+                                             "speedup_p50": 10.0, "throughput_gain": 12.0})
+    text = (tmp_path / "report.md").read_text()
+    assert "| pruned |" in text and "retention_ndcg@10: 0.800" in text
+    assert ratios({"dense": report["models"]["dense"]}) == {}
+
+
+def test_compare_command_end_to_end(tmp_path, tokenizer, prepared):
+    prepared.save(tmp_path / "data")
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    a = write_artifact(tmp_path / "a", tiny_llama(len(tokenizer), seed=0), tokenizer, prepared.catalog, manifest)
+    b = write_artifact(tmp_path / "b", tiny_llama(len(tokenizer), seed=1), tokenizer, prepared.catalog, manifest)
+    result = CliRunner().invoke(app, ["compare", str(a), str(b), "-o", str(tmp_path / "cmp"), "--data", str(tmp_path / "data"),
+                                      "--users", "0", "--latency-requests", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert report["paired_test"]["users"] == len(prepared.splits["test"])
+    for name in ("A", "B"):
+        served = report["models"][name]["serving"]
+        assert served["c1"]["requests"] == 3 and served["c16"]["throughput_rps"] > 0
+        assert served["peak_rss_bytes"] is None or served["peak_rss_bytes"] > 10_000_000
+    assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}
+    assert (tmp_path / "cmp" / "latency_vs_params.png").is_file()
+    assert "Paired test on per-user NDCG@10" in result.output
