@@ -315,6 +315,8 @@ class BenchConfig:
     """One benchmark run; the profile scales the work, never the protocol (history 10, 20 beams, full catalog)."""
 
     profile: str = "cpu"
+    model: str = "smollm2-135m"
+    """Base model to fine-tune (the embedded default, or a local HF directory)."""
     output: str | None = None
     """Report directory [bench/results/<profile>]."""
     work: str | None = None
@@ -326,6 +328,8 @@ class BenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 16])
     head: str = "catalog"
     """Head mode of the served arms (the service default)."""
+    peft: bool = False
+    """Also compare PrunePEFT's LoRA placement with plain LoRA (q, v) at the same trainable-parameter count."""
     device: str | None = None
     seed: int = 0
 
@@ -334,7 +338,7 @@ BENCH_PROFILES: dict[str, dict[str, Any]] = {
     # <= 60 minutes on 2 CPU cores (the fine-tuning and compression profiles named cpu).
     "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24},
     # the full-size pipeline on one GPU: every user, SASRec to convergence.
-    "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda"},
+    "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda", "peft": True},
 }
 
 
@@ -375,7 +379,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     started = time.monotonic()
     dense = work / "0-dense"
     if not (dense / "prunerec.json").is_file():
-        train(train_profile(TrainConfig(output=str(dense), seed=config.seed), config.profile), data)
+        train(train_profile(TrainConfig(output=str(dense), model=config.model, seed=config.seed), config.profile), data)
     stages = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
                                       evaluate=False), config, prune_profile), data)
     trsp = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
@@ -391,17 +395,24 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
         evaluations[name] = _evaluate(path, data, config.users, config.seed, "full", work / "eval" / f"{name}.json", config.device)
         models[name] = model_entry(path, evaluations[name], repo_root)
     pairs = sample_users(data.splits["test"], config.users, config.seed)
-    sasrec_result = sasrec.run(sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs,
-                                                   device=config.device or "cpu"), data, users=pairs)
+    sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
+    sasrec_result = _cached(work / "sasrec" / "result.json", {"config": asdict(sasrec_config), "users": config.users, "seed": config.seed},
+                            lambda: sasrec.run(sasrec_config, data, users=pairs))
     models["sasrec"] = {"artifact": None, "params": {"total": sasrec_result["params"], "embedding": None, "non_embedding": None},
                         "metrics": sasrec_result["metrics"], "epochs_run": sasrec_result["epochs_run"],
                         "minutes": sasrec_result["minutes"]}
+    if config.peft:
+        for name, path in _peft_arms(config, data, work).items():
+            evaluations[name] = _evaluate(path, data, config.users, config.seed, "full", work / "eval" / f"{name}.json", config.device)
+            models[name] = model_entry(path, evaluations[name], repo_root)
     models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
                          "metrics": evaluations["dense"]["mostpop"]}
     payloads = request_payloads(data, pairs[: config.latency_requests])
     for name in ("dense", "pruned", "pruned+vocab"):
-        models[name]["serving"] = serve_and_measure(name, str(named[name]), payloads, config.concurrency, config.head,
-                                                    device=config.device)
+        key = {"artifact": str(named[name]), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
+               "users": config.users, "seed": config.seed, "device": config.device}
+        models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
+            name, str(named[name]), payloads, config.concurrency, config.head, device=config.device))
         models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
     report = {
         "protocol": {
@@ -417,6 +428,49 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
         "models": models,
     }
     return write_report(report, output)
+
+
+def _cached(path: Path, key: dict, compute: Any) -> Any:
+    """The result stored at ``path`` if it was computed with the same key, else compute and store it."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == json.loads(json.dumps(key)):
+            return stored["result"]
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "result": result}, default=str))
+    return result
+
+
+def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str, Path]:
+    """Plain LoRA on q/v and PrunePEFT's placement at the same trainable-parameter count, same training."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmrec.model import load_model
+    from pruning.peft_search import PeftSearchConfig, search
+    from pruning.train import TrainConfig
+    from pruning.train import apply_profile as train_profile
+    from pruning.train import run as train
+
+    base = load_model(config.model, device="cpu").model
+    plain = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    budget = sum(p.numel() for p in plain.parameters() if p.requires_grad)
+    searched = work / "peft" / "search.json"
+    if not searched.is_file():
+        search(PeftSearchConfig(output=str(searched), model=config.model, budget_params=budget, seed=config.seed), data,
+               device=config.device)
+    targets = json.loads(searched.read_text())["target_modules"]
+    arms = {"lora": (["q_proj", "v_proj"]), "lora-prunepeft": targets}
+    paths = {}
+    for name, modules in arms.items():
+        path = work / "peft" / name
+        if not (path / "prunerec.json").is_file():
+            settings = train_profile(TrainConfig(output=str(path), model=config.model, seed=config.seed), config.profile)
+            settings.method, settings.lora_r, settings.lora_alpha, settings.lora_targets = "lora", 8, 16, list(modules)
+            settings.lr = max(settings.lr, 1e-3)  # LoRA wants a higher rate than full fine-tuning
+            train(settings, data)
+        paths[name] = path
+    return paths
 
 
 def _prune(config: Any, bench: BenchConfig, apply: Any) -> Any:

@@ -253,13 +253,14 @@ def bench(
     sasrec_epochs: Annotated[Optional[int], typer.Option(help="Most SASRec epochs [profile].")] = None,
     latency_requests: Annotated[Optional[int], typer.Option(help="Requests per concurrency level and arm [profile].")] = None,
     head: Annotated[str, typer.Option(help="Head mode of the served arms (full or catalog).")] = "catalog",
+    peft: Annotated[Optional[bool], typer.Option("--peft/--no-peft", help="Also train plain LoRA (q,v) and PrunePEFT's LoRA at the same trainable-parameter count [gpu: on, cpu: off].")] = None,
 ) -> None:
     """Dense, every stage, TRSP, SASRec and MostPop on the same users; served latency; report.json/md and plots."""
     from pruning.bench import bench_config, run_bench
 
     try:
         config = bench_config(profile, output=str(output) if output else None, work=str(work) if work else None,
-                              users=users, sasrec_epochs=sasrec_epochs, latency_requests=latency_requests, head=head)
+                              users=users, sasrec_epochs=sasrec_epochs, latency_requests=latency_requests, head=head, peft=peft)
         written = run_bench(config, _load_data(None))
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

@@ -47,6 +47,8 @@ from recdata.prompts import PromptTemplate
 logger = logging.getLogger(__name__)
 
 STAGES = ("attn", "mlp", "depth", "vocab")
+DEFAULT_STAGES = ("attn", "mlp", "depth")
+"""The paper's stages; vocab (exact, past the paper) is opt-in: it changes what the `full` head normalises over."""
 
 
 @dataclass
@@ -57,7 +59,7 @@ class PruneConfig:
     """Run directory; stage artifacts go to <output>/<n>-<stage>."""
     teacher: str
     """The dense fine-tuned artifact: the first stage's input and every stage's distillation teacher."""
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     """Stages to run, in order (a subset of attn, mlp, depth, vocab)."""
     target: float | None = None
     """Share of non-embedding parameters to remove; derives a uniform plan (overrides ratios)."""

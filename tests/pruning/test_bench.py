@@ -73,3 +73,26 @@ def test_compare_command_end_to_end(tmp_path, tokenizer, prepared):
     assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}
     assert (tmp_path / "cmp" / "latency_vs_params.png").is_file()
     assert "Paired test on per-user NDCG@10" in result.output
+
+
+def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
+    from helpers import save_model_dir
+
+    from pruning.bench import bench_config, run_bench
+
+    base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer), layers=3), tokenizer)
+    config = bench_config("cpu", model=str(base), output=str(tmp_path / "report"), work=str(tmp_path / "work"),
+                          users=None, sasrec_epochs=1, latency_requests=2, concurrency=[1], peft=True)
+    written = run_bench(config, prepared)
+    report = json.loads(written[0].read_text())
+    assert {"dense", "1-attn", "2-mlp", "pruned", "pruned+vocab", "trsp", "sasrec", "mostpop", "lora", "lora-prunepeft"} <= set(report["models"])
+    assert report["models"]["pruned"]["params"]["non_embedding"] < report["models"]["dense"]["params"]["non_embedding"]
+    assert report["models"]["pruned+vocab"]["params"]["embedding"] < report["models"]["pruned"]["params"]["embedding"]
+    assert report["models"]["pruned+vocab"]["macs_per_token"] < report["models"]["dense"]["macs_per_token"]
+    for name in ("dense", "pruned", "pruned+vocab"):
+        assert report["models"][name]["latency_ms"]["p50"] > 0 and report["models"][name]["artifact"].endswith(name if name == "dense" else "")
+    assert report["protocol"]["users"] == len(prepared.splits["test"])
+    assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}
+    # resumable: a second run reuses every artifact and evaluation
+    again = json.loads(run_bench(config, prepared)[0].read_text())
+    assert again["models"]["pruned"]["metrics"] == report["models"]["pruned"]["metrics"]
