@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     """cpu or cuda (default: cuda when available, in bf16; else cpu, fp32)."""
     num_beams: int = 20
     """Beams per request (the list a request gets is the top-k of this search)."""
-    head: str = "full"
+    head: str = "catalog"
     """Next-token normalisation while decoding: 'full' (exact) or 'catalog' (LM head over catalog tokens only)."""
     max_k: int = 50
     max_history: int = 200

@@ -198,7 +198,7 @@ class BeamSearchConfig:
     """Live title prefixes kept per user (>= top_k; evaluation uses at least 20)."""
     top_k: int = 10
     """Distinct items returned per user."""
-    head: str = "full"
+    head: str = "catalog"
     """'full': log-softmax over the whole vocabulary (exact item probabilities). 'catalog': the LM head only
     over the tokens catalog titles use, normalised over them (cheaper; changes the scores). 'catalog-fullnorm':
     the catalog rows for the scores but normalised over the full vocabulary (same lists as 'full'; a check)."""

@@ -80,7 +80,7 @@ class Recommender:
         exclude: Sequence[Sequence[int]] | None = None,
         batch_size: int = 8,
         progress: bool = False,
-        head: str = "full",
+        head: str = "catalog",
     ) -> list[list[tuple[int, float]]]:
         """For each history, the top-k (catalog index, score) pairs, best first.
 

@@ -327,7 +327,7 @@ class BenchConfig:
     latency_requests: int = 24
     concurrency: list[int] = field(default_factory=lambda: [1, 16])
     head: str = "catalog"
-    """Head mode of the served arms (the service default)."""
+    """Head mode for quality and serving (the default, catalog, was chosen from bench/results/catalog_vocab_cpu.json)."""
     peft: bool = False
     """Also compare PrunePEFT's LoRA placement with plain LoRA (q, v) at the same trainable-parameter count."""
     device: str | None = None
@@ -392,7 +392,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     models: dict[str, dict] = {}
     evaluations: dict[str, dict] = {}
     for name, path in named.items():
-        evaluations[name] = _evaluate(path, data, config.users, config.seed, "full", work / "eval" / f"{name}.json", config.device)
+        evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
         models[name] = model_entry(path, evaluations[name], repo_root)
     pairs = sample_users(data.splits["test"], config.users, config.seed)
     sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
@@ -403,7 +403,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                         "minutes": sasrec_result["minutes"]}
     if config.peft:
         for name, path in _peft_arms(config, data, work).items():
-            evaluations[name] = _evaluate(path, data, config.users, config.seed, "full", work / "eval" / f"{name}.json", config.device)
+            evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
             models[name] = model_entry(path, evaluations[name], repo_root)
     models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
                          "metrics": evaluations["dense"]["mostpop"]}
@@ -418,7 +418,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
         "protocol": {
             "profile": config.profile, "dataset": data.name, "split": "leave-one-out (test)", "users": len(pairs),
             "users_sampled": config.users is not None, "seed": config.seed, "history_length": 10, "num_beams": 20,
-            "ranking": "full catalog, history excluded", "quality_head": "full",
+            "ranking": "full catalog, history excluded", "head": config.head,
             "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
                        f"per level, concurrency {config.concurrency}",
             "sasrec": f"RecBole 1.2.1, CE loss, max {config.sasrec_epochs} epochs, early stopping on valid NDCG@10",

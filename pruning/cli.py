@@ -276,7 +276,7 @@ def compare(
     data: DataOpt = None,
     users: Annotated[Optional[int], typer.Option(help="Seeded test users [300; 0 = all].")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the user sample.")] = 0,
-    head: Annotated[str, typer.Option(help="Head mode for quality and serving (full or catalog).")] = "full",
+    head: Annotated[str, typer.Option(help="Head mode for quality and serving (full or catalog).")] = "catalog",
     latency_requests: Annotated[int, typer.Option(help="Requests per concurrency level and arm.")] = 24,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also measure latency through the HTTP service.")] = True,
 ) -> None:
@@ -476,7 +476,7 @@ def evaluate(
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Remove past items from rankings.")] = True,
     output: Annotated[Optional[Path], typer.Option(help="Metrics JSON path [<artifact>/eval/<split>.json].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto].")] = None,
-    head: Annotated[str, typer.Option(help="full: exact log-probabilities over the vocabulary; catalog: LM head over the catalog's tokens only (renormalised); catalog-fullnorm: a check equal to full.")] = "full",
+    head: Annotated[str, typer.Option(help="full: exact log-probabilities over the vocabulary; catalog: LM head over the catalog's tokens only (renormalised); catalog-fullnorm: a check equal to full.")] = "catalog",
 ) -> None:
     """HR/NDCG/MRR@{1,5,10,20} over the full catalog, with MostPop on the same users."""
     from pruning.evaluate import EvalConfig, format_table, run

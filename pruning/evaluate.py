@@ -47,7 +47,7 @@ class EvalConfig:
     output: str | None = None
     """Metrics JSON path (default: <artifact>/eval/<split>.json); per-user ranks go beside it."""
     device: str | None = None
-    head: str = "full"
+    head: str = "catalog"
     """Next-token normalisation: 'full' vocabulary (exact) or 'catalog' tokens only (cheaper, renormalised)."""
 
 
