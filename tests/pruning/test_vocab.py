@@ -123,3 +123,20 @@ def test_vocab_check_command(pruned, prepared, tmp_path):
     changed.save(tmp_path / "new")
     result = CliRunner().invoke(app, ["vocab-check", str(path), "--data", str(tmp_path / "new")])
     assert result.exit_code == 1 and "Qwzx Jjjj (2031): needs pruned tokens" in result.output
+
+
+def test_the_service_serves_a_vocabulary_pruned_artifact(pruned):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    teacher, path = pruned
+    body = {"user_id": "u1", "history": ["i1", "i2", "i3"], "k": 5}
+    answers = {}
+    for name, artifact in (("dense", teacher), ("vocab", path)):
+        with TestClient(create_app(Settings(models={name: str(artifact)}))) as client:
+            response = client.post("/v1/recommend", json=body)
+            assert response.status_code == 200, response.text
+            answers[name] = [r["item_id"] for r in response.json()["items"]]
+    assert answers["vocab"] == answers["dense"]  # the default catalog head: identical lists
