@@ -94,7 +94,8 @@ def test_grouped_topk():
 
 def test_catalog_head_modes(recommender, prepared):
     hs = histories(prepared, 4)
-    full = recommender.recommend(hs, k=5, num_beams=8)
+    full = recommender.recommend(hs, k=5, num_beams=8, head="full")
+    assert recommender.recommend(hs, k=5, num_beams=8) == recommender.recommend(hs, k=5, num_beams=8, head="catalog")  # the default
     fullnorm = recommender.recommend(hs, k=5, num_beams=8, head="catalog-fullnorm")
     for a, b in zip(full, fullnorm, strict=True):
         assert [i for i, _ in a] == [i for i, _ in b]
