@@ -23,35 +23,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from llmrec.artifact import read_manifest
 from llmrec.recommender import Recommender
+from pruning.bench import artifact_bytes, macs_per_token
 from pruning.evaluate import EvalConfig, sample_users
 from pruning.evaluate import run as evaluate
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
 
 HEADS = ("full", "catalog")
-
-
-def artifact_bytes(directory: Path) -> int:
-    """Bytes on disk of everything an artifact ships (evaluation outputs left out)."""
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and "eval" not in p.relative_to(directory).parts)
-
-
-@torch.no_grad()
-def macs_per_token(recommender: Recommender, head: str, context: int) -> int:
-    """Multiply-adds of one cached decoding step at ``context`` tokens of history, counted, plus the head."""
-    model = recommender.model
-    ids = torch.full((1, context), int(recommender.encoder.end_id), dtype=torch.long)
-    cache = model.model(input_ids=ids, use_cache=True).past_key_values
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model.model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
-    body = counter.get_total_flops() // 2  # the projections; CPU SDPA kernels are not counted by FlopCounterMode
-    rows = model.config.vocab_size if head == "full" else int(recommender.trie.vocabulary.numel())
-    return int(body + rows * model.config.hidden_size)
 
 
 def attention_macs_per_token(recommender: Recommender, context: int) -> int:

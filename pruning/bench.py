@@ -479,15 +479,16 @@ def _prune(config: Any, bench: BenchConfig, apply: Any) -> Any:
     return config
 
 
-def macs_per_token(artifact: str | Path, head: str, context: int = 64) -> int:
-    """Multiply-adds of one cached decoding step (projections counted by torch's FlopCounterMode) plus the
-    LM-head rows the head mode uses × hidden size."""
+def macs_per_token(artifact: str | Path | Any, head: str, context: int = 64) -> int:
+    """Multiply-adds of one cached decoding step at ``context`` tokens (projections counted by torch's
+    FlopCounterMode; CPU SDPA kernels are not counted) plus the LM-head rows the head mode uses × hidden
+    size. ``artifact`` is a directory or a loaded :class:`llmrec.recommender.Recommender`."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from llmrec.recommender import Recommender
 
-    recommender = Recommender.from_artifact(artifact, device="cpu")
+    recommender = artifact if isinstance(artifact, Recommender) else Recommender.from_artifact(artifact, device="cpu")
     model = recommender.model
     ids = torch.full((1, context), int(recommender.encoder.end_id), dtype=torch.long)
     with torch.no_grad():

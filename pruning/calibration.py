@@ -88,6 +88,12 @@ def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     return model.lm_head(hidden[batch.response])
 
 
+def recommendation_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of the labels at the response positions (differentiable; ``mean_ce`` is its
+    no-grad average over a set of batches)."""
+    return nn.functional.cross_entropy(response_logits(model, batch).float(), batch.targets)
+
+
 @dataclass
 class TeacherTargets:
     """A coarsened teacher distribution at n positions, at temperature T."""

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
-from pruning.calibration import Batch, batches
+from pruning.calibration import batches, recommendation_loss
 from pruning.examples import training_examples
 from recdata.prep import PreparedData
 from recdata.prompts import get_template
@@ -202,11 +202,6 @@ def fuse(live: list[Candidate], values: dict[str, dict[str, float]], assignment:
     return {c.name: sum(votes[k][c.name] for k in assignment[f"{c.kind}/{c.band}"]) / len(assignment[f"{c.kind}/{c.band}"]) for c in live}
 
 
-def _rec_loss(model: Any, batch: Batch) -> torch.Tensor:
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    return nn.functional.cross_entropy(model.lm_head(hidden[batch.response]).float(), batch.targets)
-
-
 def search(config: PeftSearchConfig, data: PreparedData, device: str | None = None) -> dict:
     """Run the search and write ``config.output``; returns the written record."""
     from peft import LoraConfig, get_peft_model
@@ -231,7 +226,7 @@ def search(config: PeftSearchConfig, data: PreparedData, device: str | None = No
 
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=[c.name for c in candidates])
     model = get_peft_model(base, lora)
-    inner = model.get_base_model()
+    inner: Any = model.get_base_model()
     modules = dict(inner.named_modules())
     for c in candidates:
         c.module = modules[c.name]
@@ -251,7 +246,7 @@ def search(config: PeftSearchConfig, data: PreparedData, device: str | None = No
             for _ in range(config.steps_per_round):
                 batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(model_device)
                 stats.token_mask = batch.attention_mask
-                loss = _rec_loss(inner, batch)
+                loss = recommendation_loss(inner, batch)
                 loss.backward()
                 for c in live:
                     a, b = _lora_pair(c.module)

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pruning.calibration import Batch, batches, mean_ce
+from pruning.calibration import Batch, batches, mean_ce, recommendation_loss
 from pruning.examples import Example
 from pruning.importance import layers_replaced
 from pruning.surgery import drop_layers
@@ -129,12 +129,6 @@ class LayerGates(nn.Module):
         return value
 
 
-def _rec_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    logits = model.lm_head(hidden[batch.response])
-    return nn.functional.cross_entropy(logits.float(), batch.targets)
-
-
 def _cycle(items: list[Batch], seed: int) -> Iterator[Batch]:
     epoch = 0
     while True:
@@ -171,7 +165,7 @@ def select_layers(
                 with layers_replaced(model, [layers[i] for i in live]):
                     for _ in range(config.steps_per_round):
                         batch = next(stream).to(device)
-                        loss = _rec_loss(model, batch) + config.lambda1 * gates.scale[live].abs().sum()
+                        loss = recommendation_loss(model, batch) + config.lambda1 * gates.scale[live].abs().sum()
                         loss.backward()
                         optimizer.step()
                         optimizer.zero_grad()
@@ -228,7 +222,7 @@ def regularise(
             model.train()
             batch = next(stream).to(device)
             gates.token_mask = batch.attention_mask
-            rec = _rec_loss(model, batch)
+            rec = recommendation_loss(model, batch)
             penalty = gates.take_penalty()
             loss = rec + config.lambda2 * penalty
             loss.backward()
