@@ -51,6 +51,26 @@ class SASRecConfig:
     device: str = "cpu"
 
 
+def recbole_modules() -> tuple[Any, ...]:
+    """RecBole's Config, create_dataset, data_preparation, SASRec, Trainer and init_seed.
+
+    Importing ``recbole.model.sequential_recommender`` runs ``torch.autograd.set_detect_anomaly(True)`` at
+    module level (in ``sine.py``), for the whole process: every later backward pass, ours included, then
+    checks each gradient for NaNs and records forward stack traces, which made SASRec's epochs several times
+    slower here. The import is made here and anomaly detection put back as it was.
+    """
+    anomaly = torch.is_anomaly_enabled()
+    try:
+        from recbole.config import Config
+        from recbole.data import create_dataset, data_preparation
+        from recbole.model.sequential_recommender.sasrec import SASRec
+        from recbole.trainer import Trainer
+        from recbole.utils import init_seed
+    finally:
+        torch.autograd.set_detect_anomaly(anomaly)
+    return Config, create_dataset, data_preparation, SASRec, Trainer, init_seed
+
+
 def _write_atomic(data: PreparedData, directory: Path, name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / f"{name}.inter", "w") as handle:
@@ -79,12 +99,7 @@ def run(config: SASRecConfig, data: PreparedData, users: np.ndarray | None = Non
     """Train SASRec and score it on the test split (or the given (user, position) test samples)."""
     if data.config.split != "loo":
         raise ValueError("the SASRec baseline reproduces the leave-one-out split only")
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.model.sequential_recommender.sasrec import SASRec
-    from recbole.trainer import Trainer
-    from recbole.utils import init_seed
-
+    Config, create_dataset, data_preparation, SASRec, Trainer, init_seed = recbole_modules()
     work = Path(config.output)
     name = "prunerec"
     _write_atomic(data, work / "data" / name, name)

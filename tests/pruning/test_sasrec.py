@@ -27,3 +27,17 @@ def test_sasrec_refuses_a_temporal_split(tmp_path, prepared):
     temporal.config.split = "temporal"
     with pytest.raises(ValueError, match="leave-one-out"):
         run(SASRecConfig(output=str(tmp_path), epochs=1), temporal)
+
+
+def test_importing_recbole_leaves_anomaly_detection_off():
+    """recbole's sine.py turns autograd anomaly detection on for the whole process at import; ours must not."""
+    import subprocess
+    import sys
+
+    check = "import torch; {}; print(torch.is_anomaly_enabled())"
+    raw = subprocess.run([sys.executable, "-c", check.format("import recbole.model.sequential_recommender")],
+                         capture_output=True, text=True, check=True)
+    ours = subprocess.run([sys.executable, "-c", check.format("from pruning.sasrec import recbole_modules; recbole_modules()")],
+                          capture_output=True, text=True, check=True)
+    assert raw.stdout.strip().endswith("True")  # the hazard this guards against
+    assert ours.stdout.strip().endswith("False")
