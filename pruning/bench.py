@@ -21,6 +21,7 @@ report.json::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -363,6 +365,27 @@ def _evaluate(artifact: Path, data: PreparedData, users: int | None, seed: int, 
                                batch_size=16, device=device), data)
 
 
+class PhaseClock:
+    """Wall-clock minutes per benchmark phase, so the report shows where the time went."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.minutes: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        logger.info("bench phase: %s", name)
+        try:
+            yield
+        finally:
+            self.minutes[name] = round(self.minutes.get(name, 0.0) + (time.monotonic() - started) / 60, 2)
+            logger.info("bench phase %s: %.1f min", name, self.minutes[name])
+
+    def total(self) -> float:
+        return round((time.monotonic() - self.started) / 60, 1)
+
+
 def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     """The whole benchmark (see the module docstring); returns the report files."""
     from pruning import sasrec
@@ -376,14 +399,19 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
 
     work = Path(config.work or f"runs/bench-{config.profile}")
     output = Path(config.output or f"bench/results/{config.profile}")
-    started = time.monotonic()
+    # A re-run reuses what the work directory holds; its minutes then cover only the work left to do.
+    resumed = work.is_dir() and any(work.iterdir())
+    clock = PhaseClock()
     dense = work / "0-dense"
-    if not (dense / "prunerec.json").is_file():
-        train(train_profile(TrainConfig(output=str(dense), model=config.model, seed=config.seed), config.profile), data)
-    stages = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
-                                      evaluate=False), config, prune_profile), data)
-    trsp = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
-                                    depth_method="trsp", evaluate=False), config, prune_profile), data)[-1]
+    with clock.phase("fine-tune"):
+        if not (dense / "prunerec.json").is_file():
+            train(train_profile(TrainConfig(output=str(dense), model=config.model, seed=config.seed), config.profile), data)
+    with clock.phase("prune (attn, mlp, greedy depth, vocab)"):
+        stages = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
+                                          evaluate=False), config, prune_profile), data)
+    with clock.phase("prune (trsp depth)"):
+        trsp = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
+                                        depth_method="trsp", evaluate=False), config, prune_profile), data)[-1]
     named = {"dense": dense, **{p.name: p for p in stages}, "pruned": stages[2], "pruned+vocab": stages[3],
              "trsp": trsp}
     named.pop(stages[2].name)
@@ -391,29 +419,33 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     repo_root = Path.cwd().resolve()
     models: dict[str, dict] = {}
     evaluations: dict[str, dict] = {}
-    for name, path in named.items():
-        evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
-        models[name] = model_entry(path, evaluations[name], repo_root)
+    with clock.phase("evaluate"):
+        for name, path in named.items():
+            evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+            models[name] = model_entry(path, evaluations[name], repo_root)
     pairs = sample_users(data.splits["test"], config.users, config.seed)
     sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
-    sasrec_result = _cached(work / "sasrec" / "result.json", {"config": asdict(sasrec_config), "users": config.users, "seed": config.seed},
-                            lambda: sasrec.run(sasrec_config, data, users=pairs))
+    with clock.phase("sasrec"):
+        sasrec_result = _cached(work / "sasrec" / "result.json", {"config": asdict(sasrec_config), "users": config.users, "seed": config.seed},
+                                lambda: sasrec.run(sasrec_config, data, users=pairs))
     models["sasrec"] = {"artifact": None, "params": {"total": sasrec_result["params"], "embedding": None, "non_embedding": None},
                         "metrics": sasrec_result["metrics"], "epochs_run": sasrec_result["epochs_run"],
                         "minutes": sasrec_result["minutes"]}
     if config.peft:
-        for name, path in _peft_arms(config, data, work).items():
-            evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
-            models[name] = model_entry(path, evaluations[name], repo_root)
+        with clock.phase("peft"):
+            for name, path in _peft_arms(config, data, work).items():
+                evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+                models[name] = model_entry(path, evaluations[name], repo_root)
     models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
                          "metrics": evaluations["dense"]["mostpop"]}
     payloads = request_payloads(data, pairs[: config.latency_requests])
-    for name in ("dense", "pruned", "pruned+vocab"):
-        key = {"artifact": str(named[name]), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
-               "users": config.users, "seed": config.seed, "device": config.device}
-        models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
-            name, str(named[name]), payloads, config.concurrency, config.head, device=config.device))
-        models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
+    with clock.phase("serve"):
+        for name in ("dense", "pruned", "pruned+vocab"):
+            key = {"artifact": str(named[name]), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
+                   "users": config.users, "seed": config.seed, "device": config.device}
+            models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
+                name, str(named[name]), payloads, config.concurrency, config.head, device=config.device))
+            models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
     report = {
         "protocol": {
             "profile": config.profile, "dataset": data.name, "split": "leave-one-out (test)", "users": len(pairs),
@@ -422,7 +454,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
                        f"per level, concurrency {config.concurrency}",
             "sasrec": f"RecBole 1.2.1, CE loss, max {config.sasrec_epochs} epochs, early stopping on valid NDCG@10",
-            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "minutes": round((time.monotonic() - started) / 60, 1),
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "minutes": clock.total(),
+            "phase_minutes": clock.minutes, "resumed": resumed,
             "config": asdict(config),
         },
         "models": models,

@@ -93,6 +93,10 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
         assert report["models"][name]["latency_ms"]["p50"] > 0 and report["models"][name]["artifact"].endswith(name if name == "dense" else "")
     assert report["protocol"]["users"] == len(prepared.splits["test"])
     assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}
-    # resumable: a second run reuses every artifact and evaluation
+    phases = report["protocol"]["phase_minutes"]
+    assert {"fine-tune", "evaluate", "sasrec", "peft", "serve"} <= set(phases)
+    assert sum(phases.values()) <= report["protocol"]["minutes"] + 0.1 and report["protocol"]["resumed"] is False
+    # resumable: a second run reuses every artifact and evaluation, and says that it resumed
     again = json.loads(run_bench(config, prepared)[0].read_text())
     assert again["models"]["pruned"]["metrics"] == report["models"]["pruned"]["metrics"]
+    assert again["protocol"]["resumed"] is True
