@@ -1,8 +1,9 @@
 """Dynamic micro-batching: concurrent requests to one arm are decoded together.
 
 A worker per arm takes the first waiting request, then gathers more for up to ``max_wait_ms`` or until
-``max_batch_size``, and decodes them in one constrained beam search on a dedicated thread (the model is
-never called concurrently). Every request gets exactly the list it would get alone: lists are computed
+``max_batch_size``, and decodes them in one constrained beam search on the executor it is given: the
+service passes every arm the same single model thread (see :class:`app.main.State`), so the model is
+never called concurrently. Every request gets exactly the list it would get alone: lists are computed
 with the largest k in the batch and cut to each request's k, and the top-k of a search with a fixed number
 of beams is a prefix of its top-(k + j) (the search's stopping rule only adds later, lower-scored items).
 """
@@ -31,15 +32,17 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, decode: Callable[[], DecodeFn], max_batch_size: int, max_wait_ms: float,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        """``decode`` returns the current decode function (so a reloaded model is picked up per batch)."""
+                 on_batch: Callable[[int], None] | None = None, executor: ThreadPoolExecutor | None = None) -> None:
+        """``decode`` returns the current decode function (so a reloaded model is picked up per batch);
+        ``executor`` runs it (default: a thread of this batcher's own, shut down by :meth:`stop`)."""
         self._decode = decode
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     def start(self) -> None:
         if self._worker is None:
@@ -54,7 +57,8 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._worker = None
-        self._executor.shutdown(wait=False)
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
 
     async def submit(self, history: list[int], k: int, exclude: list[int]) -> Ranked:
         self.start()

@@ -123,3 +123,40 @@ def test_shadow_answers_are_never_returned(arms):
             time.sleep(0.1)
         report = client.get("/v1/ab/report").json()
         assert report["shadow"]["pruned"]["requests"] >= 5 and report["arms"].get("pruned", {}).get("requests", 0) == 0
+
+
+def test_every_model_operation_runs_on_one_thread(arms, monkeypatch):
+    """Loading, warm-up, decoding of both arms (one as shadow) and a reload all run on the one model thread
+    (torch ops from a second thread slowed CPU decoding ~1.7x)."""
+    import threading
+
+    from llmrec.recommender import Recommender
+
+    threads: list[tuple[str, str]] = []
+    load, recommend = Recommender.from_artifact.__func__, Recommender.recommend
+
+    def recording_load(cls, *args, **kwargs):
+        threads.append(("load", threading.current_thread().name))
+        return load(cls, *args, **kwargs)
+
+    def recording_recommend(self, *args, **kwargs):
+        threads.append(("recommend", threading.current_thread().name))
+        return recommend(self, *args, **kwargs)
+
+    monkeypatch.setattr(Recommender, "from_artifact", classmethod(recording_load))
+    monkeypatch.setattr(Recommender, "recommend", recording_recommend)
+    settings = Settings(models=arms, weights={"dense": 1.0}, shadow="pruned", admin_token=TOKEN)
+    with TestClient(create_app(settings)) as client:
+        for i in range(3):
+            assert client.post("/v1/recommend", json={"user_id": f"t{i}", "history": ["i1"], "k": 3}).status_code == 200
+        assert client.post("/admin/reload/dense", headers={"Authorization": f"Bearer {TOKEN}"}).json()["reloaded"] is True
+        import time
+
+        for _ in range(50):
+            if client.get("/v1/ab/report").json()["shadow"].get("pruned", {}).get("requests", 0) >= 3:
+                break
+            time.sleep(0.1)
+    kinds = {kind for kind, _ in threads}
+    names = {name for _, name in threads}
+    assert kinds == {"load", "recommend"} and len([k for k, _ in threads if k == "load"]) == 3  # 2 arms + reload
+    assert len(names) == 1 and names != {threading.main_thread().name}
