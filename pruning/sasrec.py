@@ -20,6 +20,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -125,7 +126,13 @@ def run(config: SASRecConfig, data: PreparedData, users: np.ndarray | None = Non
         train_data, valid_data, test_data = data_preparation(recbole_config, dataset)
         _check_same_split(data, dataset, test_data.dataset)
         model = SASRec(recbole_config, train_data.dataset).to(recbole_config["device"])
-        trainer = Trainer(recbole_config, model)
+        # RecBole's Trainer writes TensorBoard events to ./log_tensorboard of the working directory; keep them
+        # in the work directory instead.
+        from torch.utils.tensorboard import SummaryWriter
+
+        with mock.patch("recbole.trainer.trainer.get_tensorboard",
+                        lambda _logger: SummaryWriter(str((work / "tensorboard").resolve()))):
+            trainer = Trainer(recbole_config, model)
         started = time.monotonic()
         logger.info("training SASRec (at most %d epochs)", config.epochs)
         _, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)

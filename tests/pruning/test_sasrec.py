@@ -10,8 +10,10 @@ from recdata.metrics import mostpop_ranks, rank_metrics
 pytest.importorskip("recbole")
 
 
-def test_sasrec_on_the_identical_split_beats_mostpop(tmp_path, prepared):
-    result = run(SASRecConfig(output=str(tmp_path), epochs=3, batch_size=32), prepared)  # checks the split itself
+def test_sasrec_on_the_identical_split_beats_mostpop(tmp_path, prepared, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(SASRecConfig(output=str(tmp_path / "work"), epochs=3, batch_size=32), prepared)  # checks the split itself
+    assert not (tmp_path / "log_tensorboard").exists() and any((tmp_path / "work" / "tensorboard").iterdir())
     assert len(result["ranks"]) == len(prepared.splits["test"]) and result["epochs_run"] == 3
     pairs = prepared.splits["test"]
     targets = [prepared.target(int(u), int(p)) for u, p in pairs]
