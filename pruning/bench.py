@@ -214,7 +214,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def markdown(report: dict) -> str:
     """report.md: the protocol, the quality table, the cost table and the ratios."""
     lines = [f"# prunerec benchmark: {report['protocol'].get('profile', 'compare')}", ""]
-    lines += ["## Protocol", ""] + [f"- {k}: {v}" for k, v in report["protocol"].items()] + [""]
+    phases = report["protocol"].get("phase_minutes", {})
+    lines += ["## Protocol", ""] + [f"- {k}: {v}" for k, v in report["protocol"].items() if k != "phase_minutes"] + [""]
+    if phases:
+        lines += ["## Time (minutes of this run)", "", "| phase | minutes |", "| --- | ---: |"]
+        lines += [f"| {name} | {minutes:.1f} |" for name, minutes in phases.items()]
+        lines += [f"| total | {report['protocol'].get('minutes', sum(phases.values())):.1f} |", ""]
     lines += ["## Quality (same users)", "", "| model | NDCG@1 | NDCG@5 | NDCG@10 | NDCG@20 | HR@1 | HR@5 | HR@10 | HR@20 | MRR@20 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, entry in report["models"].items():
@@ -332,13 +337,17 @@ class BenchConfig:
     """Head mode for quality and serving (the default, catalog, was chosen from bench/results/catalog_vocab_cpu.json)."""
     peft: bool = False
     """Also compare PrunePEFT's LoRA placement with plain LoRA (q, v) at the same trainable-parameter count."""
+    calibration_samples: int | None = None
+    """Calibration samples of each pruning stage (None = the pruning profile's own)."""
     device: str | None = None
     seed: int = 0
 
 
 BENCH_PROFILES: dict[str, dict[str, Any]] = {
     # <= 60 minutes on 2 CPU cores (the fine-tuning and compression profiles named cpu).
-    "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24},
+    # Head ablations and the greedy layer search cost passes over the calibration set: 16 samples (the pruning
+    # profile has 32) keep the whole run inside the hour.
+    "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24, "calibration_samples": 16},
     # the full-size pipeline on one GPU: every user, SASRec to convergence.
     "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda", "peft": True},
 }
@@ -406,12 +415,14 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     with clock.phase("fine-tune"):
         if not (dense / "prunerec.json").is_file():
             train(train_profile(TrainConfig(output=str(dense), model=config.model, seed=config.seed), config.profile), data)
+    greedy_config = _prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
+                                       evaluate=False), config, prune_profile)
+    trsp_config = _prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
+                                     depth_method="trsp", evaluate=False), config, prune_profile)
     with clock.phase("prune (attn, mlp, greedy depth, vocab)"):
-        stages = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
-                                          evaluate=False), config, prune_profile), data)
+        stages = prune(greedy_config, data)
     with clock.phase("prune (trsp depth)"):
-        trsp = prune(_prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
-                                        depth_method="trsp", evaluate=False), config, prune_profile), data)[-1]
+        trsp = prune(trsp_config, data)[-1]
     named = {"dense": dense, **{p.name: p for p in stages}, "pruned": stages[2], "pruned+vocab": stages[3],
              "trsp": trsp}
     named.pop(stages[2].name)
@@ -453,6 +464,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             "ranking": "full catalog, history excluded", "head": config.head,
             "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
                        f"per level, concurrency {config.concurrency}",
+            "compression": {"calibration": asdict(greedy_config.calibration), "distill_per_stage": asdict(greedy_config.distill),
+                            "trsp": asdict(trsp_config.trsp)},
             "sasrec": f"RecBole 1.2.1, CE loss, max {config.sasrec_epochs} epochs, early stopping on valid NDCG@10",
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "minutes": clock.total(),
             "phase_minutes": clock.minutes, "resumed": resumed,
@@ -509,6 +522,8 @@ def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str,
 def _prune(config: Any, bench: BenchConfig, apply: Any) -> Any:
     config = apply(config, bench.profile)
     config.eval_users = bench.users
+    if bench.calibration_samples:
+        config.calibration.samples = bench.calibration_samples
     return config
 
 
