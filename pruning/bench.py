@@ -255,22 +255,32 @@ def plots(report: dict, directory: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    points: dict[tuple[float, float], list[str]] = {}
     for name, entry in report["models"].items():
         params = entry.get("params", {}).get("non_embedding")
         ndcg = entry.get("metrics", {}).get("ndcg@10")
         if ndcg is None:
             continue
-        if not params:  # MostPop has none: a horizontal reference line
-            ax.axhline(ndcg, linestyle="--", color="grey", linewidth=1)
-            ax.annotate(name, (ax.get_xlim()[0], ndcg), fontsize=8, color="grey")
+        if not params:  # no LLM parameter count (SASRec, MostPop): a labelled horizontal reference line
+            style = {"mostpop": ":", "sasrec": "--"}.get(name, "-.")
+            ax.axhline(ndcg, linestyle=style, color="grey", linewidth=1, label=f"{name} ({ndcg:.3f})")
             continue
-        ax.scatter(params, ndcg)
-        ax.annotate(name, (params, ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        points.setdefault((params, ndcg), []).append(name)
+    chain = [n for n in ("dense", "1-attn", "2-mlp", "pruned") if n in report["models"]]
+    if len(chain) > 1 and all(report["models"][n].get("params", {}).get("non_embedding") for n in chain):
+        ax.plot([report["models"][n]["params"]["non_embedding"] for n in chain],
+                [report["models"][n]["metrics"]["ndcg@10"] for n in chain], color="tab:blue", alpha=0.4,
+                linewidth=1, label="PruneRec stages")
+    for (params, ndcg), names in points.items():  # models at the same point (pruned, pruned+vocab) share a label
+        ax.scatter(params, ndcg, color="tab:orange" if any("trsp" in n for n in names) else "tab:blue", zorder=3)
+        ax.annotate(", ".join(names), (params, ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("NDCG@10")
+    ax.set_ylim(bottom=0)
     ax.set_title("Quality against size")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     written.append(directory / "ndcg_vs_params.png")
     fig.savefig(written[-1], dpi=120)
@@ -278,17 +288,21 @@ def plots(report: dict, directory: Path) -> list[Path]:
 
     served = {n: e for n, e in report["models"].items() if e.get("serving", {}).get("c1")}
     if served:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(7.2, 4.6))
+        levels = sorted({int(k[1:]) for e in served.values() for k in e["serving"] if k.startswith("c")})
+        for level, marker in zip(levels, ("o", "s", "^", "D"), strict=False):
+            xs = [e["params"]["total"] for e in served.values() if f"c{level}" in e["serving"]]
+            ys = [e["serving"][f"c{level}"]["latency_ms"]["p50"] for e in served.values() if f"c{level}" in e["serving"]]
+            ax.scatter(xs, ys, marker=marker, label=f"concurrency {level}", zorder=3)
         for name, entry in served.items():
-            x = entry["params"]["total"]
-            y = entry["serving"]["c1"]["latency_ms"]["p50"]
-            ax.scatter(x, y)
+            x, y = entry["params"]["total"], entry["serving"]["c1"]["latency_ms"]["p50"]
             ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters (total)")
-        ax.set_ylabel("top-10 latency p50, ms (concurrency 1)")
+        ax.set_ylabel("top-10 latency p50, ms")
         ax.set_title("Latency against size (HTTP, 127.0.0.1)")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(directory / "latency_vs_params.png")
         fig.savefig(written[-1], dpi=120)
