@@ -536,6 +536,7 @@ def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str,
 def _prune(config: Any, bench: BenchConfig, apply: Any) -> Any:
     config = apply(config, bench.profile)
     config.eval_users = bench.users
+    config.device = bench.device
     if bench.calibration_samples:
         config.calibration.samples = bench.calibration_samples
     return config

@@ -254,13 +254,15 @@ def bench(
     latency_requests: Annotated[Optional[int], typer.Option(help="Requests per concurrency level and arm [profile].")] = None,
     head: Annotated[str, typer.Option(help="Head mode of the served arms (full or catalog).")] = "catalog",
     peft: Annotated[Optional[bool], typer.Option("--peft/--no-peft", help="Also train plain LoRA (q,v) and PrunePEFT's LoRA at the same trainable-parameter count [gpu: on, cpu: off].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda for compression, evaluation, SASRec and serving [profile: gpu = cuda; cpu = auto].")] = None,
 ) -> None:
     """Dense, every stage, TRSP, SASRec and MostPop on the same users; served latency; report.json/md and plots."""
     from pruning.bench import bench_config, run_bench
 
     try:
         config = bench_config(profile, output=str(output) if output else None, work=str(work) if work else None,
-                              users=users, sasrec_epochs=sasrec_epochs, latency_requests=latency_requests, head=head, peft=peft)
+                              users=users, sasrec_epochs=sasrec_epochs, latency_requests=latency_requests, head=head, peft=peft,
+                              device=device)
         written = run_bench(config, _load_data(None))
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -319,6 +321,7 @@ def _prune_config(
     calibration_samples: int | None, distill_examples: int | None, distill_steps: int | None,
     distill_minutes: float | None, distill_lr: float | None, alpha: float | None, temperature: float | None,
     evaluate: bool, eval_users: int | None, seed: int, depth_method: str = "greedy", trsp: dict[str, Any] | None = None,
+    device: str | None = None,
 ):
     from dataclasses import replace
 
@@ -350,6 +353,7 @@ def _prune_config(
         _fail(f"--depth-method must be greedy, trsp or elder, not {depth_method!r}")
     config.depth_method = depth_method  # type: ignore[assignment]
     config.trsp = replace(config.trsp, seed=seed, **{k: v for k, v in (trsp or {}).items() if v is not None})
+    config.device = device
     return config
 
 
@@ -388,6 +392,7 @@ RoundStepsOpt = Annotated[Optional[int], typer.Option(help="TRSP: gate-training 
 StageTwoOpt = Annotated[Optional[int], typer.Option(help="TRSP: most weight-training steps of the identity stage [200; cpu 100].")]
 StageTwoMinOpt = Annotated[Optional[float], typer.Option(help="TRSP: time budget of the identity stage in minutes [none; cpu 4].")]
 RecoveryOpt = Annotated[bool, typer.Option("--trsp-recovery/--no-trsp-recovery", help="TRSP/ELDeR: distil after removing the layers, like the other stages.")]
+PruneDeviceOpt = Annotated[Optional[str], typer.Option(help="cpu or cuda: where scoring and distillation run [auto: cuda when available].")]
 
 
 @app.command()
@@ -420,6 +425,7 @@ def prune(
     trsp_stage_two_steps: StageTwoOpt = None,
     trsp_stage_two_minutes: StageTwoMinOpt = None,
     trsp_recovery: RecoveryOpt = True,
+    device: PruneDeviceOpt = None,
 ) -> None:
     """Compress an artifact with the PruneRec stages, each recovered by distillation (resumable)."""
     ratios = {"kv_groups": keep_kv_groups, "heads_per_group": keep_heads_per_group, "hidden": keep_hidden,
@@ -428,7 +434,7 @@ def prune(
             "stage_two_steps": trsp_stage_two_steps, "stage_two_minutes": trsp_stage_two_minutes, "recovery": trsp_recovery}
     config = _prune_config(output, teacher, stages, profile, target, ratios, calibration_samples, distill_examples,
                            distill_steps, distill_minutes, distill_lr, alpha, temperature, evaluate, eval_users, seed,
-                           depth_method, trsp)
+                           depth_method, trsp, device)
     _run_prune(config, _load_data(data))
 
 
@@ -443,6 +449,7 @@ def pipeline(
     eval_users: EvalUsersOpt = None,
     seed: Annotated[int, typer.Option(help="Random seed of every stage.")] = 0,
     depth_method: DepthMethodOpt = "greedy",
+    device: PruneDeviceOpt = None,
 ) -> None:
     """Fine-tune, then attn -> mlp -> depth with distillation, evaluating every stage; resumable."""
     from pruning.train import TrainConfig, apply_profile
@@ -460,7 +467,7 @@ def pipeline(
             _fail(str(exc))
     prune_profile = profile if profile in ("cpu", "gpu") else "cpu"
     config = _prune_config(output, dense, stages, prune_profile, target, {}, None, None, None, None, None, None, None,
-                           True, eval_users, seed, depth_method)
+                           True, eval_users, seed, depth_method, device=device)
     _run_prune(config, prepared)
 
 

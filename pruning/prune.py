@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from llmrec.artifact import is_artifact, parameter_counts, read_manifest, write_artifact
-from llmrec.model import load_model
+from llmrec.model import load_model, select_device
 from llmrec.prompting import PromptEncoder
 from pruning import distill, importance
 from pruning.calibration import (
@@ -77,6 +77,9 @@ class PruneConfig:
     """Depth stage: greedy removal by calibration loss (PruneRec), TRSP gates, or ELDeR (TRSP with λ1 = 0)."""
     trsp: TRSPConfig = field(default_factory=TRSPConfig)
     """Settings of the trsp/elder depth methods."""
+    device: str | None = None
+    """Where the teacher, the students, importance scoring and distillation run: cpu or cuda (default: cuda
+    when available). Weights stay fp32 (on CUDA, matmuls use TF32)."""
 
 
 PROFILES: dict[str, dict] = {
@@ -225,7 +228,11 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
         raise FileNotFoundError(f"{config.teacher} is not a prunerec artifact; run `prunerec train` first")
     manifest = read_manifest(config.teacher)
     template = PromptTemplate.from_dict(manifest["template"])
-    loaded = load_model(config.teacher, device="cpu", dtype=torch.float32)
+    device = select_device(config.device)
+    if device.type == "cuda":  # fp32 weights for the recovery updates; TF32 tensor cores for the matmuls
+        torch.backends.cuda.matmul.allow_tf32 = True
+    logger.info("compressing on %s", device)
+    loaded = load_model(config.teacher, device=str(device), dtype=torch.float32)
     teacher, tokenizer = loaded.model, loaded.tokenizer
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -255,7 +262,7 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
         key = _stage_key(config, stage, plan)
         if is_artifact(directory) and _same_key(read_manifest(directory).get("stage_key"), key):
             logger.info("stage %s already done: %s", stage, directory)
-            resumed = load_model(directory, device="cpu", dtype=torch.float32)
+            resumed = load_model(directory, device=str(device), dtype=torch.float32)
             student = resumed.model
             if stage == "vocab":
                 tokenizer = resumed.tokenizer
@@ -263,7 +270,7 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
             written.append(directory)
             continue
         if student is None:
-            student = load_model(parent, device="cpu", dtype=torch.float32).model
+            student = load_model(parent, device=str(device), dtype=torch.float32).model
         before = parameter_counts(student)
         logger.info("stage %s: pruning", stage)
         if stage == "attn":
@@ -317,7 +324,8 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
 
 
 def _eval_config(config: PruneConfig, artifact: str) -> EvalConfig:
-    return EvalConfig(artifact=artifact, users=config.eval_users, num_beams=config.num_beams, batch_size=config.eval_batch_size)
+    return EvalConfig(artifact=artifact, users=config.eval_users, num_beams=config.num_beams, batch_size=config.eval_batch_size,
+                      device=config.device)
 
 
 def summarize(teacher: str, stages: list[Path]) -> list[dict]:

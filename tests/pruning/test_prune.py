@@ -142,3 +142,15 @@ def test_greedy_layer_search_matches_removing_and_measuring(tokenizer, prepared)
             brute.append(mean_ce(model, calibration))
     assert removed == [min(range(4), key=brute.__getitem__)]
     assert losses[0] == pytest.approx(min(brute), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_stage_runs_on_cuda_and_the_artifacts_load_on_cpu(tmp_path, dense, prepared):
+    paths = run(tiny_prune_config(tmp_path / "run", dense, stages=["attn", "mlp", "depth", "vocab"], device="cuda"), prepared)
+    cpu = run(tiny_prune_config(tmp_path / "cpu", dense, stages=["attn", "mlp", "depth", "vocab"], device="cpu"), prepared)
+    for on_gpu, on_cpu in zip(paths, cpu, strict=True):
+        assert read_manifest(on_gpu)["params"] == read_manifest(on_cpu)["params"]
+    from llmrec.recommender import Recommender
+
+    recommender = Recommender.from_artifact(paths[-1], device="cpu")
+    assert len(recommender.recommend([[0, 1, 2]], k=5)[0]) == 5
