@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.batching import MicroBatcher, Ranked
 from app.settings import Settings
 from llmrec.recommender import Recommender
@@ -59,6 +61,9 @@ class Registry:
         return Arm(name, path, recommender, model_version(recommender.manifest, path))
 
     def load_all(self) -> None:
+        """Load every arm; called on the model thread, whose torch thread count is set here."""
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         for name, path in self.settings.models.items():
             logger.info("loading arm %s from %s", name, path)
             self.arms[name] = self._load(name, path)

@@ -546,6 +546,7 @@ def serve(
     max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits for more requests [5].")] = None,
     num_beams: Annotated[Optional[int], typer.Option(help="Beams per request [20].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto; bf16 on CUDA].")] = None,
+    torch_threads: Annotated[Optional[int], typer.Option(help="CPU threads of the model thread's torch pool [one per core].")] = None,
 ) -> None:
     """Serve top-k recommendations over HTTP from one or more artifacts, with A/B assignment."""
     import uvicorn
@@ -572,7 +573,8 @@ def serve(
         except ValueError:
             _fail("--weights values must be numbers")
     for key, value in {"shadow": shadow, "salt": salt, "admin_token": admin_token, "max_batch_size": max_batch_size,
-                       "max_wait_ms": max_wait_ms, "num_beams": num_beams, "device": device}.items():
+                       "max_wait_ms": max_wait_ms, "num_beams": num_beams, "device": device,
+                       "torch_threads": torch_threads}.items():
         if value is not None:
             overrides[key] = value
     try:

@@ -160,3 +160,15 @@ def test_every_model_operation_runs_on_one_thread(arms, monkeypatch):
     names = {name for _, name in threads}
     assert kinds == {"load", "recommend"} and len([k for k, _ in threads if k == "load"]) == 3  # 2 arms + reload
     assert len(names) == 1 and names != {threading.main_thread().name}
+
+
+def test_torch_threads_setting_applies_to_the_model_thread(arms):
+    import torch
+
+    settings = Settings(models=arms, torch_threads=1)
+    with TestClient(create_app(settings)) as client:
+        state = client.app.state.prunerec
+        assert state.model_thread.submit(torch.get_num_threads).result() == 1
+        assert client.post("/v1/recommend", json={"user_id": "u", "history": ["i1"], "k": 3}).status_code == 200
+    with pytest.raises(ValueError):
+        Settings(models=arms, torch_threads=0)
