@@ -371,6 +371,12 @@ def bench_config(profile: str, **overrides: Any) -> BenchConfig:
     if profile not in BENCH_PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(BENCH_PROFILES)}")
     values = {**BENCH_PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    if str(values.get("device") or "").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # fail now, not after the CPU has fine-tuned for the gpu profile
+            raise ValueError(f"the {profile} profile runs on CUDA and none is available here; pass --device cpu to "
+                             "run it on the CPU anyway (hours), or use --profile cpu")
     return BenchConfig(profile=profile, **values)
 
 

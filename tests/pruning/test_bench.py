@@ -100,3 +100,15 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     again = json.loads(run_bench(config, prepared)[0].read_text())
     assert again["models"]["pruned"]["metrics"] == report["models"]["pruned"]["metrics"]
     assert again["protocol"]["resumed"] is True
+
+
+def test_gpu_profile_without_cuda_fails_at_once_with_a_way_out(monkeypatch):
+    import torch
+
+    from pruning.bench import bench_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cpu"):
+        bench_config("gpu")
+    assert bench_config("gpu", device="cpu").device == "cpu" and bench_config("gpu", device="cpu").users is None
+    assert bench_config("cpu").device is None
