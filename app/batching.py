@@ -31,18 +31,17 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, decode: Callable[[], DecodeFn], max_batch_size: int, max_wait_ms: float,
-                 on_batch: Callable[[int], None] | None = None, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, decode: Callable[[], DecodeFn], executor: ThreadPoolExecutor, max_batch_size: int,
+                 max_wait_ms: float, on_batch: Callable[[int], None] | None = None) -> None:
         """``decode`` returns the current decode function (so a reloaded model is picked up per batch);
-        ``executor`` runs it (default: a thread of this batcher's own, shut down by :meth:`stop`)."""
+        ``executor`` runs it (its owner shuts it down)."""
         self._decode = decode
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
-        self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self._executor = executor
 
     def start(self) -> None:
         if self._worker is None:
@@ -57,8 +56,6 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._worker = None
-        if self._owns_executor:
-            self._executor.shutdown(wait=False)
 
     async def submit(self, history: list[int], k: int, exclude: list[int]) -> Ranked:
         self.start()

@@ -95,10 +95,10 @@ class State:
             version = lambda: self.registry.arms[arm].version  # noqa: E731
             self.batchers[arm] = MicroBatcher(
                 lambda: self.registry.decode_fn(arm),
+                self.model_thread,
                 self.settings.max_batch_size,
                 self.settings.max_wait_ms,
                 on_batch=lambda n: self.telemetry.batch_size.labels(arm, version()).observe(n),
-                executor=self.model_thread,
             )
         return self.batchers[arm]
 
