@@ -24,9 +24,9 @@ class Settings(BaseSettings):
     device: str | None = None
     """cpu or cuda (default: cuda when available, in bf16; else cpu, fp32)."""
     torch_threads: int | None = Field(default=None, ge=1)
-    """CPU threads of torch's intra-op pool on the model thread (default: torch's choice, one per core). Small
-    pruned models can be faster on one (measured on 2 cores: 218 ms vs 269 ms per top-10 request, in process), the dense
-    one is faster on all cores."""
+    """CPU threads of torch's intra-op pool on the model thread (default: torch's choice, one per core); for
+    several replicas on one many-core host. On 2 cores one thread did not pay for the pruned model through
+    the service (231 vs 208 ms p50 per top-10 request), though it did in process (218 vs 269 ms)."""
     num_beams: int = 20
     """Beams per request (the list a request gets is the top-k of this search)."""
     head: str = "catalog"
