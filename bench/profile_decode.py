@@ -1,0 +1,67 @@
+"""Where one top-10 request's time goes, in process: cProfile over single requests of the benchmark users.
+
+    python bench/profile_decode.py runs/bench-cpu/3-depth --requests 24
+
+Prints ms per request in the decoder's forward passes, the linear layers, attention, the next-token head and
+the beam search's bookkeeping (the README's latency profile of the pruned model came from this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+from llmrec.recommender import Recommender
+from pruning.bench import request_payloads
+from pruning.evaluate import sample_users
+from recdata.prep import prepare
+from recdata.sources import read_ml100k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--head", default="catalog")
+    args = parser.parse_args()
+
+    data = prepare(read_ml100k())
+    payloads = request_payloads(data, sample_users(data.splits["test"], 300, 0)[: args.requests])
+    recommender = Recommender.from_artifact(args.artifact, device="cpu")
+    index = {item: i for i, item in enumerate(data.catalog.item_ids)}
+    histories = [[index[i] for i in p["history"]] for p in payloads]
+    recommender.recommend([histories[0]], k=10, exclude=[histories[0]], batch_size=1, head=args.head)  # warm-up
+
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.enable()
+    for history in histories:
+        recommender.recommend([history], k=10, exclude=[history], batch_size=1, head=args.head)
+    profile.disable()
+    per_request = (time.perf_counter() - started) * 1000 / len(histories)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+
+    def cumulative_ms(function: str, file_part: str = "") -> float:
+        total = sum(v[3] for k, v in stats.items() if k[2] == function and file_part in k[0])
+        return total * 1000 / len(histories)
+
+    # The decoder's own forward is the outermost `forward` of the modeling file: the largest cumulative time.
+    decoder = max((v[3] for k, v in stats.items() if k[2] == "forward" and "/models/" in k[0]), default=0.0)
+    parts = {
+        "decoder forward passes": decoder * 1000 / len(histories),
+        "  linear layers": cumulative_ms("<built-in method torch._C._nn.linear>"),
+        "  attention (prefix-beam)": cumulative_ms("prefix_beam_attention"),
+        "next-token head": cumulative_ms("__call__", "decode.py"),
+        "trie expansion": cumulative_ms("expand_edges"),
+        "grouped top-k": cumulative_ms("grouped_topk"),
+        "cache reordering": cumulative_ms("reorder_cache", "prefix_cache"),
+    }
+    print(f"{per_request:.1f} ms per request (profiled), {len(histories)} requests, head={args.head}")
+    for name, ms in parts.items():
+        print(f"{name:45s} {ms:7.1f} ms  {100 * ms / per_request:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
