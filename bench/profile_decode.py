@@ -14,7 +14,6 @@ import pstats
 import time
 
 from llmrec.recommender import Recommender
-from pruning.bench import request_payloads
 from pruning.evaluate import sample_users
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
@@ -28,10 +27,9 @@ def main() -> None:
     args = parser.parse_args()
 
     data = prepare(read_ml100k())
-    payloads = request_payloads(data, sample_users(data.splits["test"], 300, 0)[: args.requests])
+    pairs = sample_users(data.splits["test"], 300, 0)[: args.requests]  # the benchmark's latency users
+    histories = [data.history(int(u), int(p)).tolist()[-10:] for u, p in pairs]
     recommender = Recommender.from_artifact(args.artifact, device="cpu")
-    index = {item: i for i, item in enumerate(data.catalog.item_ids)}
-    histories = [[index[i] for i in p["history"]] for p in payloads]
     recommender.recommend([histories[0]], k=10, exclude=[histories[0]], batch_size=1, head=args.head)  # warm-up
 
     profile = cProfile.Profile()
