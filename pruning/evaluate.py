@@ -59,6 +59,15 @@ def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
     return pairs[keep]
 
 
+def mostpop_metrics(data: PreparedData, pairs: np.ndarray, exclude_history: bool, ks: list[int], top: int
+                    ) -> tuple[dict[str, float], list[int | None]]:
+    """MostPop (training-part popularity) on the (user, position) samples: metrics and per-sample ranks."""
+    targets = [data.target(int(u), int(p)) for u, p in pairs]
+    excluded = [data.history(int(u), int(p)).tolist() for u, p in pairs] if exclude_history else None
+    ranks, lists = mostpop_ranks(data.train_popularity(), targets, excluded, top=top)
+    return {**rank_metrics(ranks, ks, top), **coverage(lists, len(data.catalog), ks)}, ranks
+
+
 def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None = None) -> dict[str, Any]:
     """Evaluate an artifact on a split; returns (and writes) the metrics with their protocol."""
     recommender = recommender or Recommender.from_artifact(config.artifact, device=config.device)
@@ -84,9 +93,7 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
     ks = [k for k in DEFAULT_KS if k <= config.num_beams]
     llm = {**rank_metrics(ranks, ks, config.num_beams), **coverage(items, len(data.catalog), ks)}
 
-    popularity = data.train_popularity()
-    pop_ranks, pop_lists = mostpop_ranks(popularity, targets, excluded, top=config.num_beams)
-    mostpop = {**rank_metrics(pop_ranks, ks, config.num_beams), **coverage(pop_lists, len(data.catalog), ks)}
+    mostpop, pop_ranks = mostpop_metrics(data, pairs, config.exclude_history, ks, config.num_beams)
 
     protocol = {
         "dataset": data.name,

@@ -91,7 +91,9 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     assert report["models"]["pruned+vocab"]["macs_per_token"] < report["models"]["dense"]["macs_per_token"]
     for name in ("dense", "pruned", "pruned+vocab"):
         assert report["models"][name]["latency_ms"]["p50"] > 0 and report["models"][name]["artifact"].endswith(name if name == "dense" else "")
-    assert report["protocol"]["users"] == len(prepared.splits["test"])
+    assert report["protocol"]["users"] == len(prepared.splits["test"]) and report["protocol"]["sample_check"] is None
+    assert {"ndcg@10", "hit@10"} <= set(report["models"]["sasrec"]["recbole_test_unmasked"])
+    assert "RecBole's own evaluator" in (tmp_path / "report" / "report.md").read_text()
     assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}
     phases = report["protocol"]["phase_minutes"]
     assert {"fine-tune", "evaluate", "sasrec", "peft", "serve"} <= set(phases)
@@ -112,3 +114,37 @@ def test_gpu_profile_without_cuda_fails_at_once_with_a_way_out(monkeypatch):
         bench_config("gpu")
     assert bench_config("gpu", device="cpu").device == "cpu" and bench_config("gpu", device="cpu").users is None
     assert bench_config("cpu").device is None
+
+
+def test_gpu_profile_settings_run_end_to_end_on_the_cpu(tmp_path, tokenizer, prepared):
+    """No GPU here: run the gpu profile's own training / compression / evaluation settings (d3 template, whole
+    epochs, every user, PrunePEFT) on a tiny model with --device cpu, so a wrong preset fails here and not
+    half an hour into a lent GPU."""
+    from helpers import save_model_dir
+
+    from pruning.bench import bench_config, run_bench
+
+    base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer), layers=3), tokenizer)
+    config = bench_config("gpu", device="cpu", model=str(base), output=str(tmp_path / "report"),
+                          work=str(tmp_path / "work"), sasrec_epochs=1, latency_requests=2, concurrency=[1])
+    report = json.loads(run_bench(config, prepared)[0].read_text())
+    assert report["protocol"]["profile"] == "gpu" and report["protocol"]["users"] == len(prepared.splits["test"])
+    assert {"dense", "pruned", "trsp", "sasrec", "mostpop", "lora", "lora-prunepeft"} <= set(report["models"])
+    compression = report["protocol"]["compression"]
+    assert compression["calibration"]["samples"] == 256 and compression["distill_per_stage"]["examples"] == 20000
+    dense_card = json.loads((tmp_path / "work" / "0-dense" / "prunerec.json").read_text())
+    assert dense_card["template"]["name"] == "d3"
+    assert 0 < report["ratios"]["non_embedding_pruned_fraction"] < 1
+
+
+def test_sample_check_sets_the_sample_beside_every_user(prepared):
+    from pruning.bench import sample_check
+    from pruning.evaluate import mostpop_metrics, sample_users
+
+    every = prepared.splits["test"]
+    whole = sample_check(prepared, every)
+    assert whole["mostpop_ndcg@10_sample"] == whole["mostpop_ndcg@10_all_users"] and whole["all_users"] == len(every)
+    few = sample_users(every, 5, seed=1)
+    check = sample_check(prepared, few)
+    assert check["mostpop_ndcg@10_all_users"] == whole["mostpop_ndcg@10_all_users"]
+    assert check["mostpop_ndcg@10_sample"] == mostpop_metrics(prepared, few, True, [10], 20)[0]["ndcg@10"]

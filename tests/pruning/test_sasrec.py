@@ -43,3 +43,20 @@ def test_importing_recbole_leaves_anomaly_detection_off():
                           capture_output=True, text=True, check=True)
     assert raw.stdout.strip().endswith("True")  # the hazard this guards against
     assert ours.stdout.strip().endswith("False")
+
+
+def test_our_scoring_reproduces_recboles_evaluator_when_nothing_is_masked(tmp_path, prepared, monkeypatch):
+    """RecBole masks no history for sequential models; scored the same way, our ranks give its NDCG/HR exactly
+    (to its 4 decimals), and masking the past can only lift a target that is not in it."""
+    monkeypatch.chdir(tmp_path)
+    config = SASRecConfig(output=str(tmp_path / "work"), epochs=1, batch_size=32, exclude_history=False)
+    unmasked = run(config, prepared)
+    assert unmasked["metrics"]["hr@10"] > 0  # a comparison of two zeros would show nothing
+    assert unmasked["metrics"]["ndcg@10"] == pytest.approx(unmasked["test_recbole"]["ndcg@10"], abs=1e-4)
+    assert unmasked["metrics"]["hr@10"] == pytest.approx(unmasked["test_recbole"]["hit@10"], abs=1e-4)
+    config.exclude_history, config.output = True, str(tmp_path / "masked")
+    masked = run(config, prepared)
+    assert masked["test_recbole"] == unmasked["test_recbole"]  # same seed, same model
+    pairs = [(m, u) for m, u in zip(masked["ranks"], unmasked["ranks"], strict=True) if u is not None]
+    assert all(m is not None and m <= u for m, u in pairs)
+    assert masked["metrics"]["ndcg@10"] >= unmasked["metrics"]["ndcg@10"]
