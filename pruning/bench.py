@@ -278,7 +278,10 @@ def plots(report: dict, directory: Path) -> list[Path]:
                 linewidth=1, label="PruneRec stages")
     for (params, ndcg), names in points.items():  # models at the same point (pruned, pruned+vocab) share a label
         ax.scatter(params, ndcg, color="tab:orange" if any("trsp" in n for n in names) else "tab:blue", zorder=3)
-        ax.annotate(", ".join(names), (params, ndcg), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        # the lower of two models of one size (TRSP under greedy depth) is labelled below its point
+        below = any(x == params and y > ndcg for x, y in points)
+        ax.annotate(", ".join(names), (params, ndcg), fontsize=8, xytext=(4, -11 if below else 4),
+                    textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("NDCG@10")
