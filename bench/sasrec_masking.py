@@ -25,6 +25,10 @@ from recdata.prep import prepare
 from recdata.sources import read_ml100k
 
 
+def _pick(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: metrics[k] for k in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=5)
@@ -45,13 +49,13 @@ def main() -> None:
         "protocol": f"ml-100k leave-one-out test, {len(every)} users (sample: {len(sample)}, seed 0), full catalog",
         "sasrec_epochs_run": result["epochs_run"],
         "sasrec_recbole_unmasked": {"ndcg@10": result["test_recbole"]["ndcg@10"], "hr@10": result["test_recbole"]["hit@10"]},
-        "sasrec_masked": {k: result["metrics"][k] for k in keys},
-        "sasrec_masked_sample": {k: rank_metrics(sample_ranks)[k] for k in keys},
+        "sasrec_masked": _pick(result["metrics"], keys),
+        "sasrec_masked_sample": _pick(rank_metrics(sample_ranks), keys),
     }
     for masked in (False, True):
         name = "masked" if masked else "unmasked"
-        report[f"mostpop_{name}"] = {k: mostpop_metrics(data, every, masked, [10], 20)[0][k] for k in keys}
-        report[f"mostpop_{name}_sample"] = {k: mostpop_metrics(data, sample, masked, [10], 20)[0][k] for k in keys}
+        report[f"mostpop_{name}"] = _pick(mostpop_metrics(data, every, masked, [10], 20)[0], keys)
+        report[f"mostpop_{name}_sample"] = _pick(mostpop_metrics(data, sample, masked, [10], 20)[0], keys)
     text = json.dumps(report, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

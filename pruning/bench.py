@@ -486,10 +486,11 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
                 name, str(named[name]), payloads, config.concurrency, config.head, device=config.device))
             models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
+    sampled = len(pairs) < len(data.splits["test"])
     report = {
         "protocol": {
             "profile": config.profile, "dataset": data.name, "split": "leave-one-out (test)", "users": len(pairs),
-            "users_sampled": len(pairs) < len(data.splits["test"]), "seed": config.seed, "history_length": 10, "num_beams": 20,
+            "users_sampled": sampled, "seed": config.seed, "history_length": 10, "num_beams": 20,
             "ranking": "full catalog, history excluded", "head": config.head,
             "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
                        f"per level, concurrency {config.concurrency}",
@@ -498,7 +499,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             "sasrec": f"RecBole 1.2.1, CE loss, max {config.sasrec_epochs} epochs, early stopping on valid NDCG@10",
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "minutes": clock.total(),
             "phase_minutes": clock.minutes, "resumed": resumed,
-            "sample_check": sample_check(data, pairs) if len(pairs) < len(data.splits["test"]) else None,
+            "sample_check": sample_check(data, pairs) if sampled else None,
             "config": asdict(config),
         },
         "models": models,

@@ -10,8 +10,9 @@ whole past is masked (as in the LLM protocol) and the rank of the target is scor
 :func:`recdata.metrics.rank_metrics`, so SASRec and the LLMs share one metric implementation and one
 exclusion rule. RecBole's own evaluator masks no history for sequential models, so its figures are lower
 (ml-100k, all 943 test users, 5 epochs: NDCG@10 0.057 unmasked against 0.100 with the past excluded); they
-are kept beside ours as ``test_recbole``, and with ``exclude_history=False`` the two agree. ``Trainer.evaluate(load_best_model=True)`` calls ``torch.load`` in a way torch ≥ 2.6
-refuses, so the best checkpoint RecBole wrote is loaded here.
+are kept beside ours as ``test_recbole``, and with ``exclude_history=False`` the two agree.
+``Trainer.evaluate(load_best_model=True)`` calls ``torch.load`` in a way torch ≥ 2.6 refuses, so the best
+checkpoint RecBole wrote is loaded here.
 """
 
 from __future__ import annotations
