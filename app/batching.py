@@ -1,52 +1,136 @@
-"""Dynamic micro-batching: concurrent requests to one arm are decoded together.
+"""Dynamic micro-batching with admission control: concurrent requests to one arm are decoded together.
 
-A worker per arm takes the first waiting request, then gathers more for up to ``max_wait_ms`` or until
-``max_batch_size``, and decodes them in one constrained beam search on the executor it is given: the
-service passes every arm the same single model thread (see :class:`app.main.State`), so the model is
-never called concurrently. Every request gets exactly the list it would get alone: lists are computed
-with the largest k in the batch and cut to each request's k, and the top-k of a search with a fixed number
-of beams is a prefix of its top-(k + j) (the search's stopping rule only adds later, lower-scored items).
+A worker per arm takes the waiting requests (up to ``max_batch_size``, gathering for at most
+``max_wait_ms`` after the first) and decodes them in one constrained beam search on the executor it is
+given. Every request gets exactly the list it would get alone: lists are computed with the largest k in
+the batch and cut to each request's k, and the top-k of a search with a fixed number of beams is a prefix
+of its top-(k + j) (the search's stopping rule only adds later, lower-scored items).
+
+Admission control (so that overload means fast 503s, not minutes of queueing):
+
+- the queue of an arm is bounded (``max_queue`` waiting requests); one more is refused at once;
+- every request has a deadline; it is refused at once when the work queued ahead of it (batches ahead ×
+  the recent time per batch) cannot finish by then, and dropped before decoding when its deadline has
+  passed, or will pass before a batch could finish, by the time its batch is formed;
+- a request whose caller gave up (client gone, or the caller's own deadline timer fired) is marked
+  abandoned and is never decoded.
+
+Refusals raise :class:`Overloaded` with a reason and a Retry-After estimate; the service counts them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
 Ranked = list[tuple[int, float]]
 DecodeFn = Callable[[Sequence[Sequence[int]], int, Sequence[Sequence[int]]], list[Ranked]]
 
+QUEUE_FULL = "queue_full"
+DEADLINE = "deadline"
+CLIENT_LEFT = "client_left"
 
-@dataclass
-class _Job:
+
+class Overloaded(Exception):
+    """A request refused or dropped without decoding; ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, reason: str, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Job:
     history: list[int]
     exclude: list[int]
     k: int
+    deadline: float  # event-loop time
     future: asyncio.Future
+    abandoned: str | None = field(default=None)  # why the caller gave up (never decoded from then on)
+
+    def abandon(self, reason: str) -> None:
+        self.abandoned = reason
+        if not self.future.done():
+            self.future.cancel()
+
+
+@dataclass
+class BatcherStats:
+    """What the worker saw; read by tests and the telemetry gauges."""
+
+    batches: int = 0
+    decoded: int = 0
+    dropped_before_decoding: int = 0  # abandoned or out of time when their batch was formed
+    finished_abandoned: int = 0  # decoded, but the caller had left while the batch ran
 
 
 class MicroBatcher:
-    def __init__(self, decode: Callable[[], DecodeFn], executor: ThreadPoolExecutor, max_batch_size: int,
-                 max_wait_ms: float, on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, decode: Callable[[], DecodeFn], executor: Executor, max_batch_size: int, max_wait_ms: float,
+                 max_queue: int = 64, on_batch: Callable[[int], None] | None = None) -> None:
         """``decode`` returns the current decode function (so a reloaded model is picked up per batch);
         ``executor`` runs it (its owner shuts it down)."""
         self._decode = decode
+        self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Job] | None = None
+        self.stats = BatcherStats()
+        self.batch_seconds: float | None = None  # moving average of a batch's decoding time
+        self.busy = False
+        self._pending: deque[Job] = deque()
+        self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._executor = executor
 
-    def start(self) -> None:
+    # ---- admission ------------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for job in self._pending if job.abandoned is None)
+
+    def estimated_wait(self, extra: int = 1) -> float:
+        """Seconds until ``extra`` more requests would be answered: batches ahead × time per batch (0 before
+        the first batch has been timed)."""
+        if self.batch_seconds is None:
+            return 0.0
+        batches = math.ceil((self.queued + extra) / self.max_batch_size) + (1 if self.busy else 0)
+        return batches * self.batch_seconds
+
+    def submit(self, history: list[int], k: int, exclude: list[int], deadline: float) -> Job:
+        """Queue a request (``deadline`` in event-loop time) or raise :class:`Overloaded` at once."""
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        if self.queued >= self.max_queue:
+            raise Overloaded(QUEUE_FULL, f"the queue of this arm is full ({self.max_queue} requests waiting)",
+                             retry_after=self.estimated_wait(0) or 1.0)
+        wait = self.estimated_wait()
+        if loop.time() + wait > deadline:
+            raise Overloaded(DEADLINE, f"the work queued ahead (about {wait:.1f} s) would not finish before the deadline",
+                             retry_after=wait)
+        if len(self._pending) > 2 * self.max_queue:  # forget abandoned jobs early when callers keep leaving
+            live = deque(job for job in self._pending if job.abandoned is None)
+            self.stats.dropped_before_decoding += len(self._pending) - len(live)
+            self._pending = live
+        job = Job(history, exclude, k, deadline, loop.create_future())
+        self._pending.append(job)
+        assert self._arrived is not None
+        self._arrived.set()
+        return job
+
+    # ---- the worker -----------------------------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._worker is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._run())
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -56,32 +140,51 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(Overloaded(QUEUE_FULL, "the service is shutting down", retry_after=1.0))
+        self._pending.clear()
 
-    async def submit(self, history: list[int], k: int, exclude: list[int]) -> Ranked:
-        self.start()
-        assert self._queue is not None
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(history, exclude, k, future))
-        return await future
+    def _take_batch(self, now: float) -> list[Job]:
+        """Up to max_batch_size live jobs; abandoned ones and ones that cannot finish in time are dropped."""
+        batch: list[Job] = []
+        expected = self.batch_seconds or 0.0
+        while self._pending and len(batch) < self.max_batch_size:
+            job = self._pending.popleft()
+            if job.abandoned is not None:
+                self.stats.dropped_before_decoding += 1
+            elif now + expected > job.deadline:
+                self.stats.dropped_before_decoding += 1
+                if not job.future.done():
+                    job.future.set_exception(Overloaded(DEADLINE, "the deadline would pass before decoding could finish",
+                                                        retry_after=self.estimated_wait()))
+            else:
+                batch.append(job)
+        return batch
 
     async def _run(self) -> None:
-        assert self._queue is not None
+        assert self._arrived is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            gather_until = loop.time() + self.max_wait
+            while self.queued < self.max_batch_size and loop.time() < gather_until:
+                self._arrived.clear()
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    await asyncio.wait_for(self._arrived.wait(), gather_until - loop.time())
                 except asyncio.TimeoutError:
                     break
+            batch = self._take_batch(loop.time())
+            if not batch:
+                continue
             if self.on_batch:
                 self.on_batch(len(batch))
             k = max(job.k for job in batch)
             decode = self._decode()
+            self.busy = True
+            started = loop.time()
             try:
                 results = await loop.run_in_executor(
                     self._executor, decode, [j.history for j in batch], k, [j.exclude for j in batch]
@@ -92,6 +195,14 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            finally:
+                self.busy = False
+            elapsed = loop.time() - started
+            self.batch_seconds = elapsed if self.batch_seconds is None else 0.7 * self.batch_seconds + 0.3 * elapsed
+            self.stats.batches += 1
+            self.stats.decoded += len(batch)
             for job, ranked in zip(batch, results, strict=True):
-                if not job.future.done():
+                if job.abandoned is not None:
+                    self.stats.finished_abandoned += 1
+                elif not job.future.done():
                     job.future.set_result(ranked[: job.k])

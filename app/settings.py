@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_WEIGHT = 1e6
+"""Largest traffic weight accepted: weights are normalised, and sums of huge floats overflow to infinity."""
+
+
+def check_weights(value: dict[str, float]) -> dict[str, float]:
+    """Finite, in [0, MAX_WEIGHT], not all zero when given. Raises ValueError naming the bad arm."""
+    for arm, weight in value.items():
+        if not math.isfinite(weight) or not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"traffic weight of arm {arm!r} must be a finite number in [0, {MAX_WEIGHT:g}], got {weight!r}")
+    if value and sum(value.values()) <= 0:
+        raise ValueError("traffic weights must not all be zero")
+    return value
 
 
 class Settings(BaseSettings):
@@ -24,42 +40,55 @@ class Settings(BaseSettings):
     device: str | None = None
     """cpu or cuda (default: cuda when available, in bf16; else cpu, fp32)."""
     torch_threads: int | None = Field(default=None, ge=1)
-    """CPU threads of torch's intra-op pool on the model thread (default: torch's choice, one per core); for
-    several replicas on one many-core host. On 2 cores one thread did not pay for the pruned model through
-    the service (231 vs 208 ms p50 per top-10 request), though it did in process (218 vs 269 ms)."""
-    num_beams: int = 20
+    """CPU threads of torch's intra-op pool on each model thread (default: torch's choice, one per core)."""
+    model_threads: Literal["shared", "per-arm"] = "shared"
+    """'shared': every arm decodes on one model thread, batches of the arms taking turns; 'per-arm': each arm
+    has its own model thread, so a small arm never waits behind a big arm's batch (they share the cores).
+    See the README's "Arms side by side" for what each measured on 2 cores."""
+    num_beams: int = Field(default=20, ge=1)
     """Beams per request (the list a request gets is the top-k of this search)."""
-    head: str = "catalog"
+    head: Literal["full", "catalog", "catalog-fullnorm"] = "catalog"
     """Next-token normalisation while decoding: 'full' (exact) or 'catalog' (LM head over catalog tokens only)."""
-    max_k: int = 50
-    max_history: int = 200
+    max_k: int = Field(default=50, ge=1)
+    """Largest k a request may ask for."""
+    max_history: int = Field(default=200, ge=1)
     """Longest history a request may send (the prompt uses the artifact's last N items)."""
-    max_batch_size: int = 16
+    max_batch_size: int = Field(default=16, ge=1)
     """Requests decoded together per arm."""
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = Field(default=5.0, ge=0)
     """How long a batch waits for more requests after the first arrives."""
-    max_body_bytes: int = 65536
+    max_queue: int = Field(default=64, ge=1)
+    """Requests waiting per arm (not counting the batch being decoded); one more gets 503 with Retry-After."""
+    request_timeout_ms: float = Field(default=30_000, gt=0)
+    """Default deadline of a request: not answered by then, it gets 503 and is never decoded later."""
+    max_deadline_ms: float = Field(default=120_000, gt=0)
+    """Longest deadline a request may ask for (``deadline_ms``)."""
+    max_body_bytes: int = Field(default=65536, ge=1024)
+    """Largest request body; a bigger one gets 413 before it is read whole (declared or chunked)."""
     warmup: bool = True
     """Run one request per arm before reporting ready."""
 
     @field_validator("weights")
     @classmethod
-    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(w < 0 for w in value.values()):
-            raise ValueError("traffic weights must be non-negative")
-        return value
+    def _valid_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        return check_weights(value)
 
     @model_validator(mode="after")
-    def _arms_exist(self) -> Settings:
+    def _consistent(self) -> Settings:
         unknown = (set(self.weights) | ({self.shadow} if self.shadow else set())) - set(self.models)
         if unknown:
             raise ValueError(f"weights/shadow name arms without a model: {sorted(unknown)}")
+        if self.request_timeout_ms > self.max_deadline_ms:
+            raise ValueError("request_timeout_ms must not exceed max_deadline_ms")
+        if self.models:
+            self.effective_weights()
         return self
 
     def effective_weights(self) -> dict[str, float]:
+        """Normalised weights of the arms that take traffic (every arm but the shadow)."""
         arms = [a for a in self.models if a != self.shadow] or list(self.models)
         weights = {a: self.weights.get(a, 1.0 if not self.weights else 0.0) for a in arms}
         total = sum(weights.values())
         if total <= 0:
-            raise ValueError("traffic weights sum to zero")
+            raise ValueError(f"the traffic weights give no share to any serving arm ({sorted(arms)})")
         return {a: w / total for a, w in weights.items()}

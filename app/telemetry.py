@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from app.batching import MicroBatcher
 
 __all__ = ["CONTENT_TYPE_LATEST", "Telemetry"]
+
+
+class _BatcherCollector(Collector):
+    """Queue depth and the worker's counters, read from the batchers at scrape time."""
+
+    def __init__(self, batchers: Mapping[str, MicroBatcher]) -> None:
+        self.batchers = batchers
+
+    def collect(self) -> Iterator[Metric]:
+        queued = GaugeMetricFamily("prunerec_queue_depth", "Requests waiting to be decoded", labels=["arm"])
+        busy = GaugeMetricFamily("prunerec_decoding", "1 while a batch of the arm is being decoded", labels=["arm"])
+        dropped = CounterMetricFamily("prunerec_dropped_before_decoding", "Queued requests never decoded (caller gone or out of time)", labels=["arm"])
+        wasted = CounterMetricFamily("prunerec_decoded_after_caller_left", "Requests decoded while their caller had already gone", labels=["arm"])
+        for arm, batcher in list(self.batchers.items()):
+            queued.add_metric([arm], batcher.queued)
+            busy.add_metric([arm], 1.0 if batcher.busy else 0.0)
+            dropped.add_metric([arm], batcher.stats.dropped_before_decoding)
+            wasted.add_metric([arm], batcher.stats.finished_abandoned)
+        yield from (queued, busy, dropped, wasted)
 
 
 class Telemetry:
@@ -14,6 +41,8 @@ class Telemetry:
         labels = ["arm", "version"]
         self.requests = Counter("prunerec_requests_total", "Recommendation requests answered", labels, registry=self.registry)
         self.errors = Counter("prunerec_errors_total", "Requests that failed", [*labels, "kind"], registry=self.registry)
+        self.shed = Counter("prunerec_shed_total", "Requests answered 503 without a list (queue_full, deadline) or "
+                            "abandoned by their client (client_left)", [*labels, "reason"], registry=self.registry)
         self.latency = Histogram(
             "prunerec_request_latency_seconds", "Time from request to answer", labels, registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
@@ -24,6 +53,10 @@ class Telemetry:
         )
         self.feedback = Counter("prunerec_feedback_total", "Feedback events", [*labels, "event"], registry=self.registry)
         self.shadow = Counter("prunerec_shadow_requests_total", "Shadow answers computed", labels, registry=self.registry)
+
+    def watch(self, batchers: Mapping[str, MicroBatcher]) -> None:
+        """Export queue depth and drop counters of these batchers (the mapping is read at every scrape)."""
+        self.registry.register(_BatcherCollector(batchers))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

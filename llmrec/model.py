@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -138,6 +139,21 @@ class LoadedModel:
     device: torch.device
 
 
+class WeightsMismatchError(ValueError):
+    """The weights file does not fit the config (layers left randomly initialised, or weights unused)."""
+
+
+def check_loading(path: Path, loading: dict[str, Any]) -> None:
+    """Refuse a model whose weights do not match its config: transformers only warns, and would serve
+    randomly initialised layers (e.g. ``num_hidden_layers`` raised in config.json)."""
+    problems = {kind: loading.get(kind) or [] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    problems = {kind: list(found) for kind, found in problems.items() if found}
+    if problems:
+        described = "; ".join(f"{kind.replace('_', ' ')}: {found[:4]}{' ...' if len(found) > 4 else ''} ({len(found)})"
+                              for kind, found in problems.items())
+        raise WeightsMismatchError(f"{path}: the weights do not match config.json ({described})")
+
+
 def load_model(
     name_or_path: str | Path | None = None,
     device: str | None = None,
@@ -150,13 +166,15 @@ def load_model(
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         logger.warning("model type %r is untested; supported: %s", config.model_type, SUPPORTED_MODEL_TYPES)
     target = select_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
+    model, loading = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype or default_dtype(target),
         use_safetensors=True,
         trust_remote_code=False,
         attn_implementation=attn_implementation,
+        output_loading_info=True,
     )
+    check_loading(path, loading)
     model.to(target)  # type: ignore[arg-type]
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -541,14 +541,23 @@ def serve(
     salt: Annotated[Optional[str], typer.Option(help="Salt of the sticky A/B assignment hash.")] = None,
     admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /admin routes (or PRUNEREC_ADMIN_TOKEN).")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port, logged).")] = 8000,
     max_batch_size: Annotated[Optional[int], typer.Option(help="Requests decoded together per arm [16].")] = None,
     max_wait_ms: Annotated[Optional[float], typer.Option(help="How long a batch waits for more requests [5].")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="Requests waiting per arm before new ones get 503 [64].")] = None,
+    request_timeout_ms: Annotated[Optional[float], typer.Option(help="Default deadline of a request; past it: 503, never decoded [30000].")] = None,
+    model_threads: Annotated[Optional[str], typer.Option(help="shared (one model thread for all arms) or per-arm [shared].")] = None,
     num_beams: Annotated[Optional[int], typer.Option(help="Beams per request [20].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto; bf16 on CUDA].")] = None,
-    torch_threads: Annotated[Optional[int], typer.Option(help="CPU threads of the model thread's torch pool [one per core].")] = None,
+    torch_threads: Annotated[Optional[int], typer.Option(help="CPU threads of each model thread's torch pool [one per core].")] = None,
 ) -> None:
-    """Serve top-k recommendations over HTTP from one or more artifacts, with A/B assignment."""
+    """Serve top-k recommendations over HTTP from one or more artifacts, with A/B assignment.
+
+    The port is bound first (a taken port fails at once); the models then load in the background while
+    /healthz answers and /readyz says 503 until every arm is in. If loading fails, the server exits with 1.
+    """
+    import socket
+
     import uvicorn
     from pydantic import ValidationError
 
@@ -573,21 +582,43 @@ def serve(
         except ValueError:
             _fail("--weights values must be numbers")
     for key, value in {"shadow": shadow, "salt": salt, "admin_token": admin_token, "max_batch_size": max_batch_size,
-                       "max_wait_ms": max_wait_ms, "num_beams": num_beams, "device": device,
+                       "max_wait_ms": max_wait_ms, "max_queue": max_queue, "request_timeout_ms": request_timeout_ms,
+                       "model_threads": model_threads, "num_beams": num_beams, "device": device,
                        "torch_threads": torch_threads}.items():
         if value is not None:
             overrides[key] = value
+    if not overrides.get("models"):
+        try:
+            if not Settings().models:
+                _fail("no arms: pass --models NAME=ARTIFACT_DIR (or set PRUNEREC_MODELS)")
+        except (ValidationError, ValueError) as exc:
+            _fail(str(exc))
     try:
         settings = Settings(**overrides)
-        settings.effective_weights()
     except (ValidationError, ValueError) as exc:
         _fail(str(exc))
-    if not settings.models:
-        _fail("no arms: pass --models NAME=ARTIFACT_DIR (or set PRUNEREC_MODELS)")
     for name, path in settings.models.items():
         if not Path(path, "prunerec.json").is_file():
             _fail(f"arm {name}: {path} is not a prunerec artifact")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    load_failed: list[BaseException] = []
+
+    def stop_server(exc: BaseException) -> None:
+        load_failed.append(exc)
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, on_load_failure=stop_server), log_level="info"))
+    logger.info("listening on http://%s:%d (models loading)", host, sock.getsockname()[1])
+    server.run(sockets=[sock])
+    if load_failed:
+        typer.secho(f"error: the models failed to load: {load_failed[0]}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 def run_cli() -> None:  # console-script entry point

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -77,13 +79,45 @@ def save_model_dir(path, model, tokenizer):
 
 
 # Requests the service must answer with a 4xx naming the problem (max_k 10, max_history 20 in the API tests).
+JSON = {"content-type": "application/json"}
+"""Bodies are sent as ``content=json.dumps(payload)`` (ASCII escapes), as clients may send lone surrogates."""
+
 BAD_INPUTS = [
     ({"user_id": "u", "history": ["nope", "i1", 424242], "k": 3}, 422, "nope"),
-    ({"user_id": "u", "history": [], "k": 3}, 422, "history is empty"),
-    ({"user_id": "u", "history": ["i1"] * 21, "k": 3}, 422, "at most 20"),
-    ({"user_id": "u", "history": ["i1"], "k": 0}, 422, "k must be between 1 and 10"),
-    ({"user_id": "u", "history": ["i1"], "k": 11}, 422, "k must be between 1 and 10"),
+    ({"user_id": "u", "history": [], "k": 3}, 422, "body.history: List should have at least 1 item"),
+    ({"user_id": "u", "history": ["i1"] * 21, "k": 3}, 422, "at most 20 items"),
+    ({"user_id": "u", "history": ["i1"], "k": 0}, 422, "body.k: Input should be greater than or equal to 1"),
+    ({"user_id": "u", "history": ["i1"], "k": 11}, 422, "body.k: Input should be less than or equal to 10"),
     ({"user_id": "", "history": ["i1"], "k": 3}, 422, "user_id"),
     ({"history": ["i1"]}, 422, "user_id"),
     ({"user_id": "u", "history": "i1", "k": 3}, 422, "history"),
+    # strict: no coercion of booleans or strings to numbers or ids, no unknown fields
+    ({"user_id": "u", "history": [True], "k": 3}, 422, "body.history.0"),
+    ({"user_id": "u", "history": ["i1"], "k": "5"}, 422, "body.k"),
+    ({"user_id": "u", "history": ["i1"], "k": True}, 422, "body.k"),
+    ({"user_id": "u", "history": ["i1"], "k": 3, "exclude_history": "yes"}, 422, "exclude_history"),
+    ({"user_id": "u", "history": ["i1"], "k": 3, "colour": "red"}, 422, "colour"),
+    ({"user_id": 7, "history": ["i1"], "k": 3}, 422, "user_id"),
+    ({"user_id": "u", "history": [-1], "k": 3}, 422, "body.history.0"),
+    ({"user_id": "u", "history": ["i1"], "k": 3, "deadline_ms": 0}, 422, "deadline_ms"),
+    # a lone UTF-16 surrogate once made the 422 message unencodable: 500 and a dropped connection
+    ({"user_id": "u", "history": ["\ud800"], "k": 3}, 422, "surrogate"),
+    ({"user_id": "\udfff", "history": ["i1"], "k": 3}, 422, "body.user_id"),
 ]
+
+
+@contextmanager
+def serving(app, timeout: float = 120.0):
+    """A TestClient of the app once every arm is loaded (the arms load in the background after start-up)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        deadline = time.time() + timeout
+        while client.get("/readyz").status_code != 200:
+            state = client.app.state.prunerec
+            if state.load_error:
+                raise RuntimeError(state.load_error)
+            if time.time() > deadline:
+                raise TimeoutError("the app did not become ready")
+            time.sleep(0.02)
+        yield client

@@ -17,3 +17,4 @@ def arms(tmp_path_factory, tokenizer, prepared):
     pruned = write_artifact(root / "pruned", tiny_llama(len(tokenizer), seed=2, layers=2), tokenizer, prepared.catalog,
                             {**manifest, "stage": "depth"})
     return {"dense": str(dense), "pruned": str(pruned)}
+

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
-from fastapi.testclient import TestClient
-from helpers import BAD_INPUTS
+from helpers import BAD_INPUTS, JSON, serving
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
@@ -18,7 +18,7 @@ TOKEN = "secret-token"
 @pytest.fixture()
 def client(arms):
     settings = Settings(models=arms, admin_token=TOKEN, max_history=20, max_k=10)
-    with TestClient(create_app(settings)) as c:
+    with serving(create_app(settings)) as c:
         yield c
 
 
@@ -50,7 +50,7 @@ def test_recommend_returns_k_items_with_arm_and_version(client, prepared):
 
 @pytest.mark.parametrize(("payload", "status", "needle"), BAD_INPUTS)
 def test_bad_input_gets_a_4xx_that_names_the_problem(client, payload, status, needle):
-    response = client.post("/v1/recommend", json=payload)
+    response = client.post("/v1/recommend", content=json.dumps(payload), headers=JSON)
     assert response.status_code == status
     assert needle in response.text
 
@@ -112,7 +112,7 @@ def test_metrics_parse_with_prometheus_parser(client):
 
 def test_shadow_answers_are_never_returned(arms):
     settings = Settings(models=arms, weights={"dense": 1.0}, shadow="pruned")
-    with TestClient(create_app(settings)) as client:
+    with serving(create_app(settings)) as client:
         for i in range(5):
             assert client.post("/v1/recommend", json={"user_id": f"s{i}", "history": ["i1"], "k": 3}).json()["arm"] == "dense"
         import time
@@ -146,7 +146,7 @@ def test_every_model_operation_runs_on_one_thread(arms, monkeypatch):
     monkeypatch.setattr(Recommender, "from_artifact", classmethod(recording_load))
     monkeypatch.setattr(Recommender, "recommend", recording_recommend)
     settings = Settings(models=arms, weights={"dense": 1.0}, shadow="pruned", admin_token=TOKEN)
-    with TestClient(create_app(settings)) as client:
+    with serving(create_app(settings)) as client:
         for i in range(3):
             assert client.post("/v1/recommend", json={"user_id": f"t{i}", "history": ["i1"], "k": 3}).status_code == 200
         assert client.post("/admin/reload/dense", headers={"Authorization": f"Bearer {TOKEN}"}).json()["reloaded"] is True
@@ -166,9 +166,9 @@ def test_torch_threads_setting_applies_to_the_model_thread(arms):
     import torch
 
     settings = Settings(models=arms, torch_threads=1)
-    with TestClient(create_app(settings)) as client:
+    with serving(create_app(settings)) as client:
         state = client.app.state.prunerec
-        assert state.model_thread.submit(torch.get_num_threads).result() == 1
+        assert state.registry.executor("dense").submit(torch.get_num_threads).result() == 1
         assert client.post("/v1/recommend", json={"user_id": "u", "history": ["i1"], "k": 3}).status_code == 200
     with pytest.raises(ValueError):
         Settings(models=arms, torch_threads=0)
