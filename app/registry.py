@@ -1,9 +1,10 @@
 """The arms the service serves: one loaded recommender each, reloadable without downtime, and the model
 threads that every model operation (loading, warm-up, reloads, decoding) runs on.
 
-Threads: with ``model_threads="shared"`` every arm uses one thread (torch ops from a second thread made CPU
-decoding of one model about 1.7x slower on 2 cores, and arms never compete for the cores); with
-``"per-arm"`` each arm has its own, so that a small arm never waits behind a big arm's batch.
+Threads: with ``model_threads="per-arm"`` (the default) each arm has its own thread, so that a small arm
+never waits behind a big arm's batch, and the cores are split between the arms' torch pools (two pools of
+every core each made decoding about 1.7x slower on 2 cores); with ``"shared"`` every arm uses one thread and
+their batches take turns.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ class Registry:
         self._lock = threading.Lock()
         names = list(settings.models) if settings.model_threads == "per-arm" else ["shared"]
         self._executors = {name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}") for name in names}
-        if settings.torch_threads:
+        threads = settings.threads_per_model_thread()
+        if threads:
             for executor in self._executors.values():
-                executor.submit(torch.set_num_threads, settings.torch_threads).result()
+                executor.submit(torch.set_num_threads, threads).result()
 
     def executor(self, arm: str) -> ThreadPoolExecutor:
         """The model thread of an arm."""
@@ -75,8 +77,13 @@ class Registry:
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
 
+    # transformers' loading is not thread-safe (its no-init-weights switches are process-wide): two arms loaded
+    # at once on two model threads came out with an untied, randomly initialised lm_head. One load at a time.
+    _loading = threading.Lock()
+
     def _load(self, name: str, path: str) -> Arm:
-        recommender = Recommender.from_artifact(path, device=self.settings.device)
+        with self._loading:
+            recommender = Recommender.from_artifact(path, device=self.settings.device)
         return Arm(name, path, recommender, model_version(recommender.manifest, path))
 
     def load(self, name: str) -> Arm:

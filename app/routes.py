@@ -137,7 +137,7 @@ def api_router(settings: Settings) -> APIRouter:
         state.experiment.record_request(arm_name, elapsed * 1000, ok=True)
         request_id = uuid.uuid4().hex
         items = [{"item_id": catalog.item_ids[i], "title": catalog.titles[i], "score": score} for i, score in ranked]
-        state.experiment.record_served(request_id, arm_name, version, [i["item_id"] for i in items])
+        state.experiment.record_served(request_id, arm_name, version, [catalog.item_ids[i] for i, _ in ranked])
         if s.shadow and s.shadow != arm_name and s.shadow in state.registry.arms:
             state.spawn(_shadow(state, s.shadow, body.user_id, [str(h) for h in body.history], body.k, body.exclude_history))
         response.headers[FORCE_ARM_HEADER] = arm_name

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import tempfile
@@ -81,8 +82,10 @@ def write_artifact(
         if key not in manifest:
             raise ValueError(f"artifact manifest needs {key!r}")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(directory)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
     try:
+        staging.chmod(_directory_mode())  # mkdtemp makes it 0700: the artifact would be readable by its owner only
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         for relative, extra in (extra_tokenizers or {}).items():
@@ -110,6 +113,26 @@ def write_artifact(
         raise
     logger.info("wrote artifact %s", directory)
     return directory
+
+
+def _directory_mode() -> int:
+    """0o777 less the process umask (what ``mkdir`` would give)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def remove_stale_staging(directory: str | Path) -> list[Path]:
+    """Remove what an interrupted :func:`write_artifact` of ``directory`` left beside it (``.<name>.staging-*``,
+    ``.<name>.old-*``); returns the removed paths. One writer per artifact directory is assumed."""
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        return []
+    stale = [p for pattern in (f".{directory.name}.staging-*", f".{directory.name}.old-*") for p in directory.parent.glob(pattern)]
+    for path in stale:
+        logger.info("removing %s, left by an interrupted write", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def is_artifact(directory: str | Path) -> bool:

@@ -166,7 +166,7 @@ def load_model(
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         logger.warning("model type %r is untested; supported: %s", config.model_type, SUPPORTED_MODEL_TYPES)
     target = select_device(device)
-    model, loading = AutoModelForCausalLM.from_pretrained(
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype or default_dtype(target),
         use_safetensors=True,
@@ -174,7 +174,8 @@ def load_model(
         attn_implementation=attn_implementation,
         output_loading_info=True,
     )
-    check_loading(path, loading)
+    model: PreTrainedModel = loaded[0]
+    check_loading(path, loaded[1])
     model.to(target)  # type: ignore[arg-type]
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -269,23 +270,27 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
             parent = str(directory)
             written.append(directory)
             continue
-        if student is None:
-            student = load_model(parent, device=str(device), dtype=torch.float32).model
-        before = parameter_counts(student)
-        logger.info("stage %s: pruning", stage)
-        if stage == "attn":
-            student, record = prune_attention(student, plan, calibration, targets)
-        elif stage == "mlp":
-            student, record = prune_mlp(student, plan, calibration)
-        elif stage == "depth" and config.depth_method == "greedy":
-            student, record = prune_depth(student, plan, calibration)
-        elif stage == "depth":
-            remove = shape_of(student).layers - plan.target.layers
-            student, record = trsp_depth(student, examples, valid, pad_id, remove, _trsp_settings(config))
+        snapshot = output / f".{directory.name}.pruned"  # the cut student before distillation, for a rerun
+        extras: dict[str, Any] = {}
+        if stage != "vocab" and is_artifact(snapshot) and _same_key(read_manifest(snapshot).get("stage_key"), key):
+            logger.info("stage %s: reusing the cut (not yet distilled) student in %s", stage, snapshot)
+            student = load_model(snapshot, device=str(device), dtype=torch.float32).model
+            snapshot_manifest = read_manifest(snapshot)
+            before, record = snapshot_manifest["params_before"], snapshot_manifest["pruning"]
         else:
-            original_tokenizer = tokenizer
-            student, tokenizer, record = prune_vocabulary(student, tokenizer, template, data.catalog, int(manifest["max_history"]))
-            extras = {ORIGINAL_TOKENIZER: original_tokenizer}
+            if student is None:
+                student = load_model(parent, device=str(device), dtype=torch.float32).model
+            before = parameter_counts(student)
+            logger.info("stage %s: pruning", stage)
+            student, record, extras = _cut(stage, student, plan, config, calibration, targets, examples, valid, pad_id,
+                                           tokenizer, template, data, manifest)
+            if stage == "vocab":
+                tokenizer = extras.pop(PRUNED_TOKENIZER)
+            else:  # importance scoring can take minutes: keep the cut student until the stage artifact is written
+                write_artifact(snapshot, student, tokenizer, data.catalog,
+                               {"stage": f"{stage} (cut, not distilled)", "template": manifest["template"],
+                                "max_history": manifest["max_history"], "stage_key": key, "params_before": before,
+                                "pruning": record})
         if stage != "vocab":
             expected = replace(plan.after(stage), vocab=shape_of(student).vocab)
             if shape_of(student) != expected:
@@ -313,7 +318,8 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
         }
         if stage == "vocab":
             stage_manifest["vocab"] = record
-        write_artifact(directory, student, tokenizer, data.catalog, stage_manifest, extras if stage == "vocab" else None)
+        write_artifact(directory, student, tokenizer, data.catalog, stage_manifest, extras or None)
+        shutil.rmtree(snapshot, ignore_errors=True)
         if config.evaluate:
             evaluate_artifact(_eval_config(config, str(directory)), data)
         parent = str(directory)
@@ -321,6 +327,29 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
     summary = summarize(config.teacher, written)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return written
+
+
+PRUNED_TOKENIZER = "pruned tokenizer"
+
+
+def _cut(stage: str, student: PreTrainedModel, plan: Plan, config: PruneConfig, calibration: list[Batch],
+         targets: list[TeacherTargets], examples: Any, valid: Any, pad_id: int, tokenizer: Any, template: PromptTemplate,
+         data: PreparedData, manifest: dict) -> tuple[PreTrainedModel, dict, dict[str, Any]]:
+    """Score and cut one stage (no distillation): (student, record, extras). The vocab stage's extras hold
+    the original tokenizer (saved beside the artifact) and, under PRUNED_TOKENIZER, the pruned one."""
+    if stage == "attn":
+        student, record = prune_attention(student, plan, calibration, targets)
+    elif stage == "mlp":
+        student, record = prune_mlp(student, plan, calibration)
+    elif stage == "depth" and config.depth_method == "greedy":
+        student, record = prune_depth(student, plan, calibration)
+    elif stage == "depth":
+        remove = shape_of(student).layers - plan.target.layers
+        student, record = trsp_depth(student, examples, valid, pad_id, remove, _trsp_settings(config))
+    else:
+        student, pruned_tokenizer, record = prune_vocabulary(student, tokenizer, template, data.catalog, int(manifest["max_history"]))
+        return student, record, {ORIGINAL_TOKENIZER: tokenizer, PRUNED_TOKENIZER: pruned_tokenizer}
+    return student, record, {}
 
 
 def _eval_config(config: PruneConfig, artifact: str) -> EvalConfig:

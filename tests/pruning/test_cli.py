@@ -131,3 +131,52 @@ def test_prune_command_rejects_bad_stages_and_ratios(tmp_path, tokenizer, prepar
     assert result.exit_code == 2 and "order" in result.output
     result = runner.invoke(app, ["prune", str(path), "-o", str(tmp_path / "r"), "--keep-mlp", "1.5"])
     assert result.exit_code == 2 and "keep ratio mlp" in result.output
+
+
+def test_serve_start_up_errors_are_one_line_and_early(tmp_path, tokenizer, prepared, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("PRUNEREC_MODELS", raising=False)
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2 and "no arms" in result.output
+    result = runner.invoke(app, ["serve", "--models", "a=x", "--port", "70000"])
+    assert result.exit_code == 2 and "65535" in result.output
+    result = runner.invoke(app, ["serve", "--models", "a=x", "--weights", "a=nan"])
+    assert result.exit_code == 2 and "finite" in result.output
+    manifest = {"template": compact_template().to_dict(), "max_history": 10, "stage": "finetune"}
+    artifact = write_artifact(tmp_path / "dense", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
+    loaded = []
+    import app.registry
+
+    monkeypatch.setattr(app.registry.Registry, "load", lambda self, name: loaded.append(name))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--models", f"dense={artifact}", "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen" in result.output and loaded == []  # before any model loads
+
+
+def test_serve_exits_with_1_when_a_model_fails_to_load(tmp_path, tokenizer, prepared):
+    import subprocess
+    import sys
+
+    manifest = {"template": compact_template().to_dict(), "max_history": 10, "stage": "finetune"}
+    artifact = write_artifact(tmp_path / "dense", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
+    (artifact / "model.safetensors").write_bytes(b"not safetensors")
+    done = subprocess.run([sys.executable, "-m", "pruning.cli", "serve", "--models", f"dense={artifact}", "--port", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "failed to load" in done.stderr
+
+
+def test_artifacts_are_readable_by_others(tmp_path, tokenizer, prepared):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        manifest = {"template": compact_template().to_dict(), "max_history": 10}
+        artifact = write_artifact(tmp_path / "a", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(artifact.stat().st_mode) == 0o755

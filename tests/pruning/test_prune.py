@@ -154,3 +154,30 @@ def test_every_stage_runs_on_cuda_and_the_artifacts_load_on_cpu(tmp_path, dense,
 
     recommender = Recommender.from_artifact(paths[-1], device="cpu")
     assert len(recommender.recommend([[0, 1, 2]], k=5)[0]) == 5
+
+
+def test_a_killed_stage_leaves_no_staging_behind_and_resumes_from_its_cut_student(tmp_path, dense, prepared, monkeypatch):
+    """A killed prune left `.N-stage.staging-*` directories that reruns kept, and a killed stage re-ran its
+    importance scoring (minutes on a real model). Now the rerun removes the leftovers and reuses the cut student."""
+    from pruning import importance
+
+    config = tiny_prune_config(tmp_path / "run", dense, stages=["attn"])
+    output = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the stage dies in distillation, after the cut
+
+    monkeypatch.setattr(distill, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, prepared)
+    monkeypatch.undo()
+    assert (output / ".1-attn.pruned" / "prunerec.json").is_file()
+    (output / ".1-attn.staging-leftover").mkdir()  # what a kill during write_artifact leaves
+    scored = []
+    head_importance = importance.head_importance
+    monkeypatch.setattr(importance, "head_importance", lambda *a, **k: scored.append(1) or head_importance(*a, **k))
+    paths = run(config, prepared)
+    assert scored == []  # the cut was reused, not recomputed
+    assert read_manifest(paths[0])["pruning"]["kept_kv_groups"]
+    leftovers = [p.name for p in output.iterdir() if ".staging-" in p.name or p.name.endswith(".pruned")]
+    assert leftovers == []

@@ -1,0 +1,81 @@
+"""Arms side by side: does a small arm wait behind a big arm's batches? One server with both arms, for each
+``--model-threads`` mode; clients of both arms at once (forced by header), and the small arm alone.
+
+    python bench/serve_arms.py runs/bench-cpu/0-dense runs/bench-cpu/3-depth --clients 8 --requests 24 \
+        --output bench/results/serve_arms_cpu.json
+
+Requests: the benchmark's seeded test users (top-10, 20 beams, history excluded), deadlines unbounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from pruning.bench import UNBOUNDED_DEADLINE, request_payloads, running_service
+from pruning.evaluate import sample_users
+from recdata.prep import prepare
+from recdata.sources import read_ml100k
+
+
+def drive(base: str, arm: str, payloads: list[dict], clients: int) -> dict:
+    """``clients`` threads send the payloads to one arm; latency percentiles and throughput."""
+
+    def one(payload: dict) -> float:
+        started = time.perf_counter()
+        httpx.post(f"{base}/v1/recommend", json=payload, headers={"X-Prunerec-Arm": arm}, timeout=900).raise_for_status()
+        return (time.perf_counter() - started) * 1000
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        latencies = list(pool.map(one, payloads))
+    wall = time.perf_counter() - started
+    return {"p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+            "req_per_s": len(payloads) / wall, "requests": len(payloads), "clients": clients}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("big", help="The big arm's artifact (dense).")
+    parser.add_argument("small", help="The small arm's artifact (pruned).")
+    parser.add_argument("--clients", type=int, default=8, help="Clients per arm.")
+    parser.add_argument("--requests", type=int, default=24, help="Requests per arm.")
+    parser.add_argument("--mode", action="append", choices=["shared", "per-arm"], help="Modes to measure [both].")
+    parser.add_argument("--serve-option", action="append", default=[], help="Extra `prunerec serve` option, e.g. --serve-option=--torch-threads=1.")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    data = prepare(read_ml100k())
+    payloads = request_payloads(data, sample_users(data.splits["test"], 300, 0)[: args.requests])
+    results: dict = {"clients_per_arm": args.clients, "requests_per_arm": args.requests, "serve_options": args.serve_option}
+    for mode in args.mode or ["shared", "per-arm"]:
+        with running_service({"dense": args.big, "pruned": args.small}, "--model-threads", mode, *args.serve_option,
+                             env=UNBOUNDED_DEADLINE) as (base, _server):
+            for arm in ("dense", "pruned"):
+                drive(base, arm, payloads[:2], 1)  # warm-up
+            alone = drive(base, "pruned", payloads, args.clients)
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                big = pool.submit(drive, base, "dense", payloads, args.clients)
+                small = pool.submit(drive, base, "pruned", payloads, args.clients)
+                together = {"dense": big.result(), "pruned": small.result()}
+        results[mode] = {"pruned_alone": alone, "together": together}
+        logging.info("%s: pruned alone p50 %.0f ms; together pruned p50 %.0f ms, dense p50 %.0f ms", mode,
+                     alone["p50_ms"], together["pruned"]["p50_ms"], together["dense"]["p50_ms"])
+    text = json.dumps(results, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

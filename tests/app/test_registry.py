@@ -1,0 +1,53 @@
+"""The registry alone: loading, decoding, reload (good and bad), model threads per mode."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from app.registry import Registry, model_version
+from app.settings import Settings
+
+
+def test_load_decode_and_a_failed_reload_keeps_the_old_model(arms, tmp_path):
+    copy = shutil.copytree(arms["pruned"], tmp_path / "pruned")
+    registry = Registry(Settings(models={"pruned": str(copy)}, warmup=False))
+    try:
+        arm = registry.executor("pruned").submit(registry.load, "pruned").result()
+        assert arm.version.startswith("depth-") and registry.arms["pruned"] is arm
+        lists = registry.decode_fn("pruned")([[0, 1], [2]], 3, [[0, 1], []])
+        assert [len(r) for r in lists] == [3, 3] and not {0, 1} & {i for i, _ in lists[0]}
+        before = arm.recommender
+        (copy / "model.safetensors").unlink()
+        with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises
+            registry.reload("pruned")
+        assert arm.recommender is before and arm.last_error
+        assert registry.decode_fn("pruned")([[0, 1]], 3, [[0, 1]]) == lists[:1]
+    finally:
+        registry.shutdown()
+
+
+def test_model_threads_shared_or_per_arm(arms):
+    import os
+
+    import torch
+
+    shared = Registry(Settings(models=arms, model_threads="shared"))
+    per_arm = Registry(Settings(models=arms))  # per-arm is the default
+    try:
+        assert shared.executor("dense") is shared.executor("pruned")
+        assert per_arm.executor("dense") is not per_arm.executor("pruned")
+        names = {arm: per_arm.executor(arm).submit(lambda: __import__("threading").current_thread().name).result() for arm in arms}
+        assert names == {"dense": "model-dense_0", "pruned": "model-pruned_0"}
+        # the cores are split between the arms' torch pools (two full pools on 2 cores decoded ~1.7x slower)
+        expected = max(1, (os.cpu_count() or 1) // 2)
+        assert {per_arm.executor(arm).submit(torch.get_num_threads).result() for arm in arms} == {expected}
+    finally:
+        shared.shutdown()
+        per_arm.shutdown()
+
+
+def test_model_version_names_stage_and_creation_time():
+    assert model_version({"stage": "depth", "created": "2026-11-25T17:00:00+00:00"}, "/x/3-depth") == "depth-20261125T170000"
+    assert model_version({}, "/x/3-depth") == "3-depth"
