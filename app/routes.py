@@ -30,10 +30,10 @@ from app.schemas import (
     RecommendResponse,
     ReloadFailure,
     ReloadResponse,
-    WeightsRequest,
     WeightsResponse,
     error_responses,
     recommend_request_model,
+    weights_request_model,
 )
 from app.settings import Settings, check_weights
 from app.telemetry import CONTENT_TYPE_LATEST
@@ -42,7 +42,6 @@ from recdata.catalog import UnknownItemsError
 logger = logging.getLogger(__name__)
 
 FORCE_ARM_HEADER = "X-Prunerec-Arm"
-ArmName = Annotated[str, Path(min_length=1, max_length=256)]
 
 
 def _overloaded(exc: Overloaded) -> ApiError:
@@ -82,6 +81,11 @@ async def _decode(state: State, arm: str, request: Request, history: list[int], 
 
 def api_router(settings: Settings) -> APIRouter:
     router = APIRouter()
+    arm_enum: Any = {"enum": sorted(settings.models)} if settings.models else None
+    ArmName = Annotated[str, Path(min_length=1, max_length=256, json_schema_extra=arm_enum)]
+    ForceArm = Annotated[str | None, Header(description="Force an arm (debugging); default: sticky A/B assignment.",
+                                            json_schema_extra=arm_enum)]
+    WeightsRequest = weights_request_model(list(settings.models))
     RecommendRequest = recommend_request_model(settings.max_k, settings.max_history, settings.request_timeout_ms,
                                                settings.max_deadline_ms)
 
@@ -100,7 +104,7 @@ def api_router(settings: Settings) -> APIRouter:
     async def recommend(
         body: Any,  # RecommendRequest of this service: set below, as a local class is not resolvable by name
         request: Request, response: Response, state: StateDep,
-        x_prunerec_arm: Annotated[str | None, Header(description="Force an arm (debugging); default: sticky A/B assignment.")] = None,
+        x_prunerec_arm: Any = None,  # ForceArm: set below
     ) -> RecommendResponse:
         """Top-k next items for a history: real catalog items, best first, from the user's A/B arm."""
         s = state.settings
@@ -113,7 +117,7 @@ def api_router(settings: Settings) -> APIRouter:
         arm = state.registry.arms[arm_name]
         catalog = arm.recommender.catalog
         try:
-            history = catalog.resolve(str(h) for h in body.history)
+            history = catalog.resolve(body.history)
         except UnknownItemsError as exc:
             raise ApiError(422, f"unknown items in history: {exc.missing[:5]!r}", unknown=exc.missing) from None
         if body.k > len(catalog) - (len(set(history)) if body.exclude_history else 0):
@@ -139,7 +143,7 @@ def api_router(settings: Settings) -> APIRouter:
         items = [{"item_id": catalog.item_ids[i], "title": catalog.titles[i], "score": score} for i, score in ranked]
         state.experiment.record_served(request_id, arm_name, version, [catalog.item_ids[i] for i, _ in ranked])
         if s.shadow and s.shadow != arm_name and s.shadow in state.registry.arms:
-            state.spawn(_shadow(state, s.shadow, body.user_id, [str(h) for h in body.history], body.k, body.exclude_history))
+            state.spawn(_shadow(state, s.shadow, body.user_id, list(body.history), body.k, body.exclude_history))
         response.headers[FORCE_ARM_HEADER] = arm_name
         response.headers["X-Prunerec-Model-Version"] = version
         response.headers["X-Request-Id"] = request_id
@@ -147,7 +151,9 @@ def api_router(settings: Settings) -> APIRouter:
             {"request_id": request_id, "user_id": body.user_id, "arm": arm_name, "model_version": version, "items": items}
         )
 
-    recommend.__annotations__["body"] = RecommendRequest
+    # the request model and the header carry this service's limits and arms: local objects, which FastAPI
+    # cannot resolve from the (postponed, string) annotations, so they are set here
+    recommend.__annotations__.update(body=RecommendRequest, x_prunerec_arm=ForceArm)
     router.add_api_route("/v1/recommend", recommend, methods=["POST"], response_model=RecommendResponse, tags=["recommend"],
                          dependencies=[Depends(require_ready)], responses=error_responses(400, 413, 422, 503))
 
@@ -175,9 +181,7 @@ def api_router(settings: Settings) -> APIRouter:
         """Per arm: requests, shed, feedback, CTR with a Wilson 95% interval, latency, observed vs intended split."""
         return {**state.experiment.report(state.weights), "salt": state.settings.salt}
 
-    @router.post("/admin/weights", response_model=WeightsResponse, tags=["admin"], dependencies=[Depends(require_admin)],
-                 responses=error_responses(400, 401, 403, 413, 422))
-    async def set_weights(body: WeightsRequest, state: StateDep) -> dict:
+    async def set_weights(body: Any, state: StateDep) -> dict:  # body: this service's WeightsRequest, set below
         """Change the traffic weights (normalised; arms left out get 0)."""
         unknown = set(body.weights) - set(state.registry.arms)
         if unknown:
@@ -190,10 +194,11 @@ def api_router(settings: Settings) -> APIRouter:
         state.weights = {a: w / total for a, w in body.weights.items()}
         return {"weights": state.weights}
 
-    @router.post("/admin/reload/{arm}", response_model=ReloadResponse, tags=["admin"], dependencies=[Depends(require_admin)],
-                 responses={**error_responses(400, 401, 403, 404, 503),
-                            409: {"model": ReloadFailure, "description": "The reload failed; the old model keeps serving"}})
-    async def reload(arm: ArmName, state: StateDep) -> Any:
+    set_weights.__annotations__["body"] = WeightsRequest
+    router.add_api_route("/admin/weights", set_weights, methods=["POST"], response_model=WeightsResponse, tags=["admin"],
+                         dependencies=[Depends(require_admin)], responses=error_responses(400, 401, 403, 413, 422))
+
+    async def reload(arm: Any, state: StateDep) -> Any:  # arm: ArmName, set below
         """Load an arm's artifact again (e.g. after a new version was written to its directory)."""
         if arm not in state.registry.arms:
             raise ApiError(404, f"unknown arm {arm!r}")
@@ -206,6 +211,12 @@ def api_router(settings: Settings) -> APIRouter:
                 {"reloaded": False, "error": f"{type(exc).__name__}: {exc}", "serving": current.version}, status_code=409,
             )
         return {"reloaded": True, "version": reloaded.version}
+
+    reload.__annotations__["arm"] = ArmName
+    router.add_api_route("/admin/reload/{arm}", reload, methods=["POST"], response_model=ReloadResponse, tags=["admin"],
+                         dependencies=[Depends(require_admin)],
+                         responses={**error_responses(400, 401, 403, 404, 422, 503),
+                                    409: {"model": ReloadFailure, "description": "The reload failed; the old model keeps serving"}})
 
     @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"],
                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

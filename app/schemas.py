@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictStr,
+    WithJsonSchema,
+)
 
 
 def _valid_unicode(value: str) -> str:
@@ -21,10 +31,35 @@ def _valid_unicode(value: str) -> str:
     return value
 
 
+def _json_integer(value: Any) -> Any:
+    """A JSON integer: a whole number (``3`` or ``3.0``, as JSON Schema counts them), never a boolean or a
+    string (``true`` and ``"5"`` were once taken as 1 and 5)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a JSON integer (not a string or a boolean)")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+def _item_ref(value: Any) -> str:
+    """A history entry as the catalog looks it up: a string, or a whole non-negative number as its id."""
+    if isinstance(value, str):
+        return _valid_unicode(value)
+    number = _json_integer(value)
+    if number < 0:
+        raise ValueError("an integer item id must be >= 0")
+    return str(number)
+
+
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+Integer = Annotated[int, BeforeValidator(_json_integer)]
 ItemRef = Annotated[
-    Text | Annotated[StrictInt, Field(ge=0)],
-    Field(description="A catalog item id (string, or a non-negative integer id) or an exact catalog title."),
+    str,
+    PlainValidator(_item_ref),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}],
+                    "description": "A catalog item id (string, or a non-negative integer id) or an exact catalog title."}),
 ]
 
 
@@ -43,10 +78,10 @@ def recommend_request_model(max_k: int, max_history: int, default_deadline_ms: f
             min_length=1, max_length=max_history,
             description="Past items, oldest first: catalog item ids or exact titles (the prompt uses the last few).",
         )
-        k: StrictInt = Field(min(10, max_k), ge=1, le=max_k, description="Items to return.")
+        k: Integer = Field(min(10, max_k), ge=1, le=max_k, description="Items to return.")
         exclude_history: StrictBool = Field(True, description="Never recommend an item of the history.")
-        deadline_ms: StrictInt | StrictFloat | None = Field(
-            None, gt=0, le=max_deadline_ms,
+        deadline_ms: Annotated[float, Field(gt=0, le=max_deadline_ms, allow_inf_nan=False)] | None = Field(
+            None,
             description=f"Answer within this many milliseconds or get 503 (default {default_deadline_ms:g}); "
                         "a request past its deadline is never decoded.",
         )
@@ -79,10 +114,18 @@ class FeedbackResponse(BaseModel):
     arm: str
 
 
-class WeightsRequest(StrictModel):
-    weights: dict[Text, Annotated[StrictInt | StrictFloat, Field(ge=0, le=1e6, allow_inf_nan=False)]] = Field(
-        min_length=1, description="Traffic weight per arm (normalised; arms left out get 0). Not all zero.",
-    )
+def weights_request_model(arms: list[str]) -> type[BaseModel]:
+    """The body of POST /admin/weights: a weight per arm of this service (the schema names the arms)."""
+
+    names: Any = {"propertyNames": {"enum": sorted(arms)}} if arms else None
+
+    class WeightsRequest(StrictModel):
+        weights: dict[Text, Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]] = Field(
+            min_length=1, description="Traffic weight per arm (normalised; arms left out get 0). Not all zero.",
+            json_schema_extra=names,
+        )
+
+    return WeightsRequest
 
 
 class WeightsResponse(BaseModel):

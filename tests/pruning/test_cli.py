@@ -146,9 +146,9 @@ def test_serve_start_up_errors_are_one_line_and_early(tmp_path, tokenizer, prepa
     manifest = {"template": compact_template().to_dict(), "max_history": 10, "stage": "finetune"}
     artifact = write_artifact(tmp_path / "dense", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
     loaded = []
-    import app.registry
+    from app.registry import Registry
 
-    monkeypatch.setattr(app.registry.Registry, "load", lambda self, name: loaded.append(name))
+    monkeypatch.setattr(Registry, "load", lambda self, name: loaded.append(name))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
