@@ -9,9 +9,10 @@ of its top-(k + j) (the search's stopping rule only adds later, lower-scored ite
 Admission control (so that overload means fast 503s, not minutes of queueing):
 
 - the queue of an arm is bounded (``max_queue`` waiting requests); one more is refused at once;
-- every request has a deadline; it is refused at once when the work queued ahead of it (batches ahead ×
-  the recent time per batch) cannot finish by then, and dropped before decoding when its deadline has
-  passed, or will pass before a batch could finish, by the time its batch is formed;
+- every request has a deadline; it is refused at once when the work queued ahead of it (the batch being
+  decoded, the queued batches and its own, at the time :class:`BatchTimer` predicts for their sizes) cannot
+  finish by then, and dropped before decoding when, by the time its batch is formed, its deadline would
+  pass before that batch could finish;
 - a request whose caller gave up (client gone, or the caller's own deadline timer fired) is marked
   abandoned and is never decoded.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -62,6 +62,36 @@ class Job:
             self.future.cancel()
 
 
+class BatchTimer:
+    """Predicts the decoding time of a batch of n requests as ``a + b·n``, least squares over the recent
+    batches (one size seen: time proportional to n). Big and small batches of one arm differ several-fold, so
+    one moving average of batch times would over-admit behind big batches and over-refuse behind small ones."""
+
+    def __init__(self, window: int = 32) -> None:
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def record(self, size: int, seconds: float) -> None:
+        self.samples.append((size, seconds))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.samples)
+
+    def predict(self, size: int) -> float:
+        """Seconds to decode a batch of ``size`` (0 before any batch was timed)."""
+        if not self.samples or size <= 0:
+            return 0.0
+        sizes = [n for n, _ in self.samples]
+        times = [t for _, t in self.samples]
+        mean_n, mean_t = sum(sizes) / len(sizes), sum(times) / len(times)
+        spread = sum((n - mean_n) ** 2 for n in sizes)
+        if spread == 0:
+            return mean_t * size / mean_n
+        slope = max(0.0, sum((n - mean_n) * (t - mean_t) for n, t in self.samples) / spread)
+        intercept = max(0.0, mean_t - slope * mean_n)
+        return intercept + slope * size
+
+
 @dataclass
 class BatcherStats:
     """What the worker saw; read by tests and the telemetry gauges."""
@@ -69,7 +99,7 @@ class BatcherStats:
     batches: int = 0
     decoded: int = 0
     dropped_before_decoding: int = 0  # abandoned or out of time when their batch was formed
-    finished_abandoned: int = 0  # decoded, but the caller had left while the batch ran
+    finished_abandoned: dict[str, int] = field(default_factory=dict)  # decoded, but the caller gave up mid-batch, by reason
 
 
 class MicroBatcher:
@@ -84,8 +114,9 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.stats = BatcherStats()
-        self.batch_seconds: float | None = None  # moving average of a batch's decoding time
+        self.timer = BatchTimer()
         self.busy = False
+        self._busy_until = 0.0  # predicted end of the batch being decoded (event-loop time)
         self._pending: deque[Job] = deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -97,12 +128,15 @@ class MicroBatcher:
         return sum(1 for job in self._pending if job.abandoned is None)
 
     def estimated_wait(self, extra: int = 1) -> float:
-        """Seconds until ``extra`` more requests would be answered: batches ahead × time per batch (0 before
-        the first batch has been timed)."""
-        if self.batch_seconds is None:
+        """Seconds until ``extra`` more requests would be answered: the rest of the batch being decoded, then
+        the queued batches and theirs, at the predicted time per batch (0 before any batch was timed)."""
+        if not self.timer.ready:
             return 0.0
-        batches = math.ceil((self.queued + extra) / self.max_batch_size) + (1 if self.busy else 0)
-        return batches * self.batch_seconds
+        loop = asyncio.get_running_loop()
+        waiting = self.queued + extra
+        full, rest = divmod(waiting, self.max_batch_size)
+        ahead = max(0.0, self._busy_until - loop.time()) if self.busy else 0.0
+        return ahead + full * self.timer.predict(self.max_batch_size) + self.timer.predict(rest)
 
     def submit(self, history: list[int], k: int, exclude: list[int], deadline: float) -> Job:
         """Queue a request (``deadline`` in event-loop time) or raise :class:`Overloaded` at once."""
@@ -146,14 +180,14 @@ class MicroBatcher:
         self._pending.clear()
 
     def _take_batch(self, now: float) -> list[Job]:
-        """Up to max_batch_size live jobs; abandoned ones and ones that cannot finish in time are dropped."""
+        """Up to max_batch_size live jobs; abandoned ones, and ones whose deadline would pass before a batch
+        of this size could finish, are dropped (never decoded)."""
         batch: list[Job] = []
-        expected = self.batch_seconds or 0.0
         while self._pending and len(batch) < self.max_batch_size:
             job = self._pending.popleft()
             if job.abandoned is not None:
                 self.stats.dropped_before_decoding += 1
-            elif now + expected > job.deadline:
+            elif now + self.timer.predict(len(batch) + 1) > job.deadline:
                 self.stats.dropped_before_decoding += 1
                 if not job.future.done():
                     job.future.set_exception(Overloaded(DEADLINE, "the deadline would pass before decoding could finish",
@@ -185,6 +219,7 @@ class MicroBatcher:
             decode = self._decode()
             self.busy = True
             started = loop.time()
+            self._busy_until = started + self.timer.predict(len(batch))
             try:
                 results = await loop.run_in_executor(
                     self._executor, decode, [j.history for j in batch], k, [j.exclude for j in batch]
@@ -197,12 +232,11 @@ class MicroBatcher:
                 continue
             finally:
                 self.busy = False
-            elapsed = loop.time() - started
-            self.batch_seconds = elapsed if self.batch_seconds is None else 0.7 * self.batch_seconds + 0.3 * elapsed
+            self.timer.record(len(batch), loop.time() - started)
             self.stats.batches += 1
             self.stats.decoded += len(batch)
             for job, ranked in zip(batch, results, strict=True):
                 if job.abandoned is not None:
-                    self.stats.finished_abandoned += 1
+                    self.stats.finished_abandoned[job.abandoned] = self.stats.finished_abandoned.get(job.abandoned, 0) + 1
                 elif not job.future.done():
                     job.future.set_result(ranked[: job.k])

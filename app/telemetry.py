@@ -26,12 +26,14 @@ class _BatcherCollector(Collector):
         queued = GaugeMetricFamily("prunerec_queue_depth", "Requests waiting to be decoded", labels=["arm"])
         busy = GaugeMetricFamily("prunerec_decoding", "1 while a batch of the arm is being decoded", labels=["arm"])
         dropped = CounterMetricFamily("prunerec_dropped_before_decoding", "Queued requests never decoded (caller gone or out of time)", labels=["arm"])
-        wasted = CounterMetricFamily("prunerec_decoded_after_caller_left", "Requests decoded while their caller had already gone", labels=["arm"])
+        wasted = CounterMetricFamily("prunerec_decoded_after_caller_left", "Requests whose caller gave up while their "
+                                     "batch was being decoded (client_left, or deadline)", labels=["arm", "reason"])
         for arm, batcher in list(self.batchers.items()):
             queued.add_metric([arm], batcher.queued)
             busy.add_metric([arm], 1.0 if batcher.busy else 0.0)
             dropped.add_metric([arm], batcher.stats.dropped_before_decoding)
-            wasted.add_metric([arm], batcher.stats.finished_abandoned)
+            for reason in ("client_left", "deadline"):
+                wasted.add_metric([arm, reason], batcher.stats.finished_abandoned.get(reason, 0))
         yield from (queued, busy, dropped, wasted)
 
 

@@ -178,6 +178,8 @@ class LoadCheck:
     deadline_ms: float = 5000.0
     leaver_every: int = 8
     leave_after_s: float = 0.5
+    honour_retry_after: bool = True
+    """Clients wait Retry-After after a 503 (False: they retry at once, a flood of 503s)."""
     slack_ms: float = 500.0
     """A 200 later than deadline + slack counts as late (the slack covers HTTP and scheduling)."""
 
@@ -212,6 +214,8 @@ def load_check(arms: dict[str, str], payloads: list[dict], check: LoadCheck, hea
                     except httpx.TimeoutException:
                         status = "gave-up" if leaver else "client-timeout"
                     outcomes.append((status, (time.perf_counter() - started) * 1000, leaver))
+                    if status.startswith("503") and check.honour_retry_after:  # a well-behaved client backs off
+                        time.sleep(min(float(response.headers.get("Retry-After", 1)), max(0.0, stop_at - time.time())))
 
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=check.clients) as pool:
@@ -246,11 +250,14 @@ def load_check(arms: dict[str, str], payloads: list[dict], check: LoadCheck, hea
         "latency_ms_503": {"p50": float(np.percentile(shed_ms, 50)) if shed_ms else None,
                            "p99": float(np.percentile(shed_ms, 99)) if shed_ms else None},
         "latency_ms_503_queue_full": {"p99": float(np.percentile(fast_shed_ms, 99)) if fast_shed_ms else None},
+        # a 503 is "fast" within a tenth of the deadline; the slow ones were admitted, then missed it
+        "slow_503": sum(1 for ms in shed_ms if ms > check.deadline_ms / 10),
         "server": {
             "shed": {reason: _metric_total(metrics, "prunerec_shed_total", reason=reason)
                      for reason in ("queue_full", "deadline", "client_left")},
             "dropped_before_decoding": _metric_total(metrics, "prunerec_dropped_before_decoding_total"),
-            "decoded_after_caller_left": _metric_total(metrics, "prunerec_decoded_after_caller_left_total"),
+            "decoded_after_caller_left": {reason: _metric_total(metrics, "prunerec_decoded_after_caller_left_total", reason=reason)
+                                          for reason in ("client_left", "deadline")},
             "decoded": _metric_total(metrics, "prunerec_batch_size_sum"),
         },
         "drain_s": drain,
@@ -367,6 +374,21 @@ def markdown(report: dict) -> str:
                  c1.get("latency_ms", {}).get("p50"), c1.get("latency_ms", {}).get("p99"), c1.get("throughput_rps"),
                  c16.get("latency_ms", {}).get("p50"), c16.get("throughput_rps")]
         lines.append(f"| {name} | " + " | ".join(_fmt(c, 1) if isinstance(c, float) else _fmt(c) for c in cells) + " |")
+    load = report.get("load")
+    if load:
+        server = load["server"]
+        lines += ["", "## Overload (load check)", "",
+                  f"{load['clients']} clients for {load['seconds']:.0f} s against {', '.join(load['arms'])} at equal weights, "
+                  f"every request with a {load['deadline_ms']:.0f} ms deadline; {load['leavers']} of the clients give up "
+                  "after 0.5 s.", "",
+                  "| requests | answered 200 | late 200 | client timeouts | goodput req/s | 503 queue full | 503 deadline | 503 > deadline/10 "
+                  "| client left | dropped before decoding | caller gone mid-batch | p99 ms 200 | p99 ms 503 | drain s |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  "| " + " | ".join(_fmt(c, 1) if isinstance(c, float) else _fmt(c) for c in [
+                      load["requests"], load["answered_200"], load["late_200"], load["client_timeouts"], load["goodput_rps"],
+                      server["shed"]["queue_full"], server["shed"]["deadline"], load["slow_503"], server["shed"]["client_left"],
+                      server["dropped_before_decoding"], sum(server["decoded_after_caller_left"].values()),
+                      load["latency_ms_200"]["p99"], load["latency_ms_503"]["p99"], load["drain_s"]]) + " |"]
     if report.get("ratios"):
         lines += ["", "## Ratios (pruned vs dense)", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in report["ratios"].items()]
     if report.get("paired_test"):
@@ -483,6 +505,11 @@ class BenchConfig:
     """Also compare PrunePEFT's LoRA placement with plain LoRA (q, v) at the same trainable-parameter count."""
     calibration_samples: int | None = None
     """Calibration samples of each pruning stage (None = the pruning profile's own)."""
+    load_seconds: float = 60.0
+    """Length of the load check: 64 clients, closed loop, against dense and pruned served at 50/50 with
+    deadlines (see :class:`LoadCheck`); 0 skips it."""
+    load_deadline_ms: float = 5000.0
+    """Deadline of every request of the load check."""
     device: str | None = None
     seed: int = 0
 
@@ -491,9 +518,10 @@ BENCH_PROFILES: dict[str, dict[str, Any]] = {
     # <= 60 minutes on 2 CPU cores (the fine-tuning and compression profiles named cpu).
     # Head ablations and the greedy layer search cost passes over the calibration set: 16 samples (the pruning
     # profile has 32) keep the whole run inside the hour.
-    "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24, "calibration_samples": 16},
+    "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24, "calibration_samples": 16, "load_seconds": 45.0},
     # the full-size pipeline on one GPU: every user, SASRec to convergence.
-    "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda", "peft": True},
+    "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda", "peft": True,
+            "load_seconds": 30.0, "load_deadline_ms": 2000.0},
 }
 
 
@@ -609,6 +637,14 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
                 name, str(named[name]), payloads, config.concurrency, config.head, device=config.device))
             models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
+    load = None
+    if config.load_seconds:
+        check = LoadCheck(seconds=config.load_seconds, deadline_ms=config.load_deadline_ms)
+        arms = {"dense": str(named["dense"]), "pruned": str(named["pruned"])}
+        with clock.phase("load check"):
+            load = _cached(work / "serving" / "load.json", {"arms": arms, "check": asdict(check), "head": config.head,
+                                                            "device": config.device, "users": config.users},
+                           lambda: load_check(arms, request_payloads(data, pairs), check, config.head, device=config.device))
     sampled = len(pairs) < len(data.splits["test"])
     report = {
         "protocol": {
@@ -626,6 +662,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             "config": asdict(config),
         },
         "models": models,
+        "load": load,
     }
     return write_report(report, output)
 

@@ -255,13 +255,15 @@ def bench(
     head: Annotated[str, typer.Option(help="Head mode of the served arms (full or catalog).")] = "catalog",
     peft: Annotated[Optional[bool], typer.Option("--peft/--no-peft", help="Also train plain LoRA (q,v) and PrunePEFT's LoRA at the same trainable-parameter count [gpu: on, cpu: off].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda for compression, evaluation, SASRec and serving [profile: gpu = cuda; cpu = auto].")] = None,
+    load_seconds: Annotated[Optional[float], typer.Option(help="Seconds of the load check (64 clients, deadlines, dense + pruned at 50/50); 0 skips it [cpu 45, gpu 30].")] = None,
 ) -> None:
-    """Dense, every stage, TRSP, SASRec and MostPop on the same users; served latency; report.json/md and plots."""
+    """Dense, every stage, TRSP, SASRec and MostPop on the same users; served latency; overload; report.json/md and plots."""
     from pruning.bench import bench_config, run_bench
 
     try:
         config = bench_config(profile, output=str(output) if output else None, work=str(work) if work else None,
                               users=users, sasrec_epochs=sasrec_epochs, latency_requests=latency_requests, head=head, peft=peft,
+                              load_seconds=load_seconds,
                               device=device)
         written = run_bench(config, _load_data(None))
     except (ValueError, FileNotFoundError) as exc:

@@ -148,3 +148,16 @@ def test_a_failing_batch_fails_each_of_its_requests_and_the_worker_goes_on(execu
 
     outcomes, after = run(scenario())
     assert all(isinstance(o, RuntimeError) for o in outcomes) and len(after) == 2
+
+
+def test_batch_timer_predicts_from_size():
+    from app.batching import BatchTimer
+
+    timer = BatchTimer()
+    assert not timer.ready and timer.predict(4) == 0.0
+    timer.record(2, 1.0)
+    assert timer.predict(4) == pytest.approx(2.0)  # one size seen: proportional
+    for size, seconds in [(1, 0.6), (4, 1.2), (8, 2.0), (16, 3.6)]:  # 0.4 s + 0.2 s per request
+        timer.record(size, seconds)
+    timer.samples.popleft()
+    assert timer.predict(10) == pytest.approx(2.4, rel=1e-6) and timer.predict(1) == pytest.approx(0.6, rel=1e-6)

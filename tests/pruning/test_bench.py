@@ -82,7 +82,7 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
 
     base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer), layers=3), tokenizer)
     config = bench_config("cpu", model=str(base), output=str(tmp_path / "report"), work=str(tmp_path / "work"),
-                          users=None, sasrec_epochs=1, latency_requests=2, concurrency=[1], peft=True)
+                          users=None, sasrec_epochs=1, latency_requests=2, concurrency=[1], peft=True, load_seconds=4.0)
     written = run_bench(config, prepared)
     report = json.loads(written[0].read_text())
     assert {"dense", "1-attn", "2-mlp", "pruned", "pruned+vocab", "trsp", "sasrec", "mostpop", "lora", "lora-prunepeft"} <= set(report["models"])
@@ -96,7 +96,11 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     assert "RecBole's own evaluator" in (tmp_path / "report" / "report.md").read_text()
     assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}
     phases = report["protocol"]["phase_minutes"]
-    assert {"fine-tune", "evaluate", "sasrec", "peft", "serve"} <= set(phases)
+    assert {"fine-tune", "evaluate", "sasrec", "peft", "serve", "load check"} <= set(phases)
+    load = report["load"]  # overload with deadlines: every request answered in time or shed, none late
+    assert load["requests"] > 0 and load["answered_200"] > 0 and load["late_200"] == 0 and load["client_timeouts"] == 0
+    assert sum(load["by_status"].values()) == load["requests"] and load["arms"] == ["dense", "pruned"]
+    assert "## Overload (load check)" in (tmp_path / "report" / "report.md").read_text()
     assert sum(phases.values()) <= report["protocol"]["minutes"] + 0.1 and report["protocol"]["resumed"] is False
     # resumable: a second run reuses every artifact and evaluation, and says that it resumed
     again = json.loads(run_bench(config, prepared)[0].read_text())
@@ -126,7 +130,7 @@ def test_gpu_profile_settings_run_end_to_end_on_the_cpu(tmp_path, tokenizer, pre
 
     base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer), layers=3), tokenizer)
     config = bench_config("gpu", device="cpu", model=str(base), output=str(tmp_path / "report"),
-                          work=str(tmp_path / "work"), sasrec_epochs=1, latency_requests=2, concurrency=[1])
+                          work=str(tmp_path / "work"), sasrec_epochs=1, latency_requests=2, concurrency=[1], load_seconds=0)
     report = json.loads(run_bench(config, prepared)[0].read_text())
     assert report["protocol"]["profile"] == "gpu" and report["protocol"]["users"] == len(prepared.splits["test"])
     assert {"dense", "pruned", "trsp", "sasrec", "mostpop", "lora", "lora-prunepeft"} <= set(report["models"])
@@ -134,7 +138,7 @@ def test_gpu_profile_settings_run_end_to_end_on_the_cpu(tmp_path, tokenizer, pre
     assert compression["calibration"]["samples"] == 256 and compression["distill_per_stage"]["examples"] == 20000
     dense_card = json.loads((tmp_path / "work" / "0-dense" / "prunerec.json").read_text())
     assert dense_card["template"]["name"] == "d3"
-    assert 0 < report["ratios"]["non_embedding_pruned_fraction"] < 1
+    assert 0 < report["ratios"]["non_embedding_pruned_fraction"] < 1 and report["load"] is None
 
 
 def test_sample_check_sets_the_sample_beside_every_user(prepared):
