@@ -142,13 +142,16 @@ class MicroBatcher:
         """Queue a request (``deadline`` in event-loop time) or raise :class:`Overloaded` at once."""
         loop = asyncio.get_running_loop()
         self._start(loop)
+        # Retry-After: when the same request would be admitted again, not when the whole backlog is gone
+        # (clients that wait out the whole backlog leave the model idle)
         if self.queued >= self.max_queue:
+            ahead = max(0.0, self._busy_until - loop.time()) if self.busy else 0.0
             raise Overloaded(QUEUE_FULL, f"the queue of this arm is full ({self.max_queue} requests waiting)",
-                             retry_after=self.estimated_wait(0) or 1.0)
+                             retry_after=ahead or self.timer.predict(self.max_batch_size) or 1.0)
         wait = self.estimated_wait()
         if loop.time() + wait > deadline:
             raise Overloaded(DEADLINE, f"the work queued ahead (about {wait:.1f} s) would not finish before the deadline",
-                             retry_after=wait)
+                             retry_after=loop.time() + wait - deadline)
         if len(self._pending) > 2 * self.max_queue:  # forget abandoned jobs early when callers keep leaving
             live = deque(job for job in self._pending if job.abandoned is None)
             self.stats.dropped_before_decoding += len(self._pending) - len(live)

@@ -56,7 +56,8 @@ def main() -> None:
 
     data = prepare(read_ml100k())
     payloads = request_payloads(data, sample_users(data.splits["test"], 300, 0)[: args.requests])
-    results: dict = {"clients_per_arm": args.clients, "requests_per_arm": args.requests, "serve_options": args.serve_option}
+    results: dict = {"artifacts": {"dense": args.big, "pruned": args.small}, "clients_per_arm": args.clients,
+                     "requests_per_arm": args.requests, "serve_options": args.serve_option}
     for mode in args.mode or ["shared", "per-arm"]:
         with running_service({"dense": args.big, "pruned": args.small}, "--model-threads", mode, *args.serve_option,
                              env=UNBOUNDED_DEADLINE) as (base, _server):

@@ -42,6 +42,7 @@ def main() -> None:
                       honour_retry_after=not args.impatient)
     result = load_check({"dense": args.dense, "pruned": args.pruned}, payloads, check, options=tuple(args.serve_option))
     result["serve_options"] = args.serve_option
+    result["artifacts"] = {"dense": args.dense, "pruned": args.pruned}
     text = json.dumps(result, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

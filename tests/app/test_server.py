@@ -144,3 +144,22 @@ def test_shadow_answers_are_logged_never_returned(arms):
         assert pruned_alone["arm"] == "pruned" and answers[0]["model_version"] != pruned_alone["model_version"]
     finally:
         stop(process)
+
+
+def test_a_lone_surrogate_gets_422_and_the_connection_stays_usable(server):
+    """It once gave 500 and a connection dropped without `Connection: close`, failing the client's next request."""
+    base = server["base"]
+    with httpx.Client(timeout=60) as client:  # one keep-alive connection
+        bad = client.post(f"{base}/v1/recommend", content=b'{"user_id": "u", "history": ["\\ud800"], "k": 3}', headers=JSON)
+        assert bad.status_code == 422 and "surrogate" in bad.text
+        again = client.post(f"{base}/v1/recommend", json={"user_id": "u", "history": ["i1"], "k": 3})
+        assert again.status_code == 200
+
+
+def test_admission_counters_reach_metrics_over_http(server):
+    base = server["base"]
+    refused = httpx.post(f"{base}/v1/recommend", json={"user_id": "d", "history": ["i1"], "k": 3, "deadline_ms": 1e-9}, timeout=60)
+    assert refused.status_code == 503 and refused.headers["Retry-After"] and refused.json()["reason"] == "deadline"
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)}
+    shed = [s for s in families["prunerec_shed"].samples if s.labels.get("reason") == "deadline"]
+    assert sum(s.value for s in shed) >= 1 and "prunerec_queue_depth" in families
