@@ -12,11 +12,11 @@ scores; and MostPop masked and unmasked. The README's "Masking the past" paragra
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from pathlib import Path
 
+from pruning.bench import emit_json
 from pruning.evaluate import mostpop_metrics, sample_users
 from pruning.sasrec import SASRecConfig
 from pruning.sasrec import run as sasrec
@@ -56,11 +56,7 @@ def main() -> None:
         name = "masked" if masked else "unmasked"
         report[f"mostpop_{name}"] = _pick(mostpop_metrics(data, every, masked, [10], 20)[0], keys)
         report[f"mostpop_{name}_sample"] = _pick(mostpop_metrics(data, sample, masked, [10], 20)[0], keys)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)
+    emit_json(report, args.output)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Requests: the benchmark's seeded test users (top-10, 20 beams, history excluded)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pruning.bench import UNBOUNDED_DEADLINE, request_payloads, running_service
+from pruning.bench import UNBOUNDED_DEADLINE, emit_json, request_payloads, running_service
 from pruning.evaluate import sample_users
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
@@ -71,11 +70,7 @@ def main() -> None:
         results[mode] = {"pruned_alone": alone, "together": together}
         logging.info("%s: pruned alone p50 %.0f ms; together pruned p50 %.0f ms, dense p50 %.0f ms", mode,
                      alone["p50_ms"], together["pruned"]["p50_ms"], together["dense"]["p50_ms"])
-    text = json.dumps(results, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)
+    emit_json(results, args.output)
 
 
 if __name__ == "__main__":

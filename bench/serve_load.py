@@ -12,11 +12,10 @@ decoding, those decoded for a departed client, and how long the model kept worki
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from pruning.bench import LoadCheck, load_check, request_payloads
+from pruning.bench import LoadCheck, emit_json, load_check, request_payloads
 from pruning.evaluate import sample_users
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
@@ -43,11 +42,7 @@ def main() -> None:
     result = load_check({"dense": args.dense, "pruned": args.pruned}, payloads, check, options=tuple(args.serve_option))
     result["serve_options"] = args.serve_option
     result["artifacts"] = {"dense": args.dense, "pruned": args.pruned}
-    text = json.dumps(result, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)
+    emit_json(result, args.output)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,15 @@ def serve_and_measure(name: str, artifact: str, payloads: list[dict], levels: li
         return result
 
 
+def emit_json(result: Any, output: Path | None) -> None:
+    """What the scripts in bench/ end with: the result as JSON on stdout, and in ``output`` when given."""
+    text = json.dumps(result, indent=2)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
+    print(text)
+
+
 def _scrape(base: str) -> dict[str, float]:
     """The service's /metrics as {"name{label=value,...}": value} (labels sorted)."""
     import httpx

@@ -126,7 +126,7 @@ def test_vocab_check_command(pruned, prepared, tmp_path):
 
 
 def test_the_service_serves_a_vocabulary_pruned_artifact(pruned):
-    from fastapi.testclient import TestClient
+    from helpers import serving
 
     from app.main import create_app
     from app.settings import Settings
@@ -135,7 +135,7 @@ def test_the_service_serves_a_vocabulary_pruned_artifact(pruned):
     body = {"user_id": "u1", "history": ["i1", "i2", "i3"], "k": 5}
     answers = {}
     for name, artifact in (("dense", teacher), ("vocab", path)):
-        with TestClient(create_app(Settings(models={name: str(artifact)}))) as client:
+        with serving(create_app(Settings(models={name: str(artifact)}))) as client:
             response = client.post("/v1/recommend", json=body)
             assert response.status_code == 200, response.text
             answers[name] = [r["item_id"] for r in response.json()["items"]]
