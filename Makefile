@@ -28,7 +28,7 @@ setup: $(STAMP)
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy recdata llmrec pruning app
+	$(BIN)/mypy recdata llmrec pruning app cli
 
 test: lint
 	$(BIN)/python -m pytest

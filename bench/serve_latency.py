@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def start_server(arms: dict[str, str], port: int, max_batch_size: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pruning.cli", "serve", "--port", str(port), "--max-batch-size", str(max_batch_size)]
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--max-batch-size", str(max_batch_size)]
     for name, path in arms.items():
         command += ["--models", f"{name}={path}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})

@@ -85,7 +85,7 @@ def running_service(arms: dict[str, str], *options: str, env: dict[str, str] | N
     import httpx
 
     port = _free_port()
-    command = [sys.executable, "-m", "pruning.cli", "serve", "--port", str(port), *options]
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), *options]
     for name, artifact in arms.items():
         command += ["--models", f"{name}={artifact}"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})

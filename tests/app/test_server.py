@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def launch(arms: dict[str, str], *extra: str):
     port = free_port()
-    command = [sys.executable, "-m", "pruning.cli", "serve", "--port", str(port), "--admin-token", TOKEN,
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--admin-token", TOKEN,
                "--max-batch-size", "16", "--max-wait-ms", "50", *extra]
     for name, path in arms.items():
         command += ["--models", f"{name}={path}"]

@@ -10,9 +10,9 @@ import pytest
 from helpers import tiny_llama
 from typer.testing import CliRunner
 
+from cli.main import app
 from llmrec.artifact import write_artifact
 from pruning.bench import paired_test, per_user_ndcg, ratios, write_report
-from pruning.cli import app
 from recdata.prompts import compact_template
 
 

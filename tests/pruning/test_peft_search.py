@@ -10,8 +10,8 @@ from helpers import save_model_dir, tiny_llama
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from cli.main import app
 from llmrec.artifact import read_manifest
-from pruning.cli import app
 from pruning.peft_search import Candidate, PeftSearchConfig, candidates_of, fuse, search
 
 runner = CliRunner()

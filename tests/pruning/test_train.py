@@ -83,7 +83,7 @@ def test_two_process_accelerate_launch(tmp_path, tokenizer, prepared):
     model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
     prepared.save(tmp_path / "data")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pruning.cli"]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cli"]
     command = [*launcher, "train", "-o", str(tmp_path / "out"), "--data", str(tmp_path / "data"),
                "--model", str(model_dir), "--max-steps", "4", "--eval-every", "2", "--batch-size", "4",
                "--valid-examples", "8", "--lr", "3e-3"]

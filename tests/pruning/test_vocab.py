@@ -110,7 +110,7 @@ def test_titles_outside_the_pruned_vocabulary_are_reported(pruned, prepared):
 def test_vocab_check_command(pruned, prepared, tmp_path):
     from typer.testing import CliRunner
 
-    from pruning.cli import app
+    from cli.main import app
 
     _, path = pruned
     prepared.save(tmp_path / "data")

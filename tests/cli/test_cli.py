@@ -10,8 +10,8 @@ import typer
 from helpers import save_model_dir, tiny_llama
 from typer.testing import CliRunner
 
+from cli.main import app
 from llmrec.artifact import read_manifest, write_artifact
-from pruning.cli import app
 from recdata.prompts import compact_template
 
 runner = CliRunner()
@@ -164,7 +164,7 @@ def test_serve_exits_with_1_when_a_model_fails_to_load(tmp_path, tokenizer, prep
     manifest = {"template": compact_template().to_dict(), "max_history": 10, "stage": "finetune"}
     artifact = write_artifact(tmp_path / "dense", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
     (artifact / "model.safetensors").write_bytes(b"not safetensors")
-    done = subprocess.run([sys.executable, "-m", "pruning.cli", "serve", "--models", f"dense={artifact}", "--port", "0"],
+    done = subprocess.run([sys.executable, "-m", "cli", "serve", "--models", f"dense={artifact}", "--port", "0"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "failed to load" in done.stderr
 
