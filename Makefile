@@ -28,7 +28,7 @@ setup: $(STAMP)
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy recdata llmrec pruning app cli
+	$(BIN)/mypy recdata llmrec pruning app cli bench
 
 test: lint
 	$(BIN)/python -m pytest

@@ -7,7 +7,7 @@ head's rows × hidden), NDCG@10 / HR@10 on the same seeded test users (LOO, hist
 excluded), top-10 latency per single request (in process, batch 1, 20 beams) and, per model, how often the
 ``catalog`` head's top-10 list equals the ``full`` head's.
 
-    python bench/catalog_vocab.py --model dense=runs/cpu40 --model pruned=runs/prune40/3-depth \
+    python -m bench.catalog_vocab --model dense=runs/cpu40 --model pruned=runs/prune40/3-depth \
         --model pruned+vocab=runs/prune40/4-vocab --users 300 --output bench/results/catalog_vocab_cpu.json
 """
 
@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench.report import artifact_bytes, macs_per_token
 from llmrec.artifact import read_manifest
 from llmrec.recommender import Recommender
-from pruning.bench import artifact_bytes, macs_per_token
 from pruning.evaluate import EvalConfig, sample_users
 from pruning.evaluate import run as evaluate
 from recdata.prep import prepare

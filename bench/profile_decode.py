@@ -1,6 +1,6 @@
 """Where one top-10 request's time goes, in process: cProfile over single requests of the benchmark users.
 
-    python bench/profile_decode.py runs/bench-cpu/3-depth --requests 24
+    python -m bench.profile_decode runs/bench-cpu/3-depth --requests 24
 
 Prints ms per request in the decoder's forward passes, the linear layers, attention, the next-token head and
 the beam search's bookkeeping (the README's latency profile of the pruned model came from this).

@@ -1,6 +1,6 @@
 """How much masking each user's past moves the baselines: SASRec and MostPop, every test user, both ways.
 
-    python bench/sasrec_masking.py --epochs 5 --output bench/results/sasrec_masking_cpu.json
+    python -m bench.sasrec_masking --epochs 5 --output bench/results/sasrec_masking_cpu.json
 
 RecBole's evaluator masks no history for sequential models; prunerec's protocol excludes the whole past (for
 the LLMs, MostPop and SASRec alike). This trains the benchmark's SASRec once (RecBole, CE loss, the `cpu`
@@ -16,10 +16,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pruning.bench import emit_json
+from bench.harness import emit_json
+from bench.sasrec import SASRecConfig
+from bench.sasrec import run as sasrec
 from pruning.evaluate import mostpop_metrics, sample_users
-from pruning.sasrec import SASRecConfig
-from pruning.sasrec import run as sasrec
 from recdata.metrics import rank_metrics
 from recdata.prep import prepare
 from recdata.sources import read_ml100k

@@ -1,7 +1,7 @@
 """Arms side by side: does a small arm wait behind a big arm's batches? One server with both arms, for each
 ``--model-threads`` mode; clients of both arms at once (forced by header), and the small arm alone.
 
-    python bench/serve_arms.py runs/bench-cpu/0-dense runs/bench-cpu/3-depth --clients 8 --requests 24 \
+    python -m bench.serve_arms runs/bench-cpu/0-dense runs/bench-cpu/3-depth --clients 8 --requests 24 \
         --output bench/results/serve_arms_cpu.json
 
 Requests: the benchmark's seeded test users (top-10, 20 beams, history excluded), deadlines unbounded.
@@ -11,33 +11,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import numpy as np
-
-from pruning.bench import UNBOUNDED_DEADLINE, emit_json, request_payloads, running_service
+from bench.harness import UNBOUNDED_DEADLINE, emit_json, request_payloads, running_service, time_requests
 from pruning.evaluate import sample_users
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
 
 
 def drive(base: str, arm: str, payloads: list[dict], clients: int) -> dict:
-    """``clients`` threads send the payloads to one arm; latency percentiles and throughput."""
-
-    def one(payload: dict) -> float:
-        started = time.perf_counter()
-        httpx.post(f"{base}/v1/recommend", json=payload, headers={"X-Prunerec-Arm": arm}, timeout=900).raise_for_status()
-        return (time.perf_counter() - started) * 1000
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        latencies = list(pool.map(one, payloads))
-    wall = time.perf_counter() - started
-    return {"p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-            "req_per_s": len(payloads) / wall, "requests": len(payloads), "clients": clients}
+    """``clients`` threads send the payloads to one arm: p50/p99 and throughput."""
+    timed = time_requests(base, payloads, clients, arm=arm)
+    return {"p50_ms": timed["latency_ms"]["p50"], "p99_ms": timed["latency_ms"]["p99"],
+            "req_per_s": timed["throughput_rps"], "requests": len(payloads), "clients": clients}
 
 
 def main() -> None:

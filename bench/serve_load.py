@@ -1,6 +1,6 @@
 """The benchmark's load check on two artifacts: 64 clients, closed loop, deadlines, dense and pruned at 50/50.
 
-    python bench/serve_load.py runs/bench-cpu/0-dense runs/bench-cpu/3-depth --seconds 60 --deadline-ms 5000 \
+    python -m bench.serve_load runs/bench-cpu/0-dense runs/bench-cpu/3-depth --seconds 60 --deadline-ms 5000 \
         --output bench/results/serve_load_cpu.json
 
 Every request carries the deadline; one client in eight gives up after 0.5 s; clients wait Retry-After after
@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pruning.bench import LoadCheck, emit_json, load_check, request_payloads
+from bench.harness import LoadCheck, emit_json, load_check, request_payloads
 from pruning.evaluate import sample_users
 from recdata.prep import prepare
 from recdata.sources import read_ml100k

@@ -1,9 +1,9 @@
 """Served latency of one artifact at different torch thread counts (PRUNEREC_TORCH_THREADS), one server each.
 
-    python bench/serve_threads.py runs/bench-cpu/3-depth --threads 1 --threads 0     # 0 = torch's default
+    python -m bench.serve_threads runs/bench-cpu/3-depth --threads 1 --threads 0     # 0 = torch's default
 
 Same requests as the benchmark (its first 24 seeded test users, top-10, 20 beams, history excluded),
-concurrency 1 and 16, through `prunerec serve` on 127.0.0.1 (pruning.bench.serve_and_measure).
+concurrency 1 and 16, through `prunerec serve` on 127.0.0.1 (bench.harness.serve_and_measure).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from pruning.bench import request_payloads, serve_and_measure
+from bench.harness import request_payloads, serve_and_measure
 from pruning.evaluate import sample_users
 from recdata.prep import prepare
 from recdata.sources import read_ml100k

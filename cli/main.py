@@ -258,7 +258,7 @@ def bench(
     load_seconds: Annotated[Optional[float], typer.Option(help="Seconds of the load check (64 clients, deadlines, dense + pruned at 50/50); 0 skips it [cpu 45, gpu 30].")] = None,
 ) -> None:
     """Dense, every stage, TRSP, SASRec and MostPop on the same users; served latency; overload; report.json/md and plots."""
-    from pruning.bench import bench_config, run_bench
+    from bench.run import bench_config, run_bench
 
     try:
         config = bench_config(profile, output=str(output) if output else None, work=str(work) if work else None,
@@ -285,8 +285,8 @@ def compare(
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also measure latency through the HTTP service.")] = True,
 ) -> None:
     """Offline A/B: the bench tables and plots for two artifacts, plus a paired test on per-user NDCG@10."""
-    from pruning.bench import compare as run_compare
-    from pruning.bench import markdown
+    from bench.report import markdown
+    from bench.run import compare as run_compare
 
     try:
         report = run_compare(str(a), str(b), _load_data(data), output, users=users or None, seed=seed, head=head,

@@ -15,6 +15,14 @@ import numpy as np
 DEFAULT_KS = (1, 5, 10, 20)
 
 
+def ndcg_per_user(ranks: Sequence[int | float | None], k: int) -> np.ndarray:
+    """NDCG@k of each user: 1/log2(rank + 2) when the target is in the top k, else 0 (None, NaN or a
+    negative rank = not retrieved)."""
+    values = np.array([np.inf if r is None or (isinstance(r, float) and np.isnan(r)) or r < 0 else float(r) for r in ranks])
+    hit = values < k
+    return np.where(hit, 1.0 / np.log2(np.where(hit, values, 0.0) + 2.0), 0.0)
+
+
 def rank_metrics(ranks: Sequence[int | None], ks: Sequence[int] = DEFAULT_KS, list_length: int | None = None) -> dict[str, float]:
     """Mean HR@k, NDCG@k and MRR over users; ``list_length`` caps MRR (default: max(ks))."""
     if not ranks:
@@ -23,10 +31,8 @@ def rank_metrics(ranks: Sequence[int | None], ks: Sequence[int] = DEFAULT_KS, li
     values = np.array([np.inf if r is None else float(r) for r in ranks])
     out: dict[str, float] = {}
     for k in ks:
-        hit = values < k
-        out[f"hr@{k}"] = float(hit.mean())
-        gains = np.where(hit, 1.0 / np.log2(np.where(hit, values, 0.0) + 2.0), 0.0)
-        out[f"ndcg@{k}"] = float(gains.mean())
+        out[f"hr@{k}"] = float((values < k).mean())
+        out[f"ndcg@{k}"] = float(ndcg_per_user(ranks, k).mean())
     in_list = values < cap
     out[f"mrr@{cap}"] = float(np.where(in_list, 1.0 / (np.where(in_list, values, 0.0) + 1.0), 0.0).mean())
     return out

@@ -10,9 +10,9 @@ import pytest
 from helpers import tiny_llama
 from typer.testing import CliRunner
 
+from bench.report import paired_test, per_user_ndcg, ratios, write_report
 from cli.main import app
 from llmrec.artifact import write_artifact
-from pruning.bench import paired_test, per_user_ndcg, ratios, write_report
 from recdata.prompts import compact_template
 
 
@@ -78,7 +78,7 @@ def test_compare_command_end_to_end(tmp_path, tokenizer, prepared):
 def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     from helpers import save_model_dir
 
-    from pruning.bench import bench_config, run_bench
+    from bench.run import bench_config, run_bench
 
     base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer), layers=3), tokenizer)
     config = bench_config("cpu", model=str(base), output=str(tmp_path / "report"), work=str(tmp_path / "work"),
@@ -111,7 +111,7 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
 def test_gpu_profile_without_cuda_fails_at_once_with_a_way_out(monkeypatch):
     import torch
 
-    from pruning.bench import bench_config
+    from bench.run import bench_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cpu"):
@@ -126,7 +126,7 @@ def test_gpu_profile_settings_run_end_to_end_on_the_cpu(tmp_path, tokenizer, pre
     half an hour into a lent GPU."""
     from helpers import save_model_dir
 
-    from pruning.bench import bench_config, run_bench
+    from bench.run import bench_config, run_bench
 
     base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer), layers=3), tokenizer)
     config = bench_config("gpu", device="cpu", model=str(base), output=str(tmp_path / "report"),
@@ -142,7 +142,7 @@ def test_gpu_profile_settings_run_end_to_end_on_the_cpu(tmp_path, tokenizer, pre
 
 
 def test_sample_check_sets_the_sample_beside_every_user(prepared):
-    from pruning.bench import sample_check
+    from bench.run import sample_check
     from pruning.evaluate import mostpop_metrics, sample_users
 
     every = prepared.splits["test"]

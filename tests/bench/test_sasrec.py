@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pruning.sasrec import SASRecConfig, run
+from bench.sasrec import SASRecConfig, run
 from recdata.metrics import mostpop_ranks, rank_metrics
 
 pytest.importorskip("recbole")
@@ -39,7 +39,7 @@ def test_importing_recbole_leaves_anomaly_detection_off():
     check = "import torch; {}; print(torch.is_anomaly_enabled())"
     raw = subprocess.run([sys.executable, "-c", check.format("import recbole.model.sequential_recommender")],
                          capture_output=True, text=True, check=True)
-    ours = subprocess.run([sys.executable, "-c", check.format("from pruning.sasrec import recbole_modules; recbole_modules()")],
+    ours = subprocess.run([sys.executable, "-c", check.format("from bench.sasrec import recbole_modules; recbole_modules()")],
                           capture_output=True, text=True, check=True)
     assert raw.stdout.strip().endswith("True")  # the hazard this guards against
     assert ours.stdout.strip().endswith("False")

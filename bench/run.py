@@ -1,0 +1,328 @@
+"""The benchmark runs and the offline A/B comparison: quality, cost and speed side by side in one run.
+
+``prunerec bench --profile cpu|gpu`` fine-tunes the dense model, runs the PruneRec stages (plus the vocab
+stage), the TRSP depth variant, RecBole SASRec on the identical split and MostPop, all scored on the same
+seeded test users (LOO, history 10, full catalog, 20 beams, history excluded); then serves dense, pruned and
+pruned + vocab through the real HTTP service on 127.0.0.1, one server per arm (so that each arm's peak
+memory is its own), at concurrency 1 and 16, and overloads dense + pruned together (the load check of
+:mod:`bench.harness`). Everything lands in ``bench/results/<profile>/``:
+``report.json`` (the shape below), ``report.md`` and two plots. Every step is resumable (finished artifacts
+and evaluations are reused).
+
+``prunerec compare A B`` does the same for two artifacts, plus a paired test on per-user NDCG@10.
+
+report.json::
+
+    {"protocol": {...},
+     "models": {"<name>": {"artifact", "params": {"total", "embedding", "non_embedding"}, "artifact_bytes",
+                           "metrics": {"ndcg@10", "hr@10", ...}, "latency_ms": {"p50", "p99"},
+                           "throughput_rps", "peak_rss_bytes", "macs_per_token"}},
+     "load": {"requests", "by_status", "goodput_rps", "late_200", "server": {"shed", ...}, "drain_s", ...},
+     "ratios": {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.harness import LoadCheck, load_check, request_payloads, serve_and_measure
+from bench.report import macs_per_token, model_entry, paired_test, per_user_ndcg, write_report
+from recdata.prep import PreparedData
+
+logger = logging.getLogger(__name__)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run; the profile scales the work, never the protocol (history 10, 20 beams, full catalog)."""
+
+    profile: str = "cpu"
+    model: str = "smollm2-135m"
+    """Base model to fine-tune (the embedded default, or a local HF directory)."""
+    output: str | None = None
+    """Report directory [bench/results/<profile>]."""
+    work: str | None = None
+    """Artifacts and evaluations [runs/bench-<profile>]; re-running resumes from it."""
+    users: int | None = 300
+    """Seeded test users for every quality number (None = all)."""
+    sasrec_epochs: int = 5
+    latency_requests: int = 24
+    concurrency: list[int] = field(default_factory=lambda: [1, 16])
+    head: str = "catalog"
+    """Head mode for quality and serving (the default, catalog, was chosen from bench/results/catalog_vocab_cpu.json)."""
+    peft: bool = False
+    """Also compare PrunePEFT's LoRA placement with plain LoRA (q, v) at the same trainable-parameter count."""
+    calibration_samples: int | None = None
+    """Calibration samples of each pruning stage (None = the pruning profile's own)."""
+    load_seconds: float = 60.0
+    """Length of the load check: 64 clients, closed loop, against dense and pruned served at 50/50 with
+    deadlines (see :class:`LoadCheck`); 0 skips it."""
+    load_deadline_ms: float = 5000.0
+    """Deadline of every request of the load check."""
+    device: str | None = None
+    seed: int = 0
+
+
+BENCH_PROFILES: dict[str, dict[str, Any]] = {
+    # <= 60 minutes on 2 CPU cores (the fine-tuning and compression profiles named cpu).
+    # Head ablations and the greedy layer search cost passes over the calibration set: 16 samples (the pruning
+    # profile has 32) keep the whole run inside the hour.
+    "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24, "calibration_samples": 16, "load_seconds": 45.0},
+    # the full-size pipeline on one GPU: every user, SASRec to convergence.
+    "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda", "peft": True,
+            "load_seconds": 30.0, "load_deadline_ms": 2000.0},
+}
+
+
+def bench_config(profile: str, **overrides: Any) -> BenchConfig:
+    if profile not in BENCH_PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(BENCH_PROFILES)}")
+    values = {**BENCH_PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    if str(values.get("device") or "").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # fail now, not after the CPU has fine-tuned for the gpu profile
+            raise ValueError(f"the {profile} profile runs on CUDA and none is available here; pass --device cpu to "
+                             "run it on the CPU anyway (hours), or use --profile cpu")
+    return BenchConfig(profile=profile, **values)
+
+
+def _evaluate(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
+              device: str | None) -> dict:
+    """Evaluate (or reuse an evaluation with the same protocol written to ``output``)."""
+    from pruning.evaluate import EvalConfig
+    from pruning.evaluate import run as evaluate
+
+    if output.is_file():
+        cached = json.loads(output.read_text())
+        if cached["config"]["users"] == users and cached["config"]["seed"] == seed and cached["config"]["head"] == head:
+            return cached
+    return evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, head=head, output=str(output),
+                               batch_size=16, device=device), data)
+
+
+class PhaseClock:
+    """Wall-clock minutes per benchmark phase, so the report shows where the time went."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.minutes: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        logger.info("bench phase: %s", name)
+        try:
+            yield
+        finally:
+            self.minutes[name] = round(self.minutes.get(name, 0.0) + (time.monotonic() - started) / 60, 2)
+            logger.info("bench phase %s: %.1f min", name, self.minutes[name])
+
+    def total(self) -> float:
+        return round((time.monotonic() - self.started) / 60, 1)
+
+
+def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
+    """The whole benchmark (see the module docstring); returns the report files."""
+    from bench import sasrec
+    from pruning.evaluate import sample_users
+    from pruning.prune import PruneConfig
+    from pruning.prune import apply_profile as prune_profile
+    from pruning.prune import run as prune
+    from pruning.train import TrainConfig
+    from pruning.train import apply_profile as train_profile
+    from pruning.train import run as train
+
+    work = Path(config.work or f"runs/bench-{config.profile}")
+    output = Path(config.output or f"bench/results/{config.profile}")
+    # A re-run reuses what the work directory holds; its minutes then cover only the work left to do.
+    resumed = work.is_dir() and any(work.iterdir())
+    clock = PhaseClock()
+    dense = work / "0-dense"
+    with clock.phase("fine-tune"):
+        if not (dense / "prunerec.json").is_file():
+            train(train_profile(TrainConfig(output=str(dense), model=config.model, seed=config.seed), config.profile), data)
+    greedy_config = _prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
+                                       evaluate=False), config, prune_profile)
+    trsp_config = _prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
+                                     depth_method="trsp", evaluate=False), config, prune_profile)
+    with clock.phase("prune (attn, mlp, greedy depth, vocab)"):
+        stages = prune(greedy_config, data)
+    with clock.phase("prune (trsp depth)"):
+        trsp = prune(trsp_config, data)[-1]
+    named = {"dense": dense, **{p.name: p for p in stages}, "pruned": stages[2], "pruned+vocab": stages[3],
+             "trsp": trsp}
+    named.pop(stages[2].name)
+    named.pop(stages[3].name)
+    repo_root = Path.cwd().resolve()
+    models: dict[str, dict] = {}
+    evaluations: dict[str, dict] = {}
+    with clock.phase("evaluate"):
+        for name, path in named.items():
+            evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+            models[name] = model_entry(path, evaluations[name], repo_root)
+    pairs = sample_users(data.splits["test"], config.users, config.seed)
+    sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
+    with clock.phase("sasrec"):
+        sasrec_result = _cached(work / "sasrec" / "result.json", {"config": asdict(sasrec_config), "users": config.users, "seed": config.seed},
+                                lambda: sasrec.run(sasrec_config, data, users=pairs))
+    models["sasrec"] = {"artifact": None, "params": {"total": sasrec_result["params"], "embedding": None, "non_embedding": None},
+                        "metrics": sasrec_result["metrics"], "epochs_run": sasrec_result["epochs_run"],
+                        # RecBole's evaluator on every test user, history not masked (see bench.sasrec)
+                        "recbole_test_unmasked": sasrec_result.get("test_recbole"),
+                        "minutes": sasrec_result["minutes"]}
+    if config.peft:
+        with clock.phase("peft"):
+            for name, path in _peft_arms(config, data, work).items():
+                evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+                models[name] = model_entry(path, evaluations[name], repo_root)
+    models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
+                         "metrics": evaluations["dense"]["mostpop"]}
+    payloads = request_payloads(data, pairs[: config.latency_requests])
+    with clock.phase("serve"):
+        for name in ("dense", "pruned", "pruned+vocab"):
+            key = {"artifact": str(named[name]), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
+                   "users": config.users, "seed": config.seed, "device": config.device}
+            models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
+                name, str(named[name]), payloads, config.concurrency, config.head, device=config.device))
+            models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
+    load = None
+    if config.load_seconds:
+        check = LoadCheck(seconds=config.load_seconds, deadline_ms=config.load_deadline_ms)
+        arms = {"dense": str(named["dense"]), "pruned": str(named["pruned"])}
+        with clock.phase("load check"):
+            load = _cached(work / "serving" / "load.json", {"arms": arms, "check": asdict(check), "head": config.head,
+                                                            "device": config.device, "users": config.users},
+                           lambda: load_check(arms, request_payloads(data, pairs), check, config.head, device=config.device))
+    sampled = len(pairs) < len(data.splits["test"])
+    report = {
+        "protocol": {
+            "profile": config.profile, "dataset": data.name, "split": "leave-one-out (test)", "users": len(pairs),
+            "users_sampled": sampled, "seed": config.seed, "history_length": 10, "num_beams": 20,
+            "ranking": "full catalog, history excluded", "head": config.head,
+            "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
+                       f"per level, concurrency {config.concurrency}",
+            "compression": {"calibration": asdict(greedy_config.calibration), "distill_per_stage": asdict(greedy_config.distill),
+                            "trsp": asdict(trsp_config.trsp)},
+            "sasrec": f"RecBole 1.2.1, CE loss, max {config.sasrec_epochs} epochs, early stopping on valid NDCG@10",
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "minutes": clock.total(),
+            "phase_minutes": clock.minutes, "resumed": resumed,
+            "sample_check": sample_check(data, pairs) if sampled else None,
+            "config": asdict(config),
+        },
+        "models": models,
+        "load": load,
+    }
+    return write_report(report, output)
+
+
+def sample_check(data: PreparedData, pairs: np.ndarray) -> dict[str, float]:
+    """How representative the user sample is: MostPop (no model, so free) on the sample against every test user.
+
+    A sample of a few hundred users can be easier or harder than the whole split (on ml-100k the cpu profile's
+    300 users give MostPop NDCG@10 0.059 against 0.045 for all 943), which every absolute figure inherits;
+    ratios between models scored on the same users are what the sample is for."""
+    from pruning.evaluate import mostpop_metrics
+
+    every = data.splits["test"]
+    sample, _ = mostpop_metrics(data, pairs, True, [10], 20)
+    whole, _ = mostpop_metrics(data, every, True, [10], 20)
+    return {"mostpop_ndcg@10_sample": sample["ndcg@10"], "mostpop_ndcg@10_all_users": whole["ndcg@10"],
+            "mostpop_hr@10_sample": sample["hr@10"], "mostpop_hr@10_all_users": whole["hr@10"],
+            "all_users": len(every)}
+
+
+def _cached(path: Path, key: dict, compute: Any) -> Any:
+    """The result stored at ``path`` if it was computed with the same key, else compute and store it."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == json.loads(json.dumps(key)):
+            return stored["result"]
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "result": result}, default=str))
+    return result
+
+
+def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str, Path]:
+    """Plain LoRA on q/v and PrunePEFT's placement at the same trainable-parameter count, same training."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmrec.model import load_model
+    from pruning.peft_search import PeftSearchConfig, search
+    from pruning.train import TrainConfig
+    from pruning.train import apply_profile as train_profile
+    from pruning.train import run as train
+
+    base = load_model(config.model, device="cpu").model
+    plain = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    budget = sum(p.numel() for p in plain.parameters() if p.requires_grad)
+    searched = work / "peft" / "search.json"
+    if not searched.is_file():
+        search(PeftSearchConfig(output=str(searched), model=config.model, budget_params=budget, seed=config.seed), data,
+               device=config.device)
+    targets = json.loads(searched.read_text())["target_modules"]
+    arms = {"lora": (["q_proj", "v_proj"]), "lora-prunepeft": targets}
+    paths = {}
+    for name, modules in arms.items():
+        path = work / "peft" / name
+        if not (path / "prunerec.json").is_file():
+            settings = train_profile(TrainConfig(output=str(path), model=config.model, seed=config.seed), config.profile)
+            settings.method, settings.lora_r, settings.lora_alpha, settings.lora_targets = "lora", 8, 16, list(modules)
+            settings.lr = max(settings.lr, 1e-3)  # LoRA wants a higher rate than full fine-tuning
+            train(settings, data)
+        paths[name] = path
+    return paths
+
+
+def _prune(config: Any, bench: BenchConfig, apply: Any) -> Any:
+    config = apply(config, bench.profile)
+    config.eval_users = bench.users
+    config.device = bench.device
+    if bench.calibration_samples:
+        config.calibration.samples = bench.calibration_samples
+    return config
+
+
+def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None = 300, seed: int = 0,
+            head: str = "full", latency_requests: int = 24, concurrency: list[int] | None = None,
+            serve: bool = True, device: str | None = None) -> dict:
+    """Offline A/B of two artifacts: quality on the same users, a paired test on per-user NDCG@10, cost."""
+    from pruning.evaluate import sample_users
+
+    names = {"A": Path(a), "B": Path(b)}
+    models: dict[str, dict] = {}
+    ndcg: dict[str, np.ndarray] = {}
+    for name, path in names.items():
+        result = _evaluate(path, data, users, seed, head, output / "eval" / f"{name}.json", device)
+        models[name] = model_entry(path, result, Path.cwd().resolve())
+        ranks = pd.read_csv((output / "eval" / f"{name}.json").with_suffix(".ranks.csv"))
+        ndcg[name] = per_user_ndcg(ranks["rank"].tolist())
+    pairs = sample_users(data.splits["test"], users, seed)
+    if serve:
+        payloads = request_payloads(data, pairs[:latency_requests])
+        for name, path in names.items():
+            models[name]["serving"] = serve_and_measure(name, str(path), payloads, concurrency or [1, 16], head, device=device)
+    report = {
+        "protocol": {"compare": {"A": str(a), "B": str(b)}, "dataset": data.name, "users": len(pairs), "seed": seed,
+                     "history_length": 10, "num_beams": 20, "head": head, "ranking": "full catalog, history excluded"},
+        "models": models,
+        "paired_test": paired_test(ndcg["A"], ndcg["B"]),
+    }
+    write_report(report, output, ("A", "B"))
+    return report
