@@ -375,7 +375,9 @@ def summarize(teacher: str, stages: list[Path]) -> list[dict]:
         rows.append(row)
     evaluation = Path(teacher) / "eval" / "test.json"
     if evaluation.is_file():  # MostPop on the same users, for reference
-        mostpop = json.loads(evaluation.read_text())["mostpop"]
+        evaluated = json.loads(evaluation.read_text())
+        mostpop = evaluated["mostpop"]
+        rows[0]["users"] = evaluated.get("protocol", {}).get("users")
         row = {"name": "MostPop", "artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
                "ndcg@10": mostpop["ndcg@10"], "hr@10": mostpop["hr@10"], "non_embedding_removed": float("nan")}
         if dense_metrics.get("ndcg@10"):
@@ -396,4 +398,12 @@ def format_summary(rows: list[dict]) -> str:
             f"{100 * r['non_embedding_removed']:>8.1f}%{r.get('ndcg@10', float('nan')):>9.4f}"
             f"{r.get('hr@10', float('nan')):>8.4f}{r.get('ndcg@10_vs_dense', float('nan')):>11.3f}"
         )
+    users = rows[0].get("users") if rows else None
+    if users:
+        lines.append(f"NDCG@10 / HR@10 on {users} seeded test users (one hit in the top 10 moves HR@10 by {1 / users:.3f}).")
+    zero = [r["name"] for r in rows if r.get("hr@10") == 0]
+    if zero:
+        lines.append(f"{', '.join(zero)}: 0.0000 means no user's next item was in that model's top 10; on a sample this "
+                     "small and with minutes of CPU training that happens (more users: --eval-users; the real figures "
+                     "need the gpu profile).")
     return "\n".join(lines)

@@ -181,3 +181,16 @@ def test_a_killed_stage_leaves_no_staging_behind_and_resumes_from_its_cut_studen
     assert read_manifest(paths[0])["pruning"]["kept_kv_groups"]
     leftovers = [p.name for p in output.iterdir() if ".staging-" in p.name or p.name.endswith(".pruned")]
     assert leftovers == []
+
+
+def test_the_summary_says_how_many_users_and_why_a_stage_shows_zero():
+    from pruning.prune import format_summary
+
+    params = {"total": 10, "embedding": 2, "non_embedding": 8}
+    rows = [{"name": "dense", "artifact": "d", "params": params, "ndcg@10": 0.03, "hr@10": 0.08, "non_embedding_removed": 0.0,
+             "users": 50},
+            {"name": "1-attn", "artifact": "a", "params": params, "ndcg@10": 0.0, "hr@10": 0.0, "non_embedding_removed": 0.5}]
+    text = format_summary(rows)
+    assert "on 50 seeded test users" in text and "0.020" in text
+    assert "1-attn: 0.0000 means no user's next item was in that model's top 10" in text
+    assert "0.0000 means" not in format_summary(rows[:1])
