@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +55,26 @@ def request_payloads(data: PreparedData, pairs: np.ndarray, k: int = 10) -> list
     ]
 
 
+def wait_ready(base: str, timeout: float, alive: Callable[[], bool] = lambda: True, poll: float = 0.2) -> bool:
+    """Poll ``/readyz`` until it answers 200 (True), or until ``timeout`` seconds pass or ``alive()`` turns
+    false (False). The port may not be open yet: connection errors count as not ready."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    return False
+
+
 @contextlib.contextmanager
 def running_service(arms: dict[str, str], *options: str, env: dict[str, str] | None = None,
                     ready_timeout: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
     """``prunerec serve`` with these arms on a free port of 127.0.0.1, once ready: yields (base URL, process)."""
-    import httpx
-
     port = _free_port()
     command = [sys.executable, "-m", "cli", "serve", "--port", str(port), *options]
     for name, artifact in arms.items():
@@ -68,16 +82,8 @@ def running_service(arms: dict[str, str], *options: str, env: dict[str, str] | N
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + ready_timeout
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the service for {sorted(arms)} did not start")
-            time.sleep(0.5)
+        if not wait_ready(base, ready_timeout, alive=lambda: server.poll() is None):
+            raise RuntimeError(f"the service for {sorted(arms)} did not start")
         yield base, server
     finally:
         server.terminate()

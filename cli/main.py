@@ -589,16 +589,12 @@ def serve(
                        "torch_threads": torch_threads}.items():
         if value is not None:
             overrides[key] = value
-    if not overrides.get("models"):
-        try:
-            if not Settings().models:
-                _fail("no arms: pass --models NAME=ARTIFACT_DIR (or set PRUNEREC_MODELS)")
-        except (ValidationError, ValueError) as exc:
-            _fail(str(exc))
     try:
         settings = Settings(**overrides)
     except (ValidationError, ValueError) as exc:
         _fail(str(exc))
+    if not settings.models:
+        _fail("no arms: pass --models NAME=ARTIFACT_DIR (or set PRUNEREC_MODELS)")
     for name, path in settings.models.items():
         if not Path(path, "prunerec.json").is_file():
             _fail(f"arm {name}: {path} is not a prunerec artifact")

@@ -46,10 +46,10 @@ SEMANTIC_422 = ("unknown items in history", "k is larger than the number of item
 def base_url(arms):
     import socket
     import threading
-    import time
 
-    import httpx
     import uvicorn
+
+    from bench.harness import wait_ready
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -59,15 +59,7 @@ def base_url(arms):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "the server did not become ready"
-        time.sleep(0.05)
+    assert wait_ready(url, 120, alive=thread.is_alive, poll=0.05), "the server did not become ready"
     yield url
     server.should_exit = True
     thread.join(timeout=30)
