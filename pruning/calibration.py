@@ -63,12 +63,15 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
+def collate_batch(examples: list[Example], pad_id: int) -> Batch:
+    """Right-padded tensors of the examples (padding and prompts labelled -100)."""
+    tensors = collate(examples, pad_id)
+    return Batch(tensors["input_ids"], tensors["attention_mask"], tensors["labels"])
+
+
 def batches(examples: list[Example], pad_id: int, batch_size: int) -> list[Batch]:
-    out = []
-    for start in range(0, len(examples), batch_size):
-        tensors = collate(examples[start : start + batch_size], pad_id)
-        out.append(Batch(tensors["input_ids"], tensors["attention_mask"], tensors["labels"]))
-    return out
+    """The examples in order, ``batch_size`` at a time."""
+    return [collate_batch(examples[start : start + batch_size], pad_id) for start in range(0, len(examples), batch_size)]
 
 
 def calibration_batches(data: PreparedData, encoder: PromptEncoder, config: CalibrationConfig, pad_id: int) -> list[Batch]:
@@ -104,6 +107,9 @@ class TeacherTargets:
     """(n, k) float32 log-probabilities of those tokens"""
     tail_logprob: torch.Tensor
     """(n,) float32 log of the remaining mass"""
+
+    def to(self, device: torch.device) -> TeacherTargets:
+        return TeacherTargets(self.top_index.to(device), self.top_logprob.to(device), self.tail_logprob.to(device))
 
 
 def coarsen(logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> TeacherTargets:

@@ -7,28 +7,24 @@ the dense fine-tuned model; its distribution at temperature T is coarsened to to
 :mod:`pruning.calibration`) and cached per example the first time the example is seen, so later epochs and
 later stages reuse it instead of running the teacher again.
 
-Early stopping on the validation recommendation loss (CE of the valid split's targets); the best weights are
-kept. A checkpoint (student weights, optimiser, progress) is written at every evaluation, and a run with
-the same checkpoint directory resumes from it.
+The loop is :class:`pruning.engine.Engine`'s: early stopping on the validation recommendation loss (CE of
+the valid split's targets), the best weights kept, a checkpoint (student weights, optimiser, progress) at
+every evaluation, and a run with the same checkpoint directory resumes from it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pruning.calibration import Batch, TeacherTargets, batches, coarse_kl, coarsen, mean_ce, response_logits
-from pruning.examples import Example, collate
+from pruning.calibration import TeacherTargets, batches, coarse_kl, coarsen, collate_batch, mean_ce, response_logits
+from pruning.engine import Engine, Schedule
+from pruning.examples import Example
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +84,7 @@ class TeacherCache:
         missing = [i for i in indices if i not in self._store]
         if missing:
             device = next(self.teacher.parameters()).device
-            batch = _batch([self.examples[i] for i in missing], self.pad_id).to(device)
+            batch = collate_batch([self.examples[i] for i in missing], self.pad_id).to(device)
             logits = response_logits(self.teacher, batch)
             # split the flat positions back per example (row-major order of the response mask)
             counts = batch.response.sum(1).tolist()
@@ -108,20 +104,10 @@ class TeacherCache:
         )
 
 
-def _batch(examples: list[Example], pad_id: int) -> Batch:
-    tensors = collate(examples, pad_id)
-    return Batch(tensors["input_ids"], tensors["attention_mask"], tensors["labels"])
-
-
-@dataclass
-class DistillState:
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-    best_loss: float = math.inf
-    bad_evals: int = 0
-    elapsed: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
+def schedule_of(config: DistillConfig) -> Schedule:
+    return Schedule(batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
+                    max_minutes=config.max_minutes, warmup_steps=config.warmup_steps, max_grad_norm=1.0,
+                    eval_every=config.eval_every, patience=config.patience, seed=config.seed)
 
 
 def run(
@@ -132,98 +118,27 @@ def run(
     checkpoint_dir: Path,
     example_indices: list[int] | None = None,
 ) -> tuple[PreTrainedModel, dict]:
-    """Distil ``student`` on the teacher cache's examples; returns the best student and a training record."""
+    """Distil ``student`` on the teacher cache's examples; returns the best student and a training record.
+
+    A checkpoint of the same configuration in ``checkpoint_dir`` is resumed (another one is ignored); the
+    directory is removed once the best student is restored."""
     device = next(student.parameters()).device
     pad_id = teacher_cache.pad_id
     indices = example_indices if example_indices is not None else list(range(len(teacher_cache.examples)))
     valid_batches = batches(valid, pad_id, config.batch_size)
-    steps_per_epoch = math.ceil(len(indices) / config.batch_size)
-    total_steps = math.ceil(steps_per_epoch * config.epochs)
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (config.warmup_steps + 1)))
+    engine = Engine(student, optimizer, schedule_of(config), checkpoint_dir=checkpoint_dir, config_key=asdict(config),
+                    on_mismatch="restart", desc="distill")
 
-    state = DistillState()
-    state_file = checkpoint_dir / "distill_state.json"
-    if state_file.is_file():
-        saved = json.loads(state_file.read_text())
-        if saved["config"] == asdict(config):
-            student.load_state_dict(load_file(str(checkpoint_dir / "student.safetensors")), strict=False)
-            optimizer.load_state_dict(torch.load(checkpoint_dir / "optimizer.pt", weights_only=True))
-            scheduler.load_state_dict(saved["scheduler"])
-            state = DistillState(**saved["state"])
-            logger.info("distillation resumed at step %d", state.step)
-        else:
-            logger.warning("ignoring a distillation checkpoint made with another configuration")
+    def loss_of(chosen: list[int]) -> torch.Tensor:
+        teacher = teacher_cache.targets(chosen).to(device)
+        batch = collate_batch([teacher_cache.examples[i] for i in chosen], pad_id).to(device)
+        logits = response_logits(student, batch)
+        return distillation_loss(logits, batch.targets, teacher, config.alpha, config.temperature)
 
-    def checkpoint() -> None:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()}, str(checkpoint_dir / "student.safetensors"))
-        torch.save(optimizer.state_dict(), checkpoint_dir / "optimizer.pt")
-        payload = {"config": asdict(config), "state": asdict(state), "scheduler": scheduler.state_dict()}
-        tmp = checkpoint_dir / "distill_state.json.tmp"
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(state_file)
-
-    def evaluate() -> bool:
-        loss = mean_ce(student, valid_batches)
-        state.history.append({"step": state.step, "valid_loss": loss})
-        if loss < state.best_loss - 1e-4:
-            state.best_loss, state.bad_evals = loss, 0
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()}, str(checkpoint_dir / "best.safetensors"))
-        else:
-            state.bad_evals += 1
-        logger.info("distill step %d: valid loss %.4f (best %.4f)", state.step, loss, state.best_loss)
-        student.train()
-        return config.patience > 0 and state.bad_evals >= config.patience
-
-    if state.step == 0 and not state.history:
-        evaluate()
-    started = time.monotonic() - state.elapsed
-    student.train()
-    progress = tqdm(total=total_steps, initial=state.step, desc="distill", unit="step")
-    reason = None
-    while reason is None and state.step < total_steps:
-        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(config.seed + state.epoch)).tolist()
-        while state.position < len(order):
-            chosen = [indices[i] for i in order[state.position : state.position + config.batch_size]]
-            state.position += len(chosen)
-            teacher = teacher_cache.targets(chosen)
-            batch = _batch([teacher_cache.examples[i] for i in chosen], pad_id).to(device)
-            logits = response_logits(student, batch)
-            teacher_on_device = TeacherTargets(teacher.top_index.to(device), teacher.top_logprob.to(device), teacher.tail_logprob.to(device))
-            loss = distillation_loss(logits, batch.targets, teacher_on_device, config.alpha, config.temperature)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            state.step += 1
-            state.elapsed = time.monotonic() - started
-            progress.update(1)
-            progress.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            out_of_time = config.max_minutes is not None and state.elapsed >= config.max_minutes * 60
-            done = state.step >= total_steps or out_of_time
-            if state.step % config.eval_every == 0 or done:
-                if evaluate():
-                    reason = "early stopping"
-                checkpoint()
-            if done and reason is None:
-                reason = "time budget" if out_of_time else "steps"
-            if reason is not None:
-                break
-        else:
-            state.epoch += 1
-            state.position = 0
-    progress.close()
-    student.load_state_dict(load_file(str(checkpoint_dir / "best.safetensors")), strict=False)
+    engine.fit(indices, list, loss_of, lambda: mean_ce(student, valid_batches))
+    engine.restore_best(student)
     student.eval()
-    record = {
-        "steps": state.step, "stop_reason": reason or "steps", "minutes": round(state.elapsed / 60, 2),
-        "best_valid_loss": state.best_loss, "valid_history": state.history,
-        "teacher_examples_computed": teacher_cache.computed,
-    }
+    record = {**engine.record(), "teacher_examples_computed": teacher_cache.computed}
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return student, record

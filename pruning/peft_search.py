@@ -42,11 +42,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
-from pruning.calibration import batches, recommendation_loss
+from pruning.calibration import Batch, batches, recommendation_loss
+from pruning.engine import Engine, Schedule
 from pruning.examples import training_examples
 from recdata.prep import PreparedData
 from recdata.prompts import get_template
@@ -232,31 +232,38 @@ def search(config: PeftSearchConfig, data: PreparedData, device: str | None = No
         c.module = modules[c.name]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     model_device = next(model.parameters()).device
+    # one engine for every round, so that the batch order runs on across rounds; no clipping, as the search
+    # scores the adapters' raw gradients
+    schedule = Schedule(batch_size=1, epochs=math.inf, max_grad_norm=None, seed=config.seed)
+    engine = Engine(model, optimizer, schedule, desc="peft search")
 
     live = list(candidates)
     rounds = []
-    generator = torch.Generator().manual_seed(config.seed)
-    progress = tqdm(desc="peft search", unit="round")
+    stats = _Statistics([])
+    losses: list[float] = []
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        batch = batch.to(model_device)
+        stats.token_mask = batch.attention_mask
+        loss = recommendation_loss(inner, batch)
+        losses.append(float(loss.detach()))
+        return loss
+
+    def accumulate_gradients() -> None:
+        for c in live:
+            a, b = _lora_pair(c.module)
+            grads = [(w, w.grad) for w in (a, b) if w.grad is not None]
+            n = sum(w.numel() for w, _ in grads) or 1
+            stats.gradient[c.name] += sum(float(g.abs().sum()) for _, g in grads) / n
+            stats.taylor[c.name] += sum(float((w.detach() * g).abs().sum()) for w, g in grads) / n
+
     while sum(c.params for c in live) > budget:
         stats = _Statistics([c.name for c in live])
-        handles = [c.module.lora_B["default"].register_forward_hook(stats.activation_hook(c.name)) for c in live]
         losses = []
-        model.train()
+        handles = [c.module.lora_B["default"].register_forward_hook(stats.activation_hook(c.name)) for c in live]
         try:
-            for _ in range(config.steps_per_round):
-                batch = train[int(torch.randint(len(train), (1,), generator=generator))].to(model_device)
-                stats.token_mask = batch.attention_mask
-                loss = recommendation_loss(inner, batch)
-                loss.backward()
-                for c in live:
-                    a, b = _lora_pair(c.module)
-                    grads = [(w, w.grad) for w in (a, b) if w.grad is not None]
-                    n = sum(w.numel() for w, _ in grads) or 1
-                    stats.gradient[c.name] += sum(float(g.abs().sum()) for _, g in grads) / n
-                    stats.taylor[c.name] += sum(float((w.detach() * g).abs().sum()) for w, g in grads) / n
-                optimizer.step()
-                optimizer.zero_grad()
-                losses.append(float(loss.detach()))
+            engine.fit(train, lambda items: items[0], loss_of, after_backward=accumulate_gradients,
+                       until_step=engine.state.step + config.steps_per_round)
         finally:
             for handle in handles:
                 handle.remove()
@@ -282,11 +289,9 @@ def search(config: PeftSearchConfig, data: PreparedData, device: str | None = No
         live = [c for c in live if c.name not in names]
         rounds.append({"live_before": len(live) + len(dropped), "dropped": sorted(names), "params_after": remaining,
                        "mean_loss": sum(losses) / len(losses)})
-        progress.update(1)
-        progress.set_postfix(live=len(live), params=f"{remaining:,}")
         logger.info("peft search round %d: dropped %d adapters, %d left (%s params, budget %s), loss %.4f",
                     len(rounds), len(dropped), len(live), f"{remaining:,}", f"{budget:,}", rounds[-1]["mean_loss"])
-    progress.close()
+    engine.close()
 
     kept = [c for c in candidates if c in live]
     record = {

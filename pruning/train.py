@@ -9,24 +9,20 @@ The result is a prunerec artifact (LoRA weights merged, so stock ``AutoModelForC
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from llmrec.artifact import write_artifact
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
-from pruning.examples import Example, collate, split_examples, training_examples
+from pruning.calibration import batches, mean_ce
+from pruning.engine import Engine, Schedule, warmup_scheduler
+from pruning.examples import collate, split_examples, training_examples
 from recdata.prep import PreparedData
 from recdata.prompts import get_template
 
@@ -126,57 +122,17 @@ def apply_profile(config: TrainConfig, profile: str) -> TrainConfig:
     return TrainConfig(**values)
 
 
-@dataclass
-class TrainerState:
-    """Progress that a checkpoint restores."""
-
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    best_loss: float = math.inf
-    bad_evals: int = 0
-    elapsed: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _stop_reason(config: TrainConfig, state: TrainerState, total_steps: int) -> str | None:
-    if config.max_steps is not None and state.step >= config.max_steps:
-        return "max steps"
-    if state.step >= total_steps:
-        return "epochs"
-    if config.max_minutes is not None and state.elapsed >= config.max_minutes * 60:
-        return "time budget"
-    return None
-
-
 def _config_key(config: TrainConfig) -> dict[str, Any]:
     """The fields a checkpoint must agree on to be resumed (not the stopping criteria)."""
     skip = {"max_steps", "max_minutes", "epochs", "patience", "checkpoint_dir", "resume", "keep_checkpoints"}
     return {k: v for k, v in asdict(config).items() if k not in skip}
 
 
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, examples: list[Example], pad_id: int, batch_size: int, device: torch.device) -> float:
-    """Mean cross-entropy per response token over the examples."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        mask = shift_labels != -100
-        # Only the response positions: (n_targets, V) instead of (B, T, V) log-softmax.
-        loss = torch.nn.functional.cross_entropy(shift_logits[mask], shift_labels[mask], reduction="sum")
-        total += float(loss)
-        count += int(mask.sum())
-    if was_training:
-        model.train()
-    return total / max(count, 1)
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+def schedule_of(config: TrainConfig) -> Schedule:
+    return Schedule(batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
+                    max_minutes=config.max_minutes, grad_accum=config.grad_accum, warmup_steps=config.warmup_steps,
+                    max_grad_norm=config.max_grad_norm, eval_every=config.eval_every, patience=config.patience,
+                    seed=config.seed)
 
 
 def run(config: TrainConfig, data: PreparedData) -> Path:
@@ -223,105 +179,26 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     trainable_params = sum(p.numel() for p in trainable)
     logger.info("trainable parameters: %d", trainable_params)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    warmup = max(config.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    scheduler = warmup_scheduler(optimizer, config.warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    engine = Engine(model, optimizer, schedule_of(config), scheduler=scheduler, accelerator=accelerator,
+                    checkpoint_dir=config.checkpoint_path(), config_key=_config_key(config), resume=config.resume)
+    valid_batches = batches(valid_set, pad_id, config.batch_size)
 
-    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * accelerator.num_processes * config.grad_accum))
-    total_steps = math.ceil(steps_per_epoch * config.epochs)
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    def validate() -> float:
+        # the response positions only, on the plain model under any DDP / peft wrapper
+        inner = accelerator.unwrap_model(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        return mean_ce(inner, valid_batches)
 
-    ckpt = config.checkpoint_path()
-    state = TrainerState()
-    if config.resume and (ckpt / "trainer_state.json").is_file():
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
-        if saved.get("config") != _config_key(config):
-            raise ValueError(
-                f"checkpoint {ckpt} was made with another configuration; pass --no-resume or another "
-                "--checkpoint-dir"
-            )
-        accelerator.load_state(str(ckpt / "state"))
-        state = TrainerState(**saved["state"])
-        logger.info("resumed from %s at step %d", ckpt, state.step)
-
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(ckpt / "state"))
-        if accelerator.is_main_process:
-            payload = {"config": _config_key(config), "state": asdict(state)}
-            tmp = ckpt / "trainer_state.json.tmp"
-            tmp.write_text(json.dumps(payload, indent=2))
-            tmp.replace(ckpt / "trainer_state.json")
-
-    def evaluate_and_track() -> bool:
-        """Validation loss; keep the best weights; True when early stopping triggers."""
-        loss = validation_loss(model, valid_set, pad_id, config.batch_size, accelerator.device)
-        state.history.append({"step": state.step, "valid_loss": loss})
-        if loss < state.best_loss - 1e-4:
-            state.best_loss, state.bad_evals = loss, 0
-            if accelerator.is_main_process:
-                ckpt.mkdir(parents=True, exist_ok=True)
-                save_file(_trainable_state(accelerator.unwrap_model(model)), str(ckpt / "best.safetensors"))
-        else:
-            state.bad_evals += 1
-        logger.info("step %d: valid loss %.4f (best %.4f)", state.step, loss, state.best_loss)
-        return config.patience > 0 and state.bad_evals >= config.patience
-
-    if state.step == 0 and not state.history:
-        evaluate_and_track()  # the starting point, so that a useless run keeps the base weights
-        save_checkpoint()
-
-    model.train()
-    started = time.monotonic() - state.elapsed
-    progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
-                    disable=not accelerator.is_local_main_process)
-    running = 0.0
-    stop_reason = _stop_reason(config, state, total_steps)
-    while stop_reason is None:
-        generator = torch.Generator().manual_seed(config.seed + state.epoch)
-        loader: DataLoader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,  # type: ignore[arg-type]
-                                        generator=generator, collate_fn=lambda batch: collate(batch, pad_id))
-        loader = accelerator.prepare(loader)
-        if state.batches_in_epoch:
-            loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            value = float(loss.detach())
-            running = 0.9 * running + 0.1 * value if state.step > 1 else value
-            progress.update(1)
-            progress.set_postfix(loss=f"{running:.3f}")
-            state.elapsed = time.monotonic() - started
-            stop_reason = _stop_reason(config, state, total_steps)
-            if state.step % config.eval_every == 0 or stop_reason is not None:
-                if evaluate_and_track() and stop_reason is None:
-                    stop_reason = "early stopping"
-                save_checkpoint()
-            if stop_reason is not None:
-                break
-        else:  # the epoch ended without a stop
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            stop_reason = _stop_reason(config, state, total_steps)
-    progress.close()
-    logger.info("training stopped (%s) at step %d after %.1f min", stop_reason, state.step, state.elapsed / 60)
+    # the loss through the (possibly DDP-wrapped) model's own forward, so that gradients synchronise
+    engine.fit(train_set, lambda examples: collate(examples, pad_id), lambda batch: model(**batch).loss, validate)
 
     accelerator.wait_for_everyone()
     output = Path(config.output)
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        final.load_state_dict(load_file(str(ckpt / "best.safetensors")))
+        final: Any = engine.unwrapped()
+        engine.restore_best(final)
         if config.method == "lora":
             final = final.merge_and_unload()
         final.eval()
@@ -334,14 +211,12 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
             "stage_config": asdict(config),
             "training": {
                 "examples": len(train_set), "target_items": items, "target_tokens": targets, "tokens": tokens,
-                "packing": packing, "trainable_params": trainable_params,
-                "steps": state.step, "stop_reason": stop_reason, "minutes": round(state.elapsed / 60, 2),
-                "best_valid_loss": state.best_loss, "valid_history": state.history,
+                "packing": packing, "trainable_params": trainable_params, **engine.record(),
                 "processes": accelerator.num_processes,
             },
         }
         write_artifact(output, final, tokenizer, data.catalog, manifest)
         if not config.keep_checkpoints:
-            shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.rmtree(config.checkpoint_path(), ignore_errors=True)
     accelerator.wait_for_everyone()
     return output

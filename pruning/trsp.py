@@ -28,17 +28,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pruning.calibration import Batch, batches, mean_ce, recommendation_loss
+from pruning.engine import Engine, Schedule, frozen
 from pruning.examples import Example
 from pruning.importance import layers_replaced
 from pruning.surgery import drop_layers
@@ -129,12 +128,9 @@ class LayerGates(nn.Module):
         return value
 
 
-def _cycle(items: list[Batch], seed: int) -> Iterator[Batch]:
-    epoch = 0
-    while True:
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        yield from (items[i] for i in order)
-        epoch += 1
+def _single(items: list[Batch]) -> Batch:
+    """The engine's collate for pre-built batches (one per step)."""
+    return items[0]
 
 
 def select_layers(
@@ -148,28 +144,27 @@ def select_layers(
     optimizer: torch.optim.Optimizer = (
         torch.optim.SGD(params, lr=config.gate_lr) if config.gate_optimizer == "sgd" else torch.optim.Adam(params, lr=config.gate_lr)
     )
+    # one engine for every round, so that the batch order runs on across rounds; no clipping: the gates'
+    # gradients are small already (see TRSPConfig.gate_lr)
+    rounds = remove * config.steps_per_round
+    schedule = Schedule(batch_size=1, epochs=math.inf, max_steps=rounds, max_grad_norm=None, seed=config.seed)
+    engine = Engine(gates, optimizer, schedule, desc="trsp gates")
     device = next(model.parameters()).device
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     chosen: list[int] = []
     history: list[list[float]] = []
-    stream = _cycle(train, config.seed)
+    live: list[int] = []
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        return recommendation_loss(model, batch.to(device)) + config.lambda1 * gates.scale[live].abs().sum()
+
     model.eval()  # dropout off: the gates are judged on the deterministic model
-    progress = tqdm(total=remove * config.steps_per_round, desc="trsp gates", unit="step")
     try:
-        with gates.attached(model):
+        with frozen(model), gates.attached(model):
             for _ in range(remove):
                 live = [i for i in range(len(layers)) if i not in chosen]
                 # a bypassed gate (s = 0) equals skipping the layer, so the chosen layers are not run at all
                 with layers_replaced(model, [layers[i] for i in live]):
-                    for _ in range(config.steps_per_round):
-                        batch = next(stream).to(device)
-                        loss = recommendation_loss(model, batch) + config.lambda1 * gates.scale[live].abs().sum()
-                        loss.backward()
-                        optimizer.step()
-                        optimizer.zero_grad()
-                        progress.update(1)
+                    engine.fit(train, _single, loss_of, until_step=engine.state.step + config.steps_per_round)
                 values = gates.scale.detach().clone().cpu()
                 history.append(values.tolist())
                 pick = min(live, key=lambda i: abs(float(values[i])))
@@ -178,9 +173,7 @@ def select_layers(
                     gates.scale[pick] = 0.0
                 logger.info("trsp round %d: layer %d chosen (|s| = %.4f)", len(chosen), pick, abs(float(values[pick])))
     finally:
-        progress.close()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
+        engine.close()
     return chosen, history
 
 
@@ -196,56 +189,46 @@ def bypass_gap(model: PreTrainedModel, held_out: list[Batch], chosen: list[int])
 def regularise(
     model: PreTrainedModel, train: list[Batch], held_out: list[Batch], chosen: list[int], config: TRSPConfig
 ) -> dict:
-    """Stage two: train the weights toward making the chosen layers the identity (in place)."""
+    """Stage two: train the weights toward making the chosen layers the identity (in place). The engine
+    validates the relative bypass cost every ``check_every`` steps and stops once it is within tolerance."""
     gates = LayerGates(len(model.model.layers))
     gates.scale.requires_grad_(False)
     gates.penalised = list(chosen)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    stream = _cycle(train, config.seed + 1)
-    full, bypassed = bypass_gap(model, held_out, chosen)
-    history = [{"step": 0, "full": full, "bypassed": bypassed}]
-    logger.info("trsp stage two: held-out loss %.4f, %.4f with the chosen layers bypassed", full, bypassed)
+    schedule = Schedule(batch_size=1, epochs=math.inf, max_steps=config.stage_two_steps,
+                        max_minutes=config.stage_two_minutes, eval_every=config.check_every, seed=config.seed + 1)
+    engine = Engine(model, optimizer, schedule, desc="trsp identity", metric="bypass_cost", keep_best=False)
+    history: list[dict[str, float]] = []
     penalties: list[float] = []
-    started = time.monotonic()
-    step = 0
-    reason = "steps"
-    progress = tqdm(total=config.stage_two_steps, desc="trsp identity", unit="step")
+
+    def loss_of(batch: Batch) -> torch.Tensor:
+        batch = batch.to(device)
+        gates.token_mask = batch.attention_mask
+        rec = recommendation_loss(model, batch)
+        penalty = gates.take_penalty()
+        penalties.append(float(penalty.detach()))
+        return rec + config.lambda2 * penalty
+
+    def check() -> float:
+        gates.penalised = []  # the held-out check records nothing
+        full, bypassed = bypass_gap(model, held_out, chosen)
+        gates.penalised = list(chosen)
+        gates.take_penalty()
+        entry = {"step": engine.state.step, "full": full, "bypassed": bypassed}
+        if penalties:
+            entry["identity_penalty"] = penalties[-1]
+        history.append(entry)
+        logger.info("trsp step %d: held-out %.4f, bypassed %.4f", engine.state.step, full, bypassed)
+        return (bypassed - full) / max(full, 1e-12)
+
     with gates.attached(model):
-        while step < config.stage_two_steps:
-            if bypassed <= full * (1 + config.tolerance):
-                reason = "bypass cost within tolerance"
-                break
-            if config.stage_two_minutes is not None and time.monotonic() - started >= config.stage_two_minutes * 60:
-                reason = "time budget"
-                break
-            model.train()
-            batch = next(stream).to(device)
-            gates.token_mask = batch.attention_mask
-            rec = recommendation_loss(model, batch)
-            penalty = gates.take_penalty()
-            loss = rec + config.lambda2 * penalty
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            penalties.append(float(penalty.detach()))
-            step += 1
-            progress.update(1)
-            progress.set_postfix(rec=f"{float(rec.detach()):.3f}", identity=f"{penalties[-1]:.3f}")
-            if step % config.check_every == 0 or step == config.stage_two_steps:
-                gates.penalised = []  # the held-out check records nothing
-                full, bypassed = bypass_gap(model, held_out, chosen)
-                gates.penalised = list(chosen)
-                gates.take_penalty()
-                history.append({"step": step, "full": full, "bypassed": bypassed, "identity_penalty": penalties[-1]})
-                logger.info("trsp step %d: held-out %.4f, bypassed %.4f, identity penalty %.4f", step, full, bypassed, penalties[-1])
-    progress.close()
+        reason = engine.fit(train, _single, loss_of, check, stop_when=lambda cost: cost <= config.tolerance,
+                            target_reason="bypass cost within tolerance")
     model.eval()
-    return {
-        "steps": step, "stop_reason": reason, "minutes": round((time.monotonic() - started) / 60, 2),
-        "held_out": history, "identity_penalty": penalties,
-    }
+    record = engine.record()
+    return {"steps": record["steps"], "stop_reason": reason, "minutes": record["minutes"], "held_out": history,
+            "identity_penalty": penalties}
 
 
 def trsp_depth(

@@ -1,0 +1,396 @@
+"""The one training engine: every optimisation loop of prunerec runs through :class:`Engine`.
+
+Fine-tuning (:mod:`pruning.train`), distillation after a pruning stage (:mod:`pruning.distill`), TRSP's gate
+and identity stages (:mod:`pruning.trsp`) and PrunePEFT's search rounds (:mod:`pruning.peft_search`) differ
+in their loss and their data; what they share lives here once:
+
+- the schedule: epochs over a seeded order (one permutation per epoch), step / time budgets, warm-up,
+  gradient accumulation, gradient clipping;
+- validation every ``eval_every`` steps (and at step 0, so that a useless run keeps its starting weights),
+  early stopping after ``patience`` evaluations without an improvement of ``min_delta``, an optional
+  target ("stop once the validation value satisfies this"), best weights kept and restored;
+- checkpoints (weights, optimiser, scheduler, progress) written at every evaluation, and resume from them:
+  a resumed run is the same run as an uninterrupted one (same batches, same updates), and a checkpoint made
+  with another configuration is refused or ignored;
+- progress (a tqdm bar with the running loss) and the record that lands in the artifact's manifest.
+
+With an ``accelerate.Accelerator`` (fine-tuning, so that ``accelerate launch`` spreads it over processes)
+the engine uses its ``backward`` / ``accumulate`` / ``save_state``; without one (the compression stages, run
+inside one process on one device) the same loop runs on plain torch. Accelerate's process-wide state cannot
+be re-created with other settings in one process, which is why the compression stages do not make one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+BEST_FILE = "best.safetensors"
+
+
+@dataclass
+class Schedule:
+    """When a loop steps, validates, stops and saves. Built by each stage from its own config."""
+
+    batch_size: int = 8
+    """Examples per micro-batch (per process)."""
+    epochs: float = 1.0
+    """Passes over the data (fractions allowed)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps."""
+    max_minutes: float | None = None
+    """Stop after this much training time (summed over resumed runs)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    warmup_steps: int = 0
+    """Linear warm-up of the learning rate over this many steps, then constant."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping (None or 0: none)."""
+    eval_every: int | None = None
+    """Optimiser steps between validations and checkpoints (None: only at the start and the end)."""
+    patience: int = 0
+    """Validations without improvement before early stopping (0: never)."""
+    min_delta: float = 1e-4
+    """The smallest decrease of the validation value that counts as an improvement."""
+    seed: int = 0
+    """Seed of the data order (epoch e uses seed + e)."""
+
+
+@dataclass
+class EngineState:
+    """Progress that a checkpoint restores."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed."""
+    best: float = math.inf
+    """Best (lowest) validation value so far."""
+    bad_evals: int = 0
+    elapsed: float = 0.0
+    """Seconds of training so far, over every resumed run."""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` optimiser steps, then the constant peak rate."""
+    warmup = max(warmup_steps, 0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of every tensor of the state dict (tied weights become separate copies, which
+    ``save_file`` requires)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+class Engine:
+    """One optimisation loop over ``module``'s parameters in ``optimizer``.
+
+    ``module`` is what the checkpoints and the best weights hold (the model being trained, or TRSP's gates);
+    the loss function closes over whatever it needs. ``fit`` may be called several times (rounds): each call
+    goes on from where the last stopped, in the same data order.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        *,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        accelerator: Any = None,
+        checkpoint_dir: Path | None = None,
+        config_key: dict[str, Any] | None = None,
+        resume: bool = True,
+        on_mismatch: Literal["raise", "restart"] = "raise",
+        desc: str = "train",
+        metric: str = "valid_loss",
+        keep_best: bool = True,
+    ):
+        self.module = module
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.scheduler = scheduler if scheduler is not None else warmup_scheduler(optimizer, schedule.warmup_steps)
+        self.accelerator = accelerator
+        self.checkpoint_dir = checkpoint_dir
+        self.config_key = config_key or {}
+        self.desc = desc
+        self.metric = metric
+        """Name of the validation value in the history records."""
+        self.keep_best = keep_best
+        """Keep a copy of the best validated weights (False: the loop's result is its last state)."""
+        self.state = EngineState()
+        self.stop_reason: str | None = None
+        self._best_in_memory: dict[str, torch.Tensor] | None = None
+        self._progress: Any = None
+        self._micro = 0
+        self._running_loss = 0.0
+        if checkpoint_dir is not None and resume and (checkpoint_dir / STATE_FILE).is_file():
+            self._restore(on_mismatch)
+
+    # -- properties of the run ------------------------------------------------------------------------
+
+    @property
+    def processes(self) -> int:
+        return int(self.accelerator.num_processes) if self.accelerator is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process) if self.accelerator is not None else True
+
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.module) if self.accelerator is not None else self.module
+
+    def total_steps(self, examples: int) -> int:
+        """Optimiser steps of the schedule over ``examples`` data items."""
+        per_epoch = math.ceil(examples / (self.schedule.batch_size * self.processes * self.schedule.grad_accum))
+        total = math.ceil(per_epoch * self.schedule.epochs) if math.isfinite(self.schedule.epochs) else sys.maxsize
+        return min(total, self.schedule.max_steps) if self.schedule.max_steps is not None else total
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        data: Sequence[Any],
+        collate: Callable[[list[Any]], Any],
+        loss_fn: Callable[[Any], torch.Tensor],
+        validate: Callable[[], float] | None = None,
+        *,
+        stop_when: Callable[[float], bool] | None = None,
+        target_reason: str = "target reached",
+        after_backward: Callable[[], None] | None = None,
+        until_step: int | None = None,
+    ) -> str:
+        """Train until the schedule, early stopping, ``stop_when`` (on a validation value) or ``until_step``
+        (a pause: call again to go on) says stop; returns the reason.
+
+        ``loss_fn`` gets a collated batch and returns the scalar loss; ``validate`` returns a value to
+        minimise; ``after_backward`` runs after each backward pass (PrunePEFT's gradient statistics).
+        """
+        if not data:
+            raise ValueError(f"{self.desc}: no training data")
+        total = self.total_steps(len(data))
+        if self._progress is None:
+            self._progress = tqdm(total=total if total < sys.maxsize else None, initial=self.state.step, desc=self.desc, unit="step",
+                                  disable=not self.is_main)
+        if validate is not None and self.state.step == 0 and not self.state.history:
+            if self._evaluate(validate, stop_when):  # the starting point, so that a useless run keeps it
+                self.stop_reason = target_reason
+                self.close()
+                return target_reason
+            self._save()
+        self.module.train()
+        started = time.monotonic() - self.state.elapsed
+        reason = self._stop_reason(total, until_step)
+        while reason is None:
+            for batch in self._epoch_batches(data, collate):
+                self.state.batches_in_epoch += 1
+                loss, synced = self._micro_step(batch, loss_fn, after_backward)
+                if not synced:
+                    continue
+                self.state.step += 1
+                self.state.elapsed = time.monotonic() - started
+                value = float(loss.detach())
+                self._running_loss = 0.9 * self._running_loss + 0.1 * value if self.state.step > 1 else value
+                self._progress.update(1)
+                self._progress.set_postfix(loss=f"{self._running_loss:.3f}")
+                reason = self._stop_reason(total, until_step)
+                every = self.schedule.eval_every
+                finished = reason is not None and reason != "pause"
+                if validate is not None and ((every and self.state.step % every == 0) or finished):
+                    stop = self._evaluate(validate, stop_when)
+                    if reason is None or reason == "pause":
+                        if stop_when is not None and stop == "target":
+                            reason = target_reason
+                        elif stop == "patience":
+                            reason = "early stopping"
+                    self._save()
+                if reason is not None:
+                    break
+            else:  # the epoch ended without a stop
+                self.state.epoch += 1
+                self.state.batches_in_epoch = 0
+                reason = self._stop_reason(total, until_step)
+        if reason != "pause":
+            self.stop_reason = reason
+            self.close()
+            logger.info("%s stopped (%s) at step %d after %.1f min", self.desc, reason, self.state.step,
+                        self.state.elapsed / 60)
+        return reason
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _epoch_batches(self, data: Sequence[Any], collate: Callable[[list[Any]], Any]) -> Iterator[Any]:
+        """The current epoch's batches in its seeded order, past those already consumed."""
+        generator = torch.Generator().manual_seed(self.schedule.seed + self.state.epoch)
+        loader: Any = DataLoader(data, batch_size=self.schedule.batch_size, shuffle=True,  # type: ignore[arg-type]
+                                 generator=generator, collate_fn=collate)
+        if self.accelerator is not None:
+            loader = self.accelerator.prepare(loader)
+        if self.state.batches_in_epoch:
+            from accelerate import skip_first_batches
+
+            loader = skip_first_batches(loader, self.state.batches_in_epoch)
+        return iter(loader)
+
+    def _micro_step(self, batch: Any, loss_fn: Callable[[Any], torch.Tensor],
+                    after_backward: Callable[[], None] | None) -> tuple[torch.Tensor, bool]:
+        """Forward and backward of one micro-batch; the optimiser steps when the accumulation is complete.
+        Returns the loss and whether an optimiser step happened."""
+        clip = self.schedule.max_grad_norm
+        if self.accelerator is not None:
+            with self.accelerator.accumulate(self.module):
+                loss = loss_fn(batch)
+                self.accelerator.backward(loss)
+                if after_backward is not None:
+                    after_backward()
+                if self.accelerator.sync_gradients and clip:
+                    self.accelerator.clip_grad_norm_(self.module.parameters(), clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            return loss, bool(self.accelerator.sync_gradients)
+        self._micro += 1
+        accumulate = max(self.schedule.grad_accum, 1)
+        loss = loss_fn(batch)
+        (loss / accumulate).backward()
+        if after_backward is not None:
+            after_backward()
+        if self._micro % accumulate:
+            return loss, False
+        if clip:
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        return loss, True
+
+    def _stop_reason(self, total: int, until_step: int | None) -> str | None:
+        if self.schedule.max_steps is not None and self.state.step >= self.schedule.max_steps:
+            return "max steps"
+        if self.state.step >= total:
+            return "epochs"
+        if self.schedule.max_minutes is not None and self.state.elapsed >= self.schedule.max_minutes * 60:
+            return "time budget"
+        if until_step is not None and self.state.step >= until_step:
+            return "pause"
+        return None
+
+    # -- validation and the best weights ----------------------------------------------------------------
+
+    def _evaluate(self, validate: Callable[[], float], stop_when: Callable[[float], bool] | None) -> str | None:
+        """Validate, keep the best weights; 'target' or 'patience' when the loop should stop, else None."""
+        value = float(validate())
+        self.module.train()
+        self.state.history.append({"step": self.state.step, self.metric: value})
+        if value < self.state.best - self.schedule.min_delta:
+            self.state.best, self.state.bad_evals = value, 0
+            if self.keep_best:
+                self._keep_best()
+        else:
+            self.state.bad_evals += 1
+        logger.info("%s step %d: %s %.4f (best %.4f)", self.desc, self.state.step, self.metric, value, self.state.best)
+        if stop_when is not None and stop_when(value):
+            return "target"
+        if self.schedule.patience > 0 and self.state.bad_evals >= self.schedule.patience:
+            return "patience"
+        return None
+
+    def _keep_best(self) -> None:
+        weights = cpu_state(self.unwrapped())
+        if self.checkpoint_dir is None:
+            self._best_in_memory = weights
+        elif self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            save_file(weights, str(self.checkpoint_dir / BEST_FILE))
+
+    def best_weights(self) -> dict[str, torch.Tensor] | None:
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / BEST_FILE).is_file():
+            return load_file(str(self.checkpoint_dir / BEST_FILE))
+        return self._best_in_memory
+
+    def restore_best(self, module: nn.Module | None = None) -> None:
+        """Load the best validated weights into ``module`` (default: the unwrapped trained module)."""
+        weights = self.best_weights()
+        if weights is not None:
+            (module if module is not None else self.unwrapped()).load_state_dict(weights)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        directory = self.checkpoint_dir / "state"
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(directory))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file(cpu_state(self.module), str(directory / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       directory / "optimizer.pt")
+        if self.is_main:
+            payload = {"config": self.config_key, "state": asdict(self.state)}
+            tmp = self.checkpoint_dir / f"{STATE_FILE}.tmp"
+            tmp.write_text(json.dumps(payload, indent=2))
+            tmp.replace(self.checkpoint_dir / STATE_FILE)
+
+    def _restore(self, on_mismatch: str) -> None:
+        assert self.checkpoint_dir is not None
+        saved = json.loads((self.checkpoint_dir / STATE_FILE).read_text())
+        if saved.get("config") != self.config_key:
+            if on_mismatch == "raise":
+                raise ValueError(f"checkpoint {self.checkpoint_dir} was made with another configuration; pass "
+                                 "--no-resume or another --checkpoint-dir")
+            logger.warning("%s: ignoring the checkpoint in %s (another configuration)", self.desc, self.checkpoint_dir)
+            return
+        directory = self.checkpoint_dir / "state"
+        if self.accelerator is not None:
+            self.accelerator.load_state(str(directory))
+        else:
+            self.module.load_state_dict(load_file(str(directory / "model.safetensors")))
+            states = torch.load(directory / "optimizer.pt", weights_only=True)
+            self.optimizer.load_state_dict(states["optimizer"])
+            self.scheduler.load_state_dict(states["scheduler"])
+        self.state = EngineState(**saved["state"])
+        logger.info("%s resumed from %s at step %d", self.desc, self.checkpoint_dir, self.state.step)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifests record of a finished run."""
+        return {"steps": self.state.step, "stop_reason": self.stop_reason, "minutes": round(self.state.elapsed / 60, 2),
+                f"best_{self.metric}": self.state.best, f"{self.metric.split('_')[0]}_history": self.state.history}
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No gradients for ``module``'s parameters inside the block (their flags are restored after)."""
+    flags = {p: p.requires_grad for p in module.parameters()}
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)

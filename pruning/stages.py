@@ -1,0 +1,350 @@
+"""The compression stages of PruneRec (arXiv 2507.07064, §3.2–3.5) and the exact vocabulary stage.
+
+Each stage is an object with the one shape ``stage.run(config, inputs) -> StageArtifact``: score and cut the
+parent (``cut``, what differs between stages), check the result against the plan, recover it by
+distillation from the dense teacher, write ``<output>/<n>-<stage>`` and evaluate it. The common part lives in
+:meth:`Stage.run` once, and what a stage does differently is a method or a class attribute of it, so the
+pipeline (:mod:`pruning.prune`) dispatches from :data:`STAGES` without knowing any stage by name.
+
+- ``attn`` (§3.3): KV groups / query heads by ablation KL against the teacher, then residual width by
+  activation energy;
+- ``mlp`` (§3.3): the top channels of every layer by |down_proj input| × column norm;
+- ``depth`` (§3.4): greedy removal of whole layers by the calibration loss, or TRSP / ELDeR
+  (:mod:`pruning.trsp`, arXiv 2505.18232) as ``depth_method``;
+- ``vocab`` (past the paper): embedding, LM head and tokenizer cut to the template and the catalog titles;
+  exact (the kept tokens' logits are unchanged), so it needs no calibration data and no distillation.
+
+A stage's cut student is kept as ``.<n>-<stage>.pruned`` until the stage's artifact is written, so a run
+killed during distillation resumes without scoring again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llmrec.artifact import is_artifact, parameter_counts, read_manifest, write_artifact
+from llmrec.model import load_model
+from pruning import distill, importance
+from pruning.calibration import Batch, TeacherTargets
+from pruning.evaluate import EvalConfig
+from pruning.evaluate import run as evaluate_artifact
+from pruning.examples import Example
+from pruning.plan import Plan
+from pruning.surgery import drop_layers, shape_of, slice_heads, slice_mlp, slice_residual
+from pruning.trsp import TRSPConfig, trsp_depth
+from pruning.vocab import ORIGINAL_TOKENIZER, prune_vocabulary
+from recdata.prep import PreparedData
+from recdata.prompts import PromptTemplate
+
+if TYPE_CHECKING:
+    from pruning.prune import PruneConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the pipeline hands a stage, and what a stage hands back
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SharedData:
+    """Computed once per run from the teacher and the data, used by every stage that needs it."""
+
+    calibration: list[Batch]
+    """Calibration prompts for importance scoring."""
+    targets: list[TeacherTargets]
+    """The teacher's coarsened distribution on each calibration batch."""
+    examples: list[Example]
+    """Training examples distillation (and TRSP) trains on."""
+    valid: list[Example]
+    """Validation examples for early stopping."""
+    pad_id: int
+    cache: distill.TeacherCache
+    """Teacher outputs per distillation example, computed on first use and shared by the stages."""
+
+
+@dataclass
+class StageInputs:
+    """What the pipeline gives a stage."""
+
+    number: int
+    """Position of the stage in the run (the n of ``<n>-<stage>``)."""
+    parent: str
+    """The parent artifact: the teacher for the first stage, else the previous stage's artifact."""
+    student: PreTrainedModel | None
+    """The parent's model when it is in memory (otherwise it is loaded from ``parent``)."""
+    tokenizer: PreTrainedTokenizerBase
+    """The parent's tokenizer."""
+    teacher: str
+    """The dense artifact every stage distils from."""
+    teacher_manifest: dict
+    template: PromptTemplate
+    data: PreparedData
+    plan: Plan
+    device: torch.device
+    shared: SharedData
+    output: Path
+    """The run directory."""
+
+
+@dataclass
+class StageArtifact:
+    """A written stage: its directory, and its model and tokenizer in memory for the next stage."""
+
+    path: Path
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass
+class Cut:
+    """A stage's student after cutting, before recovery."""
+
+    student: PreTrainedModel
+    record: dict
+    """What the stage chose (the manifest's ``pruning``)."""
+    tokenizer: PreTrainedTokenizerBase | None = None
+    """A new tokenizer (the vocab stage); None keeps the parent's."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Files written beside the artifact (the vocab stage's original tokenizer)."""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    """Further manifest entries (the vocab stage's ``vocab``, which serving reads)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage protocol: Stage.run is the one shape, the subclasses say what differs
+# ------------------------------------------------------------------------------------------------
+
+
+class Stage:
+    """One compression stage. Subclasses implement :meth:`cut`; the rest has defaults."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool] = False
+    """An exact transformation: no calibration data, no distillation, no check against the plan's shape."""
+
+    def cut(self, config: PruneConfig, student: PreTrainedModel, inputs: StageInputs) -> Cut:
+        raise NotImplementedError
+
+    def directory(self, config: PruneConfig, inputs: StageInputs) -> Path:
+        return inputs.output / f"{inputs.number}-{self.name}"
+
+    def key(self, config: PruneConfig, inputs: StageInputs) -> dict:
+        """What the stage's artifact must agree on to be reused by a later run."""
+        return {"stage": self.name, "teacher": str(Path(inputs.teacher).resolve()), "plan": inputs.plan.to_dict(),
+                "calibration": asdict(config.calibration), "distill": asdict(config.distill), "stages": config.stages}
+
+    def settings(self, config: PruneConfig, inputs: StageInputs) -> dict:
+        """The manifest's ``stage_config``."""
+        return {"plan": inputs.plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill)}
+
+    def recovery_skipped(self, config: PruneConfig) -> str | None:
+        """Why the stage is not distilled (None: it is)."""
+        return "exact transformation: the kept tokens' logits are unchanged" if self.exact else None
+
+    def run(self, config: PruneConfig, inputs: StageInputs) -> StageArtifact:
+        """Cut (or reuse an earlier run's work), recover, write ``<output>/<n>-<stage>``, evaluate."""
+        directory = self.directory(config, inputs)
+        key = self.key(config, inputs)
+        device = str(inputs.device)
+        if is_artifact(directory) and same_key(read_manifest(directory).get("stage_key"), key):
+            logger.info("stage %s already done: %s", self.name, directory)
+            done = load_model(directory, device=device, dtype=torch.float32)
+            return StageArtifact(directory, done.model, done.tokenizer)
+
+        snapshot = inputs.output / f".{directory.name}.pruned"  # the cut student before distillation
+        if not self.exact and is_artifact(snapshot) and same_key(read_manifest(snapshot).get("stage_key"), key):
+            logger.info("stage %s: reusing the cut (not yet distilled) student in %s", self.name, snapshot)
+            snapshot_manifest = read_manifest(snapshot)
+            cut = Cut(load_model(snapshot, device=device, dtype=torch.float32).model, snapshot_manifest["pruning"])
+            before = snapshot_manifest["params_before"]
+        else:
+            parent = inputs.student
+            if parent is None:
+                parent = load_model(inputs.parent, device=device, dtype=torch.float32).model
+            before = parameter_counts(parent)
+            logger.info("stage %s: pruning", self.name)
+            cut = self.cut(config, parent, inputs)
+            if not self.exact:  # importance scoring can take minutes: keep the cut until the artifact is written
+                write_artifact(snapshot, cut.student, inputs.tokenizer, inputs.data.catalog,
+                               {"stage": f"{self.name} (cut, not distilled)", **self._lineage(inputs), "stage_key": key,
+                                "params_before": before, "pruning": cut.record})
+        student = cut.student
+        tokenizer = cut.tokenizer if cut.tokenizer is not None else inputs.tokenizer
+        if not self.exact:
+            expected = replace(inputs.plan.after(self.name), vocab=shape_of(student).vocab)
+            if shape_of(student) != expected:
+                raise RuntimeError(f"stage {self.name} produced {shape_of(student)}, the plan says {expected}")
+        logger.info("stage %s: %s -> %s params", self.name, before["total"], parameter_counts(student)["total"])
+
+        skipped = self.recovery_skipped(config)
+        if skipped is not None:
+            distilled: dict = {"skipped": skipped}
+        else:
+            checkpoint = inputs.output / f".{directory.name}.ckpt"
+            student, distilled = distill.run(config.distill, student, inputs.shared.cache, inputs.shared.valid, checkpoint)
+        manifest = {
+            "stage": self.name, "parent": inputs.parent, "teacher": inputs.teacher, **self._lineage(inputs),
+            "dataset": inputs.data.summary(), "stage_key": key, "stage_config": self.settings(config, inputs),
+            "calibration_fingerprint": f"{inputs.data.fingerprint}:train:{config.calibration.samples}:{config.calibration.seed}",
+            "pruning": cut.record, "distillation": distilled, **cut.manifest,
+        }
+        write_artifact(directory, student, tokenizer, inputs.data.catalog, manifest, cut.extras or None)
+        shutil.rmtree(snapshot, ignore_errors=True)
+        if config.evaluate:
+            evaluate_artifact(eval_config(config, str(directory)), inputs.data)
+        return StageArtifact(directory, student, tokenizer)
+
+    @staticmethod
+    def _lineage(inputs: StageInputs) -> dict:
+        return {"template": inputs.teacher_manifest["template"], "max_history": inputs.teacher_manifest["max_history"]}
+
+
+def same_key(saved: dict | None, key: dict) -> bool:
+    """Stage keys match, ignoring the list of stages requested (adding a later stage resumes the earlier)."""
+    if saved is None:
+        return False
+    return {k: v for k, v in saved.items() if k != "stages"} == {k: v for k, v in key.items() if k != "stages"}
+
+
+def eval_config(config: PruneConfig, artifact: str) -> EvalConfig:
+    return EvalConfig(artifact=artifact, users=config.eval_users, num_beams=config.num_beams,
+                      batch_size=config.eval_batch_size, device=config.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages
+# ------------------------------------------------------------------------------------------------
+
+
+class AttentionStage(Stage):
+    """Stage 1: KV groups / query heads by ablation KL, then residual width by activation energy."""
+
+    name = "attn"
+
+    def cut(self, config: PruneConfig, student: PreTrainedModel, inputs: StageInputs) -> Cut:
+        shape, goal = shape_of(student), inputs.plan.target
+        calibration, targets = inputs.shared.calibration, inputs.shared.targets
+        record: dict = {}
+        per_group = goal.heads // goal.kv_heads
+        if goal.kv_heads < shape.kv_heads or per_group < shape.groups:
+            level = "both"
+            if per_group == shape.groups:
+                level = "groups"
+            elif goal.kv_heads == shape.kv_heads:
+                level = "heads"
+            scores = importance.head_importance(student, calibration, targets, level)
+            keep_kv, keep_q = [], []
+            for layer in range(shape.layers):
+                groups = (
+                    scores["groups"][layer].topk(goal.kv_heads).indices.sort().values.tolist()
+                    if "groups" in scores else list(range(shape.kv_heads))
+                )
+                heads: list[int] = []
+                for g in groups:
+                    members = list(range(g * shape.groups, (g + 1) * shape.groups))
+                    if "heads" in scores:
+                        ranked = scores["heads"][layer, members].topk(per_group).indices.tolist()
+                        heads += sorted(members[i] for i in ranked)
+                    else:
+                        heads += members
+                keep_kv.append(groups)
+                keep_q.append(heads)
+            student = slice_heads(student, keep_kv, keep_q)
+            record["kept_kv_groups"], record["kept_heads"] = keep_kv, keep_q
+            record["head_importance"] = {k: v.tolist() for k, v in scores.items()}
+        if goal.hidden < shape.hidden:
+            energy = importance.residual_importance(student, calibration)
+            keep = energy.topk(goal.hidden).indices.sort().values
+            student = slice_residual(student, keep)
+            record["kept_residual_channels"] = keep.tolist()
+        return Cut(student, record)
+
+
+class MlpStage(Stage):
+    """Stage 2: the top-K channels of every layer by |down_proj input| × column norm."""
+
+    name = "mlp"
+
+    def cut(self, config: PruneConfig, student: PreTrainedModel, inputs: StageInputs) -> Cut:
+        shape, goal = shape_of(student), inputs.plan.target
+        if goal.intermediate >= shape.intermediate:
+            return Cut(student, {})
+        scores = importance.mlp_importance(student, inputs.shared.calibration)
+        keep = [row.topk(goal.intermediate).indices.sort().values.tolist() for row in scores]
+        return Cut(slice_mlp(student, keep), {"kept_channels_per_layer": goal.intermediate})
+
+
+class DepthStage(Stage):
+    """Stage 3: whole layers removed, greedily by the calibration loss (PruneRec) or by TRSP / ELDeR gates.
+    A non-default method gets its own directory (``3-depth-trsp``), so that it can be compared with the
+    greedy stage on the same width-pruned parent."""
+
+    name = "depth"
+
+    def directory(self, config: PruneConfig, inputs: StageInputs) -> Path:
+        suffix = f"-{config.depth_method}" if config.depth_method != "greedy" else ""
+        return inputs.output / f"{inputs.number}-{self.name}{suffix}"
+
+    def key(self, config: PruneConfig, inputs: StageInputs) -> dict:
+        key = super().key(config, inputs)
+        if config.depth_method != "greedy":
+            key["depth_method"] = config.depth_method
+            key["trsp"] = asdict(trsp_settings(config))
+        return key
+
+    def settings(self, config: PruneConfig, inputs: StageInputs) -> dict:
+        trsp = asdict(trsp_settings(config)) if config.depth_method != "greedy" else None
+        return {**super().settings(config, inputs), "depth_method": config.depth_method, "trsp": trsp}
+
+    def recovery_skipped(self, config: PruneConfig) -> str | None:
+        if config.depth_method != "greedy" and not trsp_settings(config).recovery:
+            return "recovery disabled (trsp.recovery = false)"
+        return None
+
+    def cut(self, config: PruneConfig, student: PreTrainedModel, inputs: StageInputs) -> Cut:
+        shape, goal = shape_of(student), inputs.plan.target
+        remove = shape.layers - goal.layers
+        if config.depth_method != "greedy":
+            shared = inputs.shared
+            smaller, record = trsp_depth(student, shared.examples, shared.valid, shared.pad_id, remove, trsp_settings(config))
+            return Cut(smaller, record)
+        if remove <= 0:
+            return Cut(student, {})
+        removed, losses = importance.greedy_layer_removal(student, inputs.shared.calibration, remove)
+        return Cut(drop_layers(student, removed), {"removed_layers": removed, "calibration_loss_after_each": losses})
+
+
+class VocabStage(Stage):
+    """Embedding, LM head and tokenizer cut to the template and the catalog (exact; see :mod:`pruning.vocab`)."""
+
+    name = "vocab"
+    exact = True
+
+    def cut(self, config: PruneConfig, student: PreTrainedModel, inputs: StageInputs) -> Cut:
+        max_history = int(inputs.teacher_manifest["max_history"])
+        pruned, tokenizer, record = prune_vocabulary(student, inputs.tokenizer, inputs.template, inputs.data.catalog,
+                                                     max_history)
+        summary = {k: v for k, v in record.items() if k != "kept_ids"}  # the id map goes to the manifest's vocab
+        return Cut(pruned, summary, tokenizer=tokenizer, extras={ORIGINAL_TOKENIZER: inputs.tokenizer},
+                   manifest={"vocab": record})
+
+
+def trsp_settings(config: PruneConfig) -> TRSPConfig:
+    """The TRSP settings of a run; ELDeR is TRSP with λ1 = 0."""
+    settings = TRSPConfig(**asdict(config.trsp))
+    if config.depth_method == "elder":
+        settings.lambda1 = 0.0
+    return settings
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (AttentionStage(), MlpStage(), DepthStage(), VocabStage())}
+"""The dispatch table, in the order stages must run."""
