@@ -39,10 +39,8 @@ import pandas as pd
 
 from bench.harness import LoadCheck, load_check, request_payloads, serve_and_measure
 from bench.report import macs_per_token, model_entry, paired_test, per_user_ndcg, write_report
+from llmrec.configs import merge
 from recdata.prep import PreparedData
-
-logger = logging.getLogger(__name__)
-
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +50,7 @@ class BenchConfig:
     """One benchmark run; the profile scales the work, never the protocol (history 10, 20 beams, full catalog)."""
 
     profile: str = "cpu"
+    """cpu (<= 60 min on 2 cores, seeded users, SASRec capped) or gpu (one GPU, every user)."""
     model: str = "smollm2-135m"
     """Base model to fine-tune (the embedded default, or a local HF directory)."""
     output: str | None = None
@@ -61,8 +60,11 @@ class BenchConfig:
     users: int | None = 300
     """Seeded test users for every quality number (None = all)."""
     sasrec_epochs: int = 5
+    """Most SASRec epochs (early stopping may end it sooner)."""
     latency_requests: int = 24
+    """Requests per concurrency level and arm in the latency measurement."""
     concurrency: list[int] = field(default_factory=lambda: [1, 16])
+    """Concurrent clients of the latency measurement."""
     head: str = "catalog"
     """Head mode for quality and serving (the default, catalog, was chosen from bench/results/catalog_vocab_cpu.json)."""
     peft: bool = False
@@ -75,7 +77,9 @@ class BenchConfig:
     load_deadline_ms: float = 5000.0
     """Deadline of every request of the load check."""
     device: str | None = None
+    """cpu or cuda for compression, evaluation, SASRec and serving (default: the profile's; cpu profile: auto)."""
     seed: int = 0
+    """Seed of the user sample and of every stage."""
 
 
 BENCH_PROFILES: dict[str, dict[str, Any]] = {
@@ -89,17 +93,18 @@ BENCH_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def bench_config(profile: str, **overrides: Any) -> BenchConfig:
+def bench_config(profile: str, **given: Any) -> BenchConfig:
+    """The profile's configuration with the values given (None: not given) over it."""
     if profile not in BENCH_PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(BENCH_PROFILES)}")
-    values = {**BENCH_PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
-    if str(values.get("device") or "").startswith("cuda"):
+    config: BenchConfig = merge(BenchConfig, BENCH_PROFILES[profile], given, profile=profile)
+    if str(config.device or "").startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():  # fail now, not after the CPU has fine-tuned for the gpu profile
             raise ValueError(f"the {profile} profile runs on CUDA and none is available here; pass --device cpu to "
                              "run it on the CPU anyway (hours), or use --profile cpu")
-    return BenchConfig(profile=profile, **values)
+    return config
 
 
 def _evaluate(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
@@ -141,11 +146,9 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     """The whole benchmark (see the module docstring); returns the report files."""
     from bench import sasrec
     from pruning.evaluate import sample_users
-    from pruning.prune import PruneConfig
-    from pruning.prune import apply_profile as prune_profile
     from pruning.prune import run as prune
+    from pruning.train import PROFILES as TRAIN_PROFILES
     from pruning.train import TrainConfig
-    from pruning.train import apply_profile as train_profile
     from pruning.train import run as train
 
     work = Path(config.work or f"runs/bench-{config.profile}")
@@ -156,11 +159,10 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     dense = work / "0-dense"
     with clock.phase("fine-tune"):
         if not (dense / "prunerec.json").is_file():
-            train(train_profile(TrainConfig(output=str(dense), model=config.model, seed=config.seed), config.profile), data)
-    greedy_config = _prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth", "vocab"],
-                                       evaluate=False), config, prune_profile)
-    trsp_config = _prune(PruneConfig(output=str(work), teacher=str(dense), stages=["attn", "mlp", "depth"],
-                                     depth_method="trsp", evaluate=False), config, prune_profile)
+            train(merge(TrainConfig, TRAIN_PROFILES[config.profile], None, output=str(dense), model=config.model,
+                        seed=config.seed, profile=config.profile), data)
+    greedy_config = _prune_config(config, work, dense, stages=["attn", "mlp", "depth", "vocab"])
+    trsp_config = _prune_config(config, work, dense, stages=["attn", "mlp", "depth"], depth_method="trsp")
     with clock.phase("prune (attn, mlp, greedy depth, vocab)"):
         stages = prune(greedy_config, data)
     with clock.phase("prune (trsp depth)"):
@@ -265,8 +267,8 @@ def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str,
 
     from llmrec.model import load_model
     from pruning.peft_search import PeftSearchConfig, search
+    from pruning.train import PROFILES as TRAIN_PROFILES
     from pruning.train import TrainConfig
-    from pruning.train import apply_profile as train_profile
     from pruning.train import run as train
 
     base = load_model(config.model, device="cpu").model
@@ -282,21 +284,23 @@ def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str,
     for name, modules in arms.items():
         path = work / "peft" / name
         if not (path / "prunerec.json").is_file():
-            settings = train_profile(TrainConfig(output=str(path), model=config.model, seed=config.seed), config.profile)
-            settings.method, settings.lora_r, settings.lora_alpha, settings.lora_targets = "lora", 8, 16, list(modules)
-            settings.lr = max(settings.lr, 1e-3)  # LoRA wants a higher rate than full fine-tuning
-            train(settings, data)
+            profile = TRAIN_PROFILES[config.profile]
+            lr = max(profile.get("lr", TrainConfig.lr), 1e-3)  # LoRA wants a higher rate than full fine-tuning
+            train(merge(TrainConfig, profile, None, output=str(path), model=config.model, seed=config.seed,
+                        profile=config.profile, method="lora", lora_r=8, lora_alpha=16, lora_targets=list(modules),
+                        lr=lr), data)
         paths[name] = path
     return paths
 
 
-def _prune(config: Any, bench: BenchConfig, apply: Any) -> Any:
-    config = apply(config, bench.profile)
-    config.eval_users = bench.users
-    config.device = bench.device
-    if bench.calibration_samples:
-        config.calibration.samples = bench.calibration_samples
-    return config
+def _prune_config(bench: BenchConfig, work: Path, dense: Path, **settings: Any) -> Any:
+    """The compression run of the bench: the pruning profile of the same name, the bench's users and device."""
+    from pruning.prune import PROFILES as PRUNE_PROFILES
+    from pruning.prune import PruneConfig
+
+    return merge(PruneConfig, PRUNE_PROFILES[bench.profile], {"calibration.samples": bench.calibration_samples},
+                 output=str(work), teacher=str(dense), evaluate=False, eval_users=bench.users, device=bench.device,
+                 **settings)
 
 
 def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None = 300, seed: int = 0,

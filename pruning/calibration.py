@@ -33,7 +33,9 @@ class CalibrationConfig:
     samples: int = 128
     """Training samples (one prompt + response each), a seeded random subset of the training split."""
     batch_size: int = 8
+    """Calibration samples per forward pass."""
     seed: int = 0
+    """Seed of the calibration sample."""
     top_k: int = 64
     """Teacher tokens kept per position (plus one tail bucket)."""
 

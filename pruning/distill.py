@@ -40,20 +40,27 @@ class DistillConfig:
     examples: int | None = 512
     """Seeded subset of training examples to distil on (None = all)."""
     epochs: float = 1.0
+    """Passes over the distillation examples per stage."""
     max_steps: int | None = None
+    """Most optimiser steps per stage."""
     max_minutes: float | None = None
+    """Most minutes of distillation per stage."""
     batch_size: int = 8
+    """Examples per step."""
     lr: float = 3e-4
     """AdamW learning rate (a pruned model recovers faster with a higher rate than fine-tuning uses)."""
     warmup_steps: int = 5
+    """Linear warm-up of the learning rate."""
     eval_every: int = 25
     """Steps between validation evaluations (and checkpoints)."""
     valid_examples: int = 64
+    """Validation users (seeded) for early stopping."""
     patience: int = 3
     """Evaluations without improvement before stopping (0 = never)."""
     top_k: int = 64
     """Teacher tokens kept per position in the cache."""
     seed: int = 0
+    """Seed of the example sample and the batch order."""
 
 
 def distillation_loss(

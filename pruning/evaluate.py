@@ -35,11 +35,13 @@ class EvalConfig:
     artifact: str
     """Artifact directory to evaluate."""
     split: Literal["test", "valid"] = "test"
+    """Which held-out item is the target: test or valid."""
     num_beams: int = 20
     """Beams per user; also the length of the ranked list (top-k = num_beams)."""
     users: int | None = None
     """Evaluate a seeded random sample of this many users (None = all)."""
     seed: int = 0
+    """Seed of the user sample."""
     batch_size: int = 8
     """Users decoded together."""
     exclude_history: bool = True
@@ -47,6 +49,7 @@ class EvalConfig:
     output: str | None = None
     """Metrics JSON path (default: <artifact>/eval/<split>.json); per-user ranks go beside it."""
     device: str | None = None
+    """cpu or cuda (default: cuda when available)."""
     head: str = "catalog"
     """Next-token normalisation: 'full' vocabulary (exact) or 'catalog' tokens only (cheaper, renormalised)."""
 

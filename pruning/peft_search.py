@@ -76,10 +76,13 @@ class PeftSearchConfig:
     model: str = DEFAULT_MODEL
     """Base model to fine-tune later (alias, HF directory or artifact), the one ``prunerec train`` will use."""
     template: str = "compact"
+    """Prompt template (as in train): compact or d3."""
     max_history: int = 10
+    """Items of history per prompt."""
     rank: int = 8
     """LoRA rank of every candidate (and of the resulting configuration)."""
     alpha: int = 16
+    """LoRA alpha of every candidate."""
     projections: list[str] = field(default_factory=lambda: list(PROJECTIONS))
     """Projection names that are candidates in every layer."""
     budget: float = 0.25
@@ -89,13 +92,17 @@ class PeftSearchConfig:
     drop_fraction: float = 0.3
     """Share of the live adapters dropped per round (the last round trims to the budget)."""
     steps_per_round: int = 6
+    """Training steps before each round's scoring."""
     batch_size: int = 8
+    """Examples per step."""
     lr: float = 1e-3
+    """LoRA learning rate during the search."""
     examples: int = 256
     """Seeded subset of training examples the rounds train on."""
     assignment: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_ASSIGNMENT))
     """Criteria per '<attn|mlp>/<shallow|middle|deep>' cell."""
     seed: int = 0
+    """Random seed (LoRA initialisation, example sample, batch order)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.budget <= 1:

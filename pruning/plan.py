@@ -18,15 +18,15 @@ class KeepRatios:
     """Fraction kept by each cut (1.0 = untouched)."""
 
     kv_groups: float = 1.0
-    """KV groups per layer (GQA-aware: a kept group keeps its query heads, see heads_per_group)."""
+    """Share of KV groups kept per layer (GQA-aware: a kept group keeps its query heads, see heads_per_group)."""
     heads_per_group: float = 1.0
-    """Query heads kept in each kept group."""
+    """Share of query heads kept in each kept group."""
     hidden: float = 1.0
-    """Residual-stream width."""
+    """Share of the residual-stream width kept."""
     mlp: float = 1.0
-    """MLP intermediate width."""
+    """Share of the MLP intermediate width kept."""
     layers: float = 1.0
-    """Decoder layers."""
+    """Share of decoder layers kept."""
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel
 
+from llmrec import configs
 from llmrec.artifact import is_artifact, read_manifest
 from llmrec.model import load_model, select_device
 from llmrec.prompting import PromptEncoder
@@ -65,7 +66,9 @@ class PruneConfig:
     eval_users: int | None = 100
     """Seeded sample of test users for the per-stage evaluation (None = all)."""
     num_beams: int = 20
+    """Beams (= ranked list length) of the per-stage evaluation."""
     eval_batch_size: int = 16
+    """Users decoded together in the per-stage evaluation."""
     depth_method: Literal["greedy", "trsp", "elder"] = "greedy"
     """Depth stage: greedy removal by calibration loss (PruneRec), TRSP gates, or ELDeR (TRSP with λ1 = 0)."""
     trsp: TRSPConfig = field(default_factory=TRSPConfig)
@@ -89,15 +92,8 @@ PROFILES: dict[str, dict] = {
 
 
 def apply_profile(config: PruneConfig, profile: str) -> PruneConfig:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    preset = PROFILES[profile]
-    config.calibration = CalibrationConfig(**{**asdict(config.calibration), **preset.get("calibration", {})})
-    config.distill = DistillConfig(**{**asdict(config.distill), **preset.get("distill", {})})
-    config.trsp = TRSPConfig(**{**asdict(config.trsp), **preset.get("trsp", {})})
-    if "eval_users" in preset:
-        config.eval_users = preset["eval_users"]
-    return config
+    """``config`` with the profile's values (nested: calibration, distill, trsp)."""
+    return configs.apply_profile(config, PROFILES, profile)
 
 
 def make_plan(model: PreTrainedModel, config: PruneConfig) -> Plan:

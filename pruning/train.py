@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from llmrec import configs
 from llmrec.artifact import write_artifact
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
@@ -72,9 +73,11 @@ class TrainConfig:
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 10
     """Linear warm-up, then constant."""
     max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = none)."""
     eval_every: int = 50
     """Optimiser steps between validation-loss evaluations (and checkpoints)."""
     valid_examples: int = 200
@@ -82,11 +85,13 @@ class TrainConfig:
     patience: int = 3
     """Evaluations without improvement before early stopping (0 = never stop early)."""
     seed: int = 0
+    """Seed of the example sample, the batch order and the initial weights of adapters."""
     checkpoint_dir: str | None = None
     """Where checkpoints go (default: '<output>.ckpt'); removed after success unless keep_checkpoints."""
     resume: bool = True
     """Continue from the checkpoint directory when it holds a checkpoint of the same configuration."""
     keep_checkpoints: bool = False
+    """Keep the checkpoint directory after success."""
     profile: str = "custom"
     """Name of the profile that set these values (recorded for the report)."""
 
@@ -116,10 +121,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def apply_profile(config: TrainConfig, profile: str) -> TrainConfig:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    values = {**asdict(config), **PROFILES[profile], "profile": profile}
-    return TrainConfig(**values)
+    """``config`` with the profile's values (and its name recorded)."""
+    return configs.apply_profile(config, PROFILES, profile, profile=profile)
 
 
 def _config_key(config: TrainConfig) -> dict[str, Any]:

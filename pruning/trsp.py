@@ -56,6 +56,7 @@ class TRSPConfig:
     steps_per_round: int = 8
     """Stage one: gate-training steps before each selection (one layer is chosen per round)."""
     gate_optimizer: Literal["sgd", "adam"] = "sgd"
+    """Optimiser of the gates: sgd or adam."""
     gate_lr: float = 0.5
     """Learning rate of the gates (their own optimiser, separate from the weights'). The gates' gradients are
     small (≈0.05 on SmolLM2: one scalar scales a whole layer's update of a loss averaged over tokens), so a
@@ -71,9 +72,11 @@ class TRSPConfig:
     check_every: int = 20
     """Stage two: steps between held-out checks."""
     batch_size: int = 8
+    """Examples per step of both stages."""
     recovery: bool = True
     """Distil the result like the other stages (False: ELDeR without recovery fine-tuning)."""
     seed: int = 0
+    """Seed of the batch order."""
 
 
 class LayerGates(nn.Module):

@@ -1,0 +1,117 @@
+"""The one training engine: resume equals an uninterrupted run, pauses continue the same order, early
+stopping restores the best weights, a target stops at once, accumulation counts optimiser steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pruning.engine import Engine, Schedule
+
+# a regression problem small enough to train in milliseconds: y = x @ w_true
+GENERATOR = torch.Generator().manual_seed(0)
+INPUTS = torch.randn(64, 4, generator=GENERATOR)
+TARGETS = INPUTS @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+DATA = list(range(64))
+
+
+def collate(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return INPUTS[indices], TARGETS[indices]
+
+
+def make(schedule: Schedule, checkpoint_dir=None, **kwargs) -> tuple[nn.Linear, Engine]:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    return model, Engine(model, optimizer, schedule, checkpoint_dir=checkpoint_dir, **kwargs)
+
+
+def loss_of(model: nn.Module):
+    return lambda batch: nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def validation(model: nn.Module):
+    return lambda: float(nn.functional.mse_loss(model(INPUTS), TARGETS).detach())
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    schedule = Schedule(batch_size=8, epochs=3, eval_every=5, max_grad_norm=1.0, warmup_steps=3)
+    straight, engine = make(schedule)
+    engine.fit(DATA, collate, loss_of(straight), validation(straight))
+    assert engine.state.step == 24 and engine.stop_reason == "epochs"
+
+    # the same run, stopped after 10 steps (mid-epoch 2), then resumed by a new engine from its checkpoint
+    first, engine = make(Schedule(**{**schedule.__dict__, "max_steps": 10}), checkpoint_dir=tmp_path, config_key={"a": 1})
+    engine.fit(DATA, collate, loss_of(first), validation(first))
+    saved = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert saved["state"]["step"] == 10 and saved["state"]["batches_in_epoch"] == 2
+    resumed, engine = make(schedule, checkpoint_dir=tmp_path, config_key={"a": 1})
+    assert engine.state.step == 10
+    engine.fit(DATA, collate, loss_of(resumed), validation(resumed))
+    assert engine.state.step == 24
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_or_ignored(tmp_path):
+    model, engine = make(Schedule(batch_size=8, max_steps=2, eval_every=2), checkpoint_dir=tmp_path, config_key={"lr": 1})
+    engine.fit(DATA, collate, loss_of(model), validation(model))
+    with pytest.raises(ValueError, match="another configuration"):
+        make(Schedule(batch_size=8), checkpoint_dir=tmp_path, config_key={"lr": 2})
+    _, restarted = make(Schedule(batch_size=8), checkpoint_dir=tmp_path, config_key={"lr": 2}, on_mismatch="restart")
+    assert restarted.state.step == 0
+
+
+def test_pauses_continue_the_same_order_as_one_run():
+    schedule = Schedule(batch_size=8, epochs=2)
+    whole, engine = make(schedule)
+    engine.fit(DATA, collate, loss_of(whole))
+    paused, engine = make(schedule)
+    reasons = [engine.fit(DATA, collate, loss_of(paused), until_step=engine.state.step + 3) for _ in range(6)]
+    assert reasons[:5] == ["pause"] * 5 and reasons[5] == "epochs"  # 6 x 3 steps = 2 epochs of 8 batches + 2
+    assert engine.state.step == 16
+    for a, b in zip(whole.parameters(), paused.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_early_stopping_restores_the_best_weights():
+    values = iter([5.0, 4.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    model, engine = make(Schedule(batch_size=8, epochs=10, eval_every=2, patience=2))
+    snapshots = []
+
+    def validate() -> float:
+        snapshots.append(model.weight.detach().clone())
+        return next(values)
+
+    reason = engine.fit(DATA, collate, loss_of(model), validate)
+    assert reason == "early stopping" and engine.state.step == 8  # evaluations at 0, 2, 4 (best), 6, 8
+    assert engine.state.best == 1.0
+    engine.restore_best()
+    torch.testing.assert_close(model.weight, snapshots[2])
+    assert [h["step"] for h in engine.state.history] == [0, 2, 4, 6, 8]
+
+
+def test_a_target_met_at_the_start_trains_nothing():
+    model, engine = make(Schedule(batch_size=8, epochs=1, eval_every=1))
+    before = model.weight.detach().clone()
+    reason = engine.fit(DATA, collate, loss_of(model), lambda: 0.0, stop_when=lambda value: value <= 0.01,
+                        target_reason="good enough")
+    assert reason == "good enough" and engine.state.step == 0
+    assert torch.equal(model.weight, before)
+
+
+def test_gradient_accumulation_counts_optimiser_steps_and_calls_after_backward():
+    model, engine = make(Schedule(batch_size=8, epochs=1, grad_accum=2))
+    calls = []
+    engine.fit(DATA, collate, loss_of(model), after_backward=lambda: calls.append(1))
+    assert len(calls) == 8 and engine.state.step == 4  # 8 micro-batches, one optimiser step per two
+    assert engine.total_steps(len(DATA)) == 4
+
+
+def test_an_empty_dataset_is_an_error():
+    model, engine = make(Schedule())
+    with pytest.raises(ValueError, match="no training data"):
+        engine.fit([], collate, loss_of(model))
