@@ -37,9 +37,27 @@ class _BatcherCollector(Collector):
         yield from (queued, busy, dropped, wasted)
 
 
+class _GpuMemoryCollector(Collector):
+    """GPU memory of this process per CUDA device (allocated now, and the peak since start), at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        import torch
+
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        allocated = GaugeMetricFamily("prunerec_gpu_memory_allocated_bytes", "GPU memory held by tensors now", labels=["device"])
+        peak = GaugeMetricFamily("prunerec_gpu_memory_peak_bytes", "Most GPU memory held by tensors since the start",
+                                 labels=["device"])
+        for index in range(torch.cuda.device_count()):
+            allocated.add_metric([str(index)], float(torch.cuda.memory_allocated(index)))
+            peak.add_metric([str(index)], float(torch.cuda.max_memory_allocated(index)))
+        yield from (allocated, peak)
+
+
 class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_GpuMemoryCollector())
         labels = ["arm", "version"]
         self.requests = Counter("prunerec_requests_total", "Recommendation requests answered", labels, registry=self.registry)
         self.errors = Counter("prunerec_errors_total", "Requests that failed", [*labels, "kind"], registry=self.registry)

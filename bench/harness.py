@@ -131,6 +131,9 @@ def serve_and_measure(name: str, artifact: str, payloads: list[dict], levels: li
             logger.info("%s c=%d: p50 %.1f ms, %.2f req/s", name, level, result[f"c{level}"]["latency_ms"]["p50"],
                         result[f"c{level}"]["throughput_rps"])
         result["peak_rss_bytes"] = _peak_rss(server.pid)
+        result["best_throughput_rps"] = max(result[f"c{level}"]["throughput_rps"] for level in levels)
+        gpu = [v for k, v in _scrape(base).items() if k.startswith("prunerec_gpu_memory_peak_bytes")]
+        result["gpu_peak_bytes"] = max(gpu) if gpu else None  # None: served on the CPU
         return result
 
 

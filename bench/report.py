@@ -127,6 +127,18 @@ def markdown(report: dict) -> str:
                  c1.get("latency_ms", {}).get("p50"), c1.get("latency_ms", {}).get("p99"), c1.get("throughput_rps"),
                  c16.get("latency_ms", {}).get("p50"), c16.get("throughput_rps")]
         lines.append(f"| {name} | " + " | ".join(_fmt(c, 1) if isinstance(c, float) else _fmt(c) for c in cells) + " |")
+    served = {name: entry["serving"] for name, entry in report["models"].items() if entry.get("serving", {}).get("c1")}
+    if served:
+        lines += ["", "## Serving at every concurrency level", "",
+                  "| model | clients | p50 ms | p99 ms | req/s | best req/s | GPU peak MB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, serving in served.items():
+            levels = sorted(int(k[1:]) for k in serving if k.startswith("c") and k[1:].isdigit())
+            gpu = serving.get("gpu_peak_bytes")
+            for level in levels:
+                row = serving[f"c{level}"]
+                cells = [level, row["latency_ms"]["p50"], row["latency_ms"]["p99"], row["throughput_rps"],
+                         serving.get("best_throughput_rps"), gpu / 1e6 if gpu else None]
+                lines.append(f"| {name} | " + " | ".join(_fmt(c, 1) if isinstance(c, float) else _fmt(c) for c in cells) + " |")
     load = report.get("load")
     if load:
         server = load["server"]

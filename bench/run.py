@@ -65,6 +65,8 @@ class BenchConfig:
     """Requests per concurrency level and arm in the latency measurement."""
     concurrency: list[int] = field(default_factory=lambda: [1, 16])
     """Concurrent clients of the latency measurement."""
+    serve_batch_size: int = 16
+    """Requests the service decodes together per arm (its --max-batch-size) in the latency measurement."""
     head: str = "catalog"
     """Head mode for quality and serving (the default, catalog, was chosen from bench/results/catalog_vocab_cpu.json)."""
     peft: bool = False
@@ -89,7 +91,7 @@ BENCH_PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {"users": 300, "sasrec_epochs": 5, "latency_requests": 24, "calibration_samples": 16, "load_seconds": 45.0},
     # the full-size pipeline on one GPU: every user, SASRec to convergence.
     "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda", "peft": True,
-            "load_seconds": 30.0, "load_deadline_ms": 2000.0},
+            "load_seconds": 30.0, "load_deadline_ms": 2000.0, "concurrency": [1, 16, 64], "serve_batch_size": 64},
 }
 
 
@@ -199,9 +201,10 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     with clock.phase("serve"):
         for name in ("dense", "pruned", "pruned+vocab"):
             key = {"artifact": str(named[name]), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
-                   "users": config.users, "seed": config.seed, "device": config.device}
+                   "users": config.users, "seed": config.seed, "device": config.device, "batch": config.serve_batch_size}
             models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
-                name, str(named[name]), payloads, config.concurrency, config.head, device=config.device))
+                name, str(named[name]), payloads, config.concurrency, config.head, max_batch_size=config.serve_batch_size,
+                device=config.device))
             models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
     load = None
     if config.load_seconds:

@@ -48,6 +48,25 @@ class Batch:
     """(B, T)"""
     labels: torch.Tensor
     """(B, T), -100 outside responses"""
+    position_ids: torch.Tensor | None = None
+    """(B, T) for packed rows (:mod:`pruning.packing`): the model gets these and no attention mask."""
+    response_index: torch.Tensor | None = None
+    """(n,) flat indices (row · T + column) of the response positions, row-major; computed where the batch is
+    built (the host), so that selecting them on a GPU needs no synchronisation (a boolean mask would)."""
+    targets: torch.Tensor = None  # type: ignore[assignment]
+    """(n,) the tokens predicted at the response positions, in the same order."""
+
+    def __post_init__(self) -> None:
+        if self.response_index is None:
+            self.response_index = self.response.flatten().nonzero().squeeze(1)
+        if self.targets is None:
+            self.targets = self.labels[:, 1:][self.labels[:, 1:] != IGNORE]
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward (packed rows: positions, no 2D mask)."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
     @property
     def response(self) -> torch.Tensor:
@@ -56,19 +75,32 @@ class Batch:
         mask[:, :-1] = self.labels[:, 1:] != IGNORE
         return mask
 
-    @property
-    def targets(self) -> torch.Tensor:
-        """(n,) the tokens predicted at the response positions, in row-major order."""
-        return self.labels[:, 1:][self.labels[:, 1:] != IGNORE]
+    def response_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, d) the hidden states (B, T, d) at the response positions."""
+        assert self.response_index is not None
+        return hidden.flatten(0, 1).index_select(0, self.response_index)
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device``; to a GPU through pinned memory without waiting (a copy from pageable memory
+        would wait for the GPU's queued work: a host synchronisation per step)."""
+        target = torch.device(device)
+        pin = target.type == "cuda"
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None or tensor.device == target:
+                return tensor
+            if pin and tensor.device.type == "cpu":
+                return tensor.pin_memory().to(target, non_blocking=True)
+            return tensor.to(target)
+
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),  # type: ignore[arg-type]
+                     move(self.position_ids), move(self.response_index), move(self.targets))  # type: ignore[arg-type]
 
 
 def collate_batch(examples: list[Example], pad_id: int) -> Batch:
     """Right-padded tensors of the examples (padding and prompts labelled -100)."""
     tensors = collate(examples, pad_id)
-    return Batch(tensors["input_ids"], tensors["attention_mask"], tensors["labels"])
+    return Batch(tensors["input_ids"], tensors["attention_mask"], tensors["labels"], tensors.get("position_ids"))
 
 
 def batches(examples: list[Example], pad_id: int, batch_size: int) -> list[Batch]:
@@ -89,8 +121,8 @@ def distillation_examples(data: PreparedData, encoder: PromptEncoder, limit: int
 
 def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     """Logits at the response positions only, (n, V): the LM head never runs on other positions."""
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    return model.lm_head(hidden[batch.response])
+    hidden = model.model(**batch.model_inputs(), use_cache=False).last_hidden_state
+    return model.lm_head(batch.response_states(hidden))
 
 
 def recommendation_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:

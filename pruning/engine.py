@@ -71,6 +71,9 @@ class Schedule:
     """The smallest decrease of the validation value that counts as an improvement."""
     seed: int = 0
     """Seed of the data order (epoch e uses seed + e)."""
+    log_every: int = 10
+    """Steps between loss read-outs for the progress bar: reading a loss waits for the device, so the loop
+    does it every so many steps, not every step."""
 
 
 @dataclass
@@ -93,6 +96,12 @@ def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> tor
     """Linear warm-up over ``warmup_steps`` optimiser steps, then the constant peak rate."""
     warmup = max(warmup_steps, 0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+
+def adamw(parameters: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW; the fused CUDA kernel (one launch for every tensor) when the parameters are on a GPU."""
+    fused = bool(parameters) and all(p.is_cuda for p in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,6 +133,7 @@ class Engine:
         desc: str = "train",
         metric: str = "valid_loss",
         keep_best: bool = True,
+        autocast: bool = False,
     ):
         self.module = module
         self.optimizer = optimizer
@@ -137,12 +147,16 @@ class Engine:
         """Name of the validation value in the history records."""
         self.keep_best = keep_best
         """Keep a copy of the best validated weights (False: the loop's result is its last state)."""
+        self.autocast = autocast
+        """Without an accelerator: run the loss in bf16 autocast on CUDA (fp32 master weights and optimiser
+        state, bf16 matmuls); ignored on the CPU. With one, the accelerator's mixed precision applies."""
         self.state = EngineState()
         self.stop_reason: str | None = None
         self._best_in_memory: dict[str, torch.Tensor] | None = None
         self._progress: Any = None
         self._micro = 0
-        self._running_loss = 0.0
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
         if checkpoint_dir is not None and resume and (checkpoint_dir / STATE_FILE).is_file():
             self._restore(on_mismatch)
 
@@ -208,10 +222,13 @@ class Engine:
                     continue
                 self.state.step += 1
                 self.state.elapsed = time.monotonic() - started
-                value = float(loss.detach())
-                self._running_loss = 0.9 * self._running_loss + 0.1 * value if self.state.step > 1 else value
+                # the loss stays on the device; it is read (a host synchronisation) every log_every steps
+                detached = loss.detach()
+                self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+                self._loss_count += 1
                 self._progress.update(1)
-                self._progress.set_postfix(loss=f"{self._running_loss:.3f}")
+                if self.state.step % max(self.schedule.log_every, 1) == 0:
+                    self._show_loss()
                 reason = self._stop_reason(total, until_step)
                 every = self.schedule.eval_every
                 finished = reason is not None and reason != "pause"
@@ -236,16 +253,24 @@ class Engine:
                         self.state.elapsed / 60)
         return reason
 
+    def _show_loss(self) -> None:
+        if self._loss_sum is not None and self._progress is not None:
+            self._progress.set_postfix(loss=f"{float(self._loss_sum) / self._loss_count:.3f}")
+        self._loss_sum, self._loss_count = None, 0
+
     def close(self) -> None:
         if self._progress is not None:
+            self._show_loss()
             self._progress.close()
             self._progress = None
 
     def _epoch_batches(self, data: Sequence[Any], collate: Callable[[list[Any]], Any]) -> Iterator[Any]:
         """The current epoch's batches in its seeded order, past those already consumed."""
         generator = torch.Generator().manual_seed(self.schedule.seed + self.state.epoch)
+        # pinned batches, so that the accelerator's copies to a GPU do not wait for its queued work
+        pin = self.accelerator is not None and self.accelerator.device.type == "cuda"
         loader: Any = DataLoader(data, batch_size=self.schedule.batch_size, shuffle=True,  # type: ignore[arg-type]
-                                 generator=generator, collate_fn=collate)
+                                 generator=generator, collate_fn=collate, pin_memory=pin)
         if self.accelerator is not None:
             loader = self.accelerator.prepare(loader)
         if self.state.batches_in_epoch:
@@ -273,7 +298,8 @@ class Engine:
             return loss, bool(self.accelerator.sync_gradients)
         self._micro += 1
         accumulate = max(self.schedule.grad_accum, 1)
-        loss = loss_fn(batch)
+        with self.mixed_precision():
+            loss = loss_fn(batch)
         (loss / accumulate).backward()
         if after_backward is not None:
             after_backward()
@@ -286,6 +312,13 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad()
         return loss, True
+
+    def mixed_precision(self) -> Any:
+        """The autocast context of the loss (bf16 on CUDA when asked for), usable around validation too."""
+        device = next((p.device for group in self.optimizer.param_groups for p in group["params"]), None)
+        if self.autocast and device is not None and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _stop_reason(self, total: int, until_step: int | None) -> str | None:
         if self.schedule.max_steps is not None and self.state.step >= self.schedule.max_steps:

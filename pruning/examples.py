@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Set on a packed row (:mod:`pruning.packing`): positions restart at every example packed into it."""
 
     @property
     def targets(self) -> int:
@@ -117,14 +120,37 @@ def training_examples(
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100)."""
+    """Right-padded batch: input_ids, attention_mask (real tokens), labels (padding labelled -100), all (B, T).
+
+    A batch of packed rows also gets ``position_ids``; the model is then called with them and without the
+    attention mask (:func:`model_inputs`), and transformers builds the block-diagonal causal mask from the
+    restarting positions. The padding at a row's end starts a segment of its own (positions from 0), so no
+    real token attends to it either way."""
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(examples), length), dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    positions = torch.zeros((len(examples), length), dtype=torch.long) if packed else None
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.as_tensor(example.input_ids)
         labels[row, :n] = torch.as_tensor(example.labels)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        if positions is not None:
+            own = example.position_ids if example.position_ids is not None else list(range(n))
+            positions[row, :n] = torch.as_tensor(own)
+            positions[row, n:] = torch.arange(length - n)
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a collated batch: a packed batch passes its position ids, no
+    attention mask and no cache (transformers builds the packed-sequence mask only when neither a 2D mask nor
+    a cache is given)."""
+    if "position_ids" in batch:
+        return {**{k: v for k, v in batch.items() if k != "attention_mask"}, "use_cache": False}
+    return batch

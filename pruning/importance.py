@@ -78,7 +78,7 @@ def _kl_from_layer(
         for batch, cached, target in zip(calibration, inputs, targets, strict=True):
             batch = batch.to(device)
             hidden = model.model(inputs_embeds=cached[start], attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-            kl = coarse_kl(target, model.lm_head(hidden[batch.response]))
+            kl = coarse_kl(target, model.lm_head(batch.response_states(hidden)))
             total += float(kl.sum())
             count += kl.numel()
     return total / max(count, 1)
@@ -190,7 +190,7 @@ def _ce_from_layer(model: PreTrainedModel, layers: list[nn.Module], inputs: list
         for batch, hidden_in in zip(calibration, inputs, strict=True):
             batch = batch.to(device)
             hidden = model.model(inputs_embeds=hidden_in, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden[batch.response])
+            logits = model.lm_head(batch.response_states(hidden))
             total += float(nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum"))
             count += int(batch.targets.numel())
     return total / max(count, 1)

@@ -32,6 +32,7 @@ from pruning.calibration import CalibrationConfig, calibration_batches, distilla
 from pruning.distill import DistillConfig
 from pruning.evaluate import run as evaluate_artifact
 from pruning.examples import split_examples
+from pruning.packing import pack
 from pruning.plan import DEFAULT_RATIOS, KeepRatios, Plan, has_attention_bias, plan_for_target, plan_from_ratios
 from pruning.stages import STAGES, SharedData, StageInputs, eval_config
 from pruning.surgery import shape_of
@@ -83,10 +84,12 @@ PROFILES: dict[str, dict] = {
     "cpu": {"calibration": {"samples": 32, "batch_size": 8},
             "distill": {"examples": 512, "max_minutes": 4.0, "eval_every": 20, "valid_examples": 32, "batch_size": 8},
             "trsp": {"steps_per_round": 8, "stage_two_steps": 100, "stage_two_minutes": 4.0, "check_every": 20}},
-    # One GPU: hundreds of calibration samples, an epoch over 20k examples per stage, every test user.
+    # One GPU: hundreds of calibration samples, an epoch over the training windows per stage (packed into
+    # rows of 2048 tokens, 2 rows ≈ the 32 windows a step had before), every test user.
     "gpu": {"calibration": {"samples": 256, "batch_size": 32},
-            "distill": {"examples": 20000, "epochs": 1.0, "eval_every": 200, "valid_examples": 256, "batch_size": 32},
-            "trsp": {"steps_per_round": 40, "stage_two_steps": 1000, "check_every": 100, "batch_size": 32},
+            "distill": {"examples": 20000, "epochs": 1.0, "eval_every": 200, "valid_examples": 256, "batch_size": 2,
+                        "pack_tokens": 2048},
+            "trsp": {"steps_per_round": 40, "stage_two_steps": 1000, "check_every": 100, "batch_size": 2},
             "eval_users": None},
 }
 
@@ -157,6 +160,8 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
     calibration = calibration_batches(data, encoder, config.calibration, pad_id) if needs_calibration else []
     targets = teacher_targets(teacher, calibration, config.calibration.top_k) if needs_calibration else []
     examples = distillation_examples(data, encoder, config.distill.examples, config.distill.seed)
+    if config.distill.pack_tokens:
+        examples = pack(examples, config.distill.pack_tokens, config.distill.seed)
     valid = split_examples(data, encoder, "valid", limit=config.distill.valid_examples, seed=config.distill.seed)
     cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature)
     return SharedData(calibration, targets, examples, valid, pad_id, cache)

@@ -53,6 +53,7 @@ def test_report_has_the_promised_shape_and_files(tmp_path):
                                              "speedup_p50": 10.0, "throughput_gain": 12.0})
     text = (tmp_path / "report.md").read_text()
     assert "| pruned |" in text and "retention_ndcg@10: 0.800" in text
+    assert "## Serving at every concurrency level" in text and "| pruned | 16 | 40.0 | 80.0 | 12.0 |" in text
     assert ratios({"dense": report["models"]["dense"]}) == {}
 
 
@@ -137,7 +138,10 @@ def test_gpu_profile_settings_run_end_to_end_on_the_cpu(tmp_path, tokenizer, pre
     compression = report["protocol"]["compression"]
     assert compression["calibration"]["samples"] == 256 and compression["distill_per_stage"]["examples"] == 20000
     dense_card = json.loads((tmp_path / "work" / "0-dense" / "prunerec.json").read_text())
-    assert dense_card["template"]["name"] == "d3"
+    # the compact template's windows packed into rows of 2048 tokens (issue "Fast on a GPU")
+    assert dense_card["template"]["name"] == "compact" and dense_card["stage_config"]["pack_tokens"] == 2048
+    assert dense_card["training"]["rows"] < dense_card["training"]["examples"]
+    assert compression["distill_per_stage"]["pack_tokens"] == 2048
     assert 0 < report["ratios"]["non_embedding_pruned_fraction"] < 1 and report["load"] is None
 
 

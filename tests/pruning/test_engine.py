@@ -115,3 +115,27 @@ def test_an_empty_dataset_is_an_error():
     model, engine = make(Schedule())
     with pytest.raises(ValueError, match="no training data"):
         engine.fit([], collate, loss_of(model))
+
+
+def test_adamw_is_the_fused_kernel_only_on_a_gpu():
+    from pruning.engine import adamw
+
+    assert not adamw(list(nn.Linear(2, 2).parameters()), lr=0.1).defaults["fused"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_loss_runs_in_bf16_autocast_with_the_fused_optimiser():
+    from pruning.engine import adamw
+
+    model = nn.Linear(4, 1).cuda()
+    engine = Engine(model, adamw(list(model.parameters()), lr=0.01), Schedule(batch_size=8, max_steps=2), autocast=True)
+    dtypes = []
+
+    def loss(batch):
+        out = model(batch[0].cuda())
+        dtypes.append(out.dtype)
+        return nn.functional.mse_loss(out.float(), batch[1].cuda())
+
+    engine.fit(DATA, collate, loss)
+    assert dtypes == [torch.bfloat16] * 2 and engine.optimizer.defaults["fused"]
+    assert model.weight.dtype == torch.float32  # fp32 master weights

@@ -1,0 +1,173 @@
+"""Training throughput on this device: non-padding tokens per second of fine-tuning and of distillation.
+
+Every variant runs through the one training engine (:class:`pruning.engine.Engine`) with the loss the
+stages use (fine-tuning: the model's shifted CE; distillation: α·CE + (1 − α)·T²·KL against the teacher, the
+teacher's outputs computed on first use as in :mod:`pruning.distill`), side by side in one process on the
+same model, data and device:
+
+- ``finetune d3``: the D3 instruction template, one example per row (padded to the longest in the batch);
+- ``finetune d3 packed``: the same examples packed into rows of ``--pack-tokens`` (positions restart per
+  example; :mod:`pruning.packing`);
+- ``finetune compact``: the compact template's packed windows (one user's items, many targets per row);
+- ``distill d3 packed`` and ``distill compact``: a student (the same model) distilled from the teacher.
+
+Each variant takes ``--warmup`` steps untimed, then ``--steps`` timed steps; tokens are the non-padding
+tokens of the timed batches. On CUDA the loss runs in bf16 autocast over fp32 weights with the fused AdamW
+(the engine's mixed precision); on the CPU in fp32.
+
+    python -m bench.throughput --device cuda --batch-size 32 --pack-tokens 2048
+    python -m bench.throughput --device cpu --steps 6     # writes bench/results/cpu/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.harness import emit_json
+from llmrec.model import DEFAULT_MODEL, load_model, select_device
+from llmrec.prompting import PromptEncoder
+from pruning import distill
+from pruning.calibration import collate_batch, response_logits
+from pruning.engine import Engine, Schedule, adamw
+from pruning.examples import Example, collate, model_inputs, training_examples
+from pruning.packing import pack
+from recdata.prep import prepare
+from recdata.prompts import get_template
+from recdata.sources import read_ml100k
+
+logger = logging.getLogger(__name__)
+
+
+def device_slug(device: torch.device) -> str:
+    """'cpu', or the GPU's name in lower case with dashes (e.g. 'nvidia-h100-80gb-hbm3')."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_list(items: list[Example]) -> list[Example]:
+    return items
+
+
+def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any, batch_size: int, warmup: int,
+            steps: int, device: torch.device, lr: float) -> dict[str, Any]:
+    """Train ``model`` on ``rows`` through the engine: ``warmup`` untimed steps, then ``steps`` timed."""
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=lr)
+    schedule = Schedule(batch_size=batch_size, epochs=math.inf, max_steps=warmup + steps, log_every=10**9)
+    engine = Engine(model, optimizer, schedule, desc=name, autocast=True)
+    seen = {"tokens": 0, "slots": 0, "rows": 0}
+
+    def counted(items: list[Example]) -> torch.Tensor:
+        lengths = [len(e.input_ids) for e in items]  # on the host: no device synchronisation
+        seen["tokens"] += sum(lengths)
+        seen["slots"] += max(lengths) * len(lengths)
+        seen["rows"] += len(lengths)
+        return loss_of(items)
+
+    if warmup:
+        engine.fit(rows, _as_list, counted, until_step=warmup)
+    seen.update(tokens=0, slots=0, rows=0)
+    _sync(device)
+    started = time.perf_counter()
+    engine.fit(rows, _as_list, counted)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    engine.close()
+    result = {
+        "name": name, "steps": steps, "seconds": round(seconds, 3),
+        "tokens_per_s": round(seen["tokens"] / seconds, 1),
+        "tokens_per_step": round(seen["tokens"] / steps, 1),
+        "batch_rows": batch_size, "mean_row_tokens": round(seen["slots"] / max(seen["rows"], 1), 1),
+        "padding_share": round(1 - seen["tokens"] / max(seen["slots"], 1), 3),
+    }
+    logger.info("%s: %.0f non-padding tokens/s (%d steps in %.1f s)", name, result["tokens_per_s"], steps, seconds)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias, HF directory or artifact")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--pack-tokens", type=int, default=1024, help="row length of the packed variants")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--examples", type=int, default=2000, help="training examples (seeded) per variant")
+    parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (small: the weights hardly move)")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path [bench/results/<device>/throughput.json]")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    device = select_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    data = prepare(read_ml100k())
+    loaded = load_model(args.model, device=str(device), dtype=torch.float32)
+    base, tokenizer = loaded.model, loaded.tokenizer
+    pad_id = int(tokenizer.pad_token_id)
+    d3 = PromptEncoder(tokenizer, get_template("d3"), 10)
+    compact = PromptEncoder(tokenizer, get_template("compact"), 10)
+    d3_examples = training_examples(data, d3, packing=False, limit=args.examples, seed=0)
+    windows = training_examples(data, compact, packing=True, limit=args.examples, seed=0)
+    d3_packed = pack(d3_examples, args.pack_tokens, seed=0)
+
+    def finetune_loss(model: torch.nn.Module) -> Any:
+        return lambda items: model(**model_inputs({k: v.to(device) for k, v in collate(items, pad_id).items()})).loss
+
+    def distill_loss(student: Any, cache: distill.TeacherCache) -> Any:
+        index = {id(example): i for i, example in enumerate(cache.examples)}
+
+        def loss(items: list[Example]) -> torch.Tensor:
+            teacher = cache.targets([index[id(e)] for e in items]).to(device)
+            batch = collate_batch(items, pad_id).to(device)
+            return distill.distillation_loss(response_logits(student, batch), batch.targets, teacher, 0.5, 2.0)
+
+        return loss
+
+    runs = []
+    for name, rows in (("finetune d3", d3_examples), ("finetune d3 packed", d3_packed), ("finetune compact", windows)):
+        model = copy.deepcopy(base).train()
+        runs.append(measure(name, model, rows, finetune_loss(model), args.batch_size, args.warmup, args.steps, device,
+                            args.lr))
+        del model
+    teacher = copy.deepcopy(base).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    for name, rows in (("distill d3 packed", d3_packed), ("distill compact", windows)):
+        student = copy.deepcopy(base).train()
+        cache = distill.TeacherCache(teacher, rows, pad_id, top_k=64, temperature=2.0)
+        runs.append(measure(name, student, rows, distill_loss(student, cache), args.batch_size, args.warmup, args.steps,
+                            device, args.lr))
+        del student
+
+    slug = device_slug(device)
+    report = {
+        "device": slug, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model,
+        "precision": "bf16 autocast, fp32 weights, fused AdamW" if device.type == "cuda" else "fp32",
+        "attention": getattr(base.config, "_attn_implementation", None),
+        "protocol": {"batch_rows": args.batch_size, "pack_tokens": args.pack_tokens, "steps": args.steps,
+                     "warmup": args.warmup, "examples": args.examples,
+                     "tokens": "non-padding tokens of the timed batches (student's, for distillation)"},
+        "runs": runs,
+    }
+    emit_json(report, args.output or Path("bench/results") / slug / "throughput.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""`python -m bench.throughput`: every variant runs through the engine and reports non-padding tokens/s."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from helpers import save_model_dir, tiny_llama
+
+from bench import throughput
+
+
+def test_throughput_reports_every_variant_with_its_batch_shape(tmp_path, tokenizer, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    output = tmp_path / "throughput.json"
+    monkeypatch.setattr(sys, "argv", ["throughput", "--model", str(model_dir), "--device", "cpu", "--steps", "2",
+                                      "--warmup", "1", "--examples", "24", "--batch-size", "4", "--pack-tokens", "2048",
+                                      "--output", str(output)])
+    throughput.main()
+    report = json.loads(output.read_text())
+    assert report["device"] == "cpu" and report["precision"] == "fp32"
+    runs = {run["name"]: run for run in report["runs"]}
+    assert set(runs) == {"finetune d3", "finetune d3 packed", "finetune compact", "distill d3 packed", "distill compact"}
+    assert all(run["tokens_per_s"] > 0 and run["steps"] == 2 for run in runs.values())
+    # packing: several examples per row, so more real tokens per step at the same rows per step
+    assert runs["finetune d3 packed"]["tokens_per_step"] > 1.5 * runs["finetune d3"]["tokens_per_step"]
+    assert all(0 <= run["padding_share"] < 1 for run in runs.values())
