@@ -127,7 +127,10 @@ def main() -> None:
     d3_packed = pack(d3_examples, args.pack_tokens, seed=0)
 
     def finetune_loss(model: torch.nn.Module) -> Any:
-        return lambda items: model(**model_inputs({k: v.to(device) for k, v in collate(items, pad_id).items()})).loss
+        def move(tensor: torch.Tensor) -> torch.Tensor:  # pinned, so the copy does not wait for the GPU
+            return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+        return lambda items: model(**model_inputs({k: move(v) for k, v in collate(items, pad_id).items()})).loss
 
     def distill_loss(student: Any, cache: distill.TeacherCache) -> Any:
         index = {id(example): i for i, example in enumerate(cache.examples)}
