@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,10 @@ class BenchConfig:
     """cpu (<= 60 min on 2 cores, seeded users, SASRec capped) or gpu (one GPU, every user)."""
     model: str = "smollm2-135m"
     """Base model to fine-tune (the embedded default, or a local HF directory)."""
+    max_history: int = 10
+    """History length of the fine-tuned models (titles in a prompt; SASRec sees 50)."""
+    select_metric: Literal["loss", "ndcg@10"] | None = None
+    """Model selection of the dense fine-tuning: loss or ndcg@10 (None: the training profile's)."""
     output: str | None = None
     """Report directory [bench/results/<profile>]."""
     work: str | None = None
@@ -165,8 +169,9 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     dense = work / "0-dense"
     with clock.phase("fine-tune"):
         if not (dense / "prunerec.json").is_file():
-            train(merge(TrainConfig, TRAIN_PROFILES[config.profile], None, output=str(dense), model=config.model,
-                        seed=config.seed, profile=config.profile), data)
+            train(merge(TrainConfig, TRAIN_PROFILES[config.profile], {"select_metric": config.select_metric},
+                        output=str(dense), model=config.model, seed=config.seed, profile=config.profile,
+                        max_history=config.max_history), data)
     greedy_config = _prune_config(config, work, dense, stages=["attn", "mlp", "depth", "vocab"])
     trsp_config = _prune_config(config, work, dense, stages=["attn", "mlp", "depth"], depth_method="trsp")
     with clock.phase("prune (attn, mlp, greedy depth, vocab)"):
@@ -222,7 +227,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     report = {
         "protocol": {
             "profile": config.profile, "dataset": data.name, "split": "leave-one-out (test)", "users": len(pairs),
-            "users_sampled": sampled, "seed": config.seed, "history_length": 10, "num_beams": 20,
+            "users_sampled": sampled, "seed": config.seed, "history_length": config.max_history, "num_beams": 20,
             "ranking": "full catalog, history excluded", "head": config.head,
             "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
                        f"per level, concurrency {config.concurrency}",
@@ -319,8 +324,10 @@ def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None 
     names = {"A": Path(a), "B": Path(b)}
     models: dict[str, dict] = {}
     ndcg: dict[str, np.ndarray] = {}
+    histories: dict[str, int] = {}
     for name, path in names.items():
         result = _evaluate(path, data, users, seed, head, output / "eval" / f"{name}.json", device)
+        histories[name] = result["protocol"]["history_length"]
         models[name] = model_entry(path, result, Path.cwd().resolve())
         ranks = pd.read_csv((output / "eval" / f"{name}.json").with_suffix(".ranks.csv"))
         ndcg[name] = per_user_ndcg(ranks["rank"].tolist())
@@ -331,7 +338,8 @@ def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None 
             models[name]["serving"] = serve_and_measure(name, str(path), payloads, concurrency or [1, 16], head, device=device)
     report = {
         "protocol": {"compare": {"A": str(a), "B": str(b)}, "dataset": data.name, "users": len(pairs), "seed": seed,
-                     "history_length": 10, "num_beams": 20, "head": head, "ranking": "full catalog, history excluded"},
+                     "history_length": histories["A"] if histories["A"] == histories["B"] else histories,
+                     "num_beams": 20, "head": head, "ranking": "full catalog, history excluded"},
         "models": models,
         "paired_test": paired_test(ndcg["A"], ndcg["B"]),
     }

@@ -19,12 +19,16 @@ from recdata.prompts import PromptTemplate
 class PromptEncoder:
     """Turns title lists into prompt ids and titles into response ids (response + end token)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, max_history: int = 10) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, max_history: int = 10,
+                 max_prompt_tokens: int | None = None) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no end-of-sequence token; set tokenizer.eos_token")
         self.tokenizer = tokenizer
         self.template = template
         self.max_history = max_history
+        self.max_prompt_tokens = max_prompt_tokens
+        """The prompt-length guard: a prompt longer than this drops its oldest titles until it fits (the same
+        rule in training, evaluation and serving, recorded in the artifact). None: no guard."""
         self.end_id: int = int(tokenizer.eos_token_id)
         self._piece = lru_cache(maxsize=None)(self._encode_piece)
 
@@ -41,15 +45,25 @@ class PromptEncoder:
         return ids
 
     def prompt_ids(self, history: Sequence[str]) -> list[int]:
-        """Ids of the prompt for the last ``max_history`` titles (oldest first)."""
+        """Ids of the prompt for the last ``max_history`` titles (oldest first), without the oldest ones that
+        would take it past ``max_prompt_tokens``."""
         history = list(history)[-self.max_history :] if self.max_history > 0 else []
-        ids = list(self._piece(self.template.prefix))
+        prefix, suffix = self._piece(self.template.prefix), self._piece(self.template.suffix)
         separator = self._piece(self.template.separator)
-        for i, title in enumerate(history):
+        items = [self.item_ids(title) for title in history]
+        if self.max_prompt_tokens is not None:
+            length = len(prefix) + len(suffix) + sum(map(len, items)) + len(separator) * max(len(items) - 1, 0)
+            while items and length > self.max_prompt_tokens:
+                length -= len(items.pop(0)) + (len(separator) if items else 0)
+            if length > self.max_prompt_tokens:
+                raise ValueError(f"the template alone takes {length} tokens, more than max_prompt_tokens "
+                                 f"({self.max_prompt_tokens})")
+        ids = list(prefix)
+        for i, item in enumerate(items):
             if i:
                 ids.extend(separator)
-            ids.extend(self.item_ids(title))
-        ids.extend(self._piece(self.template.suffix))
+            ids.extend(item)
+        ids.extend(suffix)
         return ids
 
     def title_ids(self, title: str) -> list[int]:

@@ -35,6 +35,7 @@ class Recommender:
         template: PromptTemplate,
         max_history: int = 10,
         manifest: dict | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -42,7 +43,7 @@ class Recommender:
         self.template = template
         self.max_history = max_history
         self.manifest = manifest or {}
-        self.encoder = PromptEncoder(tokenizer, template, max_history)
+        self.encoder = PromptEncoder(tokenizer, template, max_history, max_prompt_tokens)
         self.trie = TitleTrie.build([self.encoder.response_ids(t) for t in catalog.titles], self.encoder.end_id)
         self.device = next(model.parameters()).device
         self.trie = self.trie.to(self.device)
@@ -54,6 +55,10 @@ class Recommender:
         if head not in self._scorers:
             self._scorers[head] = NextTokenScorer(self.model, self.trie, head)
         return self._scorers[head]
+
+    def refresh(self) -> None:
+        """Forget the scorers' cached LM-head rows: call it after the model's weights changed (training)."""
+        self._scorers.clear()
 
     @classmethod
     def from_artifact(cls, directory: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Recommender:
@@ -67,7 +72,8 @@ class Recommender:
             if problems:
                 raise VocabularyCoverageError(problems)
         template = PromptTemplate.from_dict(manifest["template"])
-        return cls(loaded.model, loaded.tokenizer, catalog, template, int(manifest["max_history"]), manifest)
+        return cls(loaded.model, loaded.tokenizer, catalog, template, int(manifest["max_history"]), manifest,
+                   manifest.get("max_prompt_tokens"))
 
     def prompt_ids(self, history: Sequence[int]) -> list[int]:
         return self.encoder.prompt_ids([self.catalog.titles[i] for i in history])

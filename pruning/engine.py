@@ -85,7 +85,7 @@ class EngineState:
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed."""
     best: float = math.inf
-    """Best (lowest) validation value so far."""
+    """Best validation value so far (the lowest, or the highest for a metric to maximise)."""
     bad_evals: int = 0
     elapsed: float = 0.0
     """Seconds of training so far, over every resumed run."""
@@ -134,6 +134,7 @@ class Engine:
         metric: str = "valid_loss",
         keep_best: bool = True,
         autocast: bool = False,
+        maximize: bool = False,
     ):
         self.module = module
         self.optimizer = optimizer
@@ -147,10 +148,12 @@ class Engine:
         """Name of the validation value in the history records."""
         self.keep_best = keep_best
         """Keep a copy of the best validated weights (False: the loop's result is its last state)."""
+        self.maximize = maximize
+        """The validation value is better when higher (a ranking metric) rather than lower (a loss)."""
         self.autocast = autocast
         """Without an accelerator: run the loss in bf16 autocast on CUDA (fp32 master weights and optimiser
         state, bf16 matmuls); ignored on the CPU. With one, the accelerator's mixed precision applies."""
-        self.state = EngineState()
+        self.state = EngineState(best=-math.inf if maximize else math.inf)
         self.stop_reason: str | None = None
         self._best_in_memory: dict[str, torch.Tensor] | None = None
         self._progress: Any = None
@@ -197,7 +200,7 @@ class Engine:
         (a pause: call again to go on) says stop; returns the reason.
 
         ``loss_fn`` gets a collated batch and returns the scalar loss; ``validate`` returns a value to
-        minimise; ``after_backward`` runs after each backward pass (PrunePEFT's gradient statistics).
+        minimise (to maximise with ``maximize=True``); ``after_backward`` runs after each backward pass (PrunePEFT's gradient statistics).
         """
         if not data:
             raise ValueError(f"{self.desc}: no training data")
@@ -338,7 +341,9 @@ class Engine:
         value = float(validate())
         self.module.train()
         self.state.history.append({"step": self.state.step, self.metric: value})
-        if value < self.state.best - self.schedule.min_delta:
+        delta = self.schedule.min_delta
+        improved = value > self.state.best + delta if self.maximize else value < self.state.best - delta
+        if improved:
             self.state.best, self.state.bad_evals = value, 0
             if self.keep_best:
                 self._keep_best()

@@ -22,7 +22,7 @@ import pandas as pd
 
 from llmrec.artifact import update_manifest
 from llmrec.recommender import Recommender
-from recdata.metrics import DEFAULT_KS, coverage, mostpop_ranks, rank_metrics
+from recdata.metrics import DEFAULT_KS, coverage, mostpop_ranks, ndcg_per_user, rank_metrics
 from recdata.prep import PreparedData
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,49 @@ def mostpop_metrics(data: PreparedData, pairs: np.ndarray, exclude_history: bool
     return {**rank_metrics(ranks, ks, top), **coverage(lists, len(data.catalog), ks)}, ranks
 
 
+def rank_users(recommender: Recommender, data: PreparedData, pairs: np.ndarray, num_beams: int, batch_size: int,
+               exclude_history: bool, head: str, progress: bool = False) -> tuple[list[list[int]], list[int | None]]:
+    """Each sample's ranked list (catalog indices, best first) and the rank of its target in it (None: absent)."""
+    histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
+    targets = [data.target(int(u), int(p)) for u, p in pairs]
+    lists = recommender.recommend(histories, k=num_beams, num_beams=num_beams,
+                                  exclude=histories if exclude_history else None, batch_size=batch_size,
+                                  progress=progress, head=head)
+    items = [[item for item, _ in ranked] for ranked in lists]
+    ranks = [ranked.index(t) if t in ranked else None for ranked, t in zip(items, targets, strict=True)]
+    return items, ranks
+
+
+class RankingCheck:
+    """NDCG@10 of a model being trained, on a seeded sample of validation users: the evaluation protocol
+    (constrained beam search over the full catalog, past items excluded) on the valid split, for model
+    selection and early stopping on the metric that is reported rather than on the loss."""
+
+    def __init__(self, model: Any, tokenizer: Any, data: PreparedData, template: Any, max_history: int, users: int,
+                 seed: int = 0, num_beams: int = 20, batch_size: int = 16, head: str = "catalog",
+                 max_prompt_tokens: int | None = None) -> None:
+        self.recommender = Recommender(model, tokenizer, data.catalog, template, max_history,
+                                       max_prompt_tokens=max_prompt_tokens)
+        self.data = data
+        self.pairs = sample_users(data.splits["valid"], users, seed)
+        self.num_beams, self.batch_size, self.head = num_beams, batch_size, head
+
+    def __call__(self) -> float:
+        import torch
+
+        model = self.recommender.model
+        was_training = model.training
+        model.eval()
+        self.recommender.refresh()  # the catalog head's rows were gathered from older weights
+        try:
+            with torch.no_grad():
+                _, ranks = rank_users(self.recommender, self.data, self.pairs, self.num_beams, self.batch_size, True,
+                                      self.head)
+        finally:
+            model.train(was_training)
+        return float(ndcg_per_user(ranks, 10).mean())
+
+
 def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None = None) -> dict[str, Any]:
     """Evaluate an artifact on a split; returns (and writes) the metrics with their protocol."""
     recommender = recommender or Recommender.from_artifact(config.artifact, device=config.device)
@@ -81,18 +124,11 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
     pairs = sample_users(data.splits[config.split], config.users, config.seed)
     if len(pairs) == 0:
         raise ValueError(f"split {config.split!r} has no samples")
-    histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
     targets = [data.target(int(u), int(p)) for u, p in pairs]
-    excluded = histories if config.exclude_history else None
-
     started = time.perf_counter()
-    lists = recommender.recommend(
-        histories, k=config.num_beams, num_beams=config.num_beams, exclude=excluded,
-        batch_size=config.batch_size, progress=True, head=config.head,
-    )
+    items, ranks = rank_users(recommender, data, pairs, config.num_beams, config.batch_size, config.exclude_history,
+                              config.head, progress=True)
     seconds = time.perf_counter() - started
-    items = [[item for item, _ in ranked] for ranked in lists]
-    ranks = [ranked.index(t) if t in ranked else None for ranked, t in zip(items, targets, strict=True)]
     ks = [k for k in DEFAULT_KS if k <= config.num_beams]
     llm = {**rank_metrics(ranks, ks, config.num_beams), **coverage(items, len(data.catalog), ks)}
 

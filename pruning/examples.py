@@ -90,10 +90,14 @@ def window_example(
         raise ValueError(f"template {encoder.template.name!r} cannot be packed; use per-sample examples")
     titles = data.catalog.titles
     seq = data.sequences[user]
+    pieces = [encoder.response_ids(titles[int(seq[position])]) for position in range(start, end)]
     ids = encoder.prompt_ids([])
+    if encoder.max_prompt_tokens is not None:  # the prompt-length guard: each target's prompt must fit it
+        while len(pieces) > 1 and len(ids) + sum(map(len, pieces[:-1])) > encoder.max_prompt_tokens:
+            pieces.pop(0)
+            start += 1
     labels = [IGNORE] * len(ids)
-    for position in range(start, end):
-        piece = encoder.response_ids(titles[int(seq[position])])
+    for position, piece in zip(range(start, end), pieces, strict=True):
         ids.extend(piece)
         labels.extend(piece if position >= first_labelled else [IGNORE] * len(piece))
     return Example(ids, labels)

@@ -135,6 +135,7 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
     if config.evaluate and "test" not in manifest.get("metrics", {}):
         evaluate_artifact(eval_config(config, config.teacher), data)
     shared = shared_data(config, data, teacher, tokenizer, template, int(manifest["max_history"]),
+                         manifest.get("max_prompt_tokens"),
                          needs_calibration=any(not STAGES[s].exact for s in config.stages))
 
     inputs = StageInputs(number=0, parent=config.teacher, student=None, tokenizer=tokenizer, teacher=config.teacher,
@@ -152,10 +153,11 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
 
 
 def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedModel, tokenizer: Any,
-                template: PromptTemplate, max_history: int, needs_calibration: bool) -> SharedData:
+                template: PromptTemplate, max_history: int, max_prompt_tokens: int | None,
+                needs_calibration: bool) -> SharedData:
     """Calibration batches with the teacher's outputs on them (skipped when no stage scores anything), and
     the distillation and validation examples with the teacher cache."""
-    encoder = PromptEncoder(tokenizer, template, max_history)
+    encoder = PromptEncoder(tokenizer, template, max_history, max_prompt_tokens)
     pad_id = int(tokenizer.pad_token_id)
     calibration = calibration_batches(data, encoder, config.calibration, pad_id) if needs_calibration else []
     targets = teacher_targets(teacher, calibration, config.calibration.top_k) if needs_calibration else []

@@ -205,7 +205,9 @@ class Stage:
 
     @staticmethod
     def _lineage(inputs: StageInputs) -> dict:
-        return {"template": inputs.teacher_manifest["template"], "max_history": inputs.teacher_manifest["max_history"]}
+        manifest = inputs.teacher_manifest
+        return {"template": manifest["template"], "max_history": manifest["max_history"],
+                "max_prompt_tokens": manifest.get("max_prompt_tokens")}
 
 
 def same_key(saved: dict | None, key: dict) -> bool:

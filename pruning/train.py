@@ -23,6 +23,7 @@ from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
 from pruning.calibration import batches, mean_ce
 from pruning.engine import Engine, Schedule, adamw, warmup_scheduler
+from pruning.evaluate import RankingCheck
 from pruning.examples import collate, model_inputs, split_examples, training_examples
 from pruning.packing import pack
 from recdata.prep import PreparedData
@@ -44,7 +45,10 @@ class TrainConfig:
     template: str = "compact"
     """Prompt template: 'compact' (packable, CPU-friendly) or 'd3' (BIGRec/D3 instruction)."""
     max_history: int = 10
-    """Items of history in a prompt."""
+    """Items of history in a prompt (10, 20, 50...; SASRec sees 50)."""
+    max_prompt_tokens: int | None = None
+    """The prompt-length guard: a longer prompt drops its oldest titles (in training, evaluation and serving
+    alike; recorded in the artifact). None: the model's context length minus the catalog's longest response."""
     method: Literal["full", "lora"] = "full"
     """Full fine-tuning or LoRA adapters (merged into the weights at the end)."""
     lora_r: int = 8
@@ -89,6 +93,14 @@ class TrainConfig:
     """Validation users (seeded subset of the valid split) for the loss."""
     patience: int = 3
     """Evaluations without improvement before early stopping (0 = never stop early)."""
+    select_metric: Literal["loss", "ndcg@10"] = "loss"
+    """What validation measures for early stopping and the best weights: 'loss' (CE of the valid targets) or
+    'ndcg@10' (the evaluation protocol, constrained beam search over the full catalog with the past excluded,
+    on select_users seeded validation users: the metric that is reported, at the cost of decoding)."""
+    select_users: int = 200
+    """Validation users of the ndcg@10 selection."""
+    select_beams: int = 20
+    """Beams of the ndcg@10 selection (the evaluation's 20)."""
     seed: int = 0
     """Seed of the example sample, the batch order and the initial weights of adapters."""
     checkpoint_dir: str | None = None
@@ -142,6 +154,18 @@ def _config_key(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in skip}
 
 
+def prompt_budget(requested: int | None, model: Any, encoder: PromptEncoder, data: PreparedData) -> int | None:
+    """The prompt-length guard: ``requested``, or the model's context minus the longest catalog response, so
+    that a prompt and any title always fit."""
+    longest = max(len(encoder.response_ids(title)) for title in data.catalog.titles)
+    context = getattr(model.config, "max_position_embeddings", None)
+    budget = requested if requested is not None else (context - longest if context else None)
+    if budget is not None and context and budget + longest > context:
+        raise ValueError(f"max_prompt_tokens {budget} plus the longest title ({longest} tokens) exceeds the model's "
+                         f"context of {context} tokens")
+    return budget
+
+
 def schedule_of(config: TrainConfig) -> Schedule:
     return Schedule(batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
                     max_minutes=config.max_minutes, grad_accum=config.grad_accum, warmup_steps=config.warmup_steps,
@@ -163,7 +187,8 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     loaded = load_model(config.model, device="cpu", dtype=torch.float32)
     model, tokenizer = loaded.model, loaded.tokenizer
     template = get_template(config.template)
-    encoder = PromptEncoder(tokenizer, template, config.max_history)
+    max_prompt_tokens = prompt_budget(config.max_prompt_tokens, model, PromptEncoder(tokenizer, template), data)
+    encoder = PromptEncoder(tokenizer, template, config.max_history, max_prompt_tokens)
     packing = template.packable if config.packing is None else config.packing
     pad_id = int(tokenizer.pad_token_id)
 
@@ -200,16 +225,20 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     optimizer = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = warmup_scheduler(optimizer, config.warmup_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    selecting_ndcg = config.select_metric == "ndcg@10"
     engine = Engine(model, optimizer, schedule_of(config), scheduler=scheduler, accelerator=accelerator,
-                    checkpoint_dir=config.checkpoint_path(), config_key=_config_key(config), resume=config.resume)
+                    checkpoint_dir=config.checkpoint_path(), config_key=_config_key(config), resume=config.resume,
+                    metric="valid_ndcg@10" if selecting_ndcg else "valid_loss", maximize=selecting_ndcg)
     valid_batches = batches(valid_set, pad_id, config.batch_size)
+    inner = accelerator.unwrap_model(model)  # the plain model under any DDP / peft wrapper
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    ranking = (RankingCheck(inner, tokenizer, data, template, config.max_history, config.select_users, config.seed,
+                            config.select_beams, max_prompt_tokens=max_prompt_tokens)
+               if config.select_metric == "ndcg@10" else None)
 
     def validate() -> float:
-        # the response positions only, on the plain model under any DDP / peft wrapper
-        inner = accelerator.unwrap_model(model)
-        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
         with accelerator.autocast():
-            return mean_ce(inner, valid_batches)
+            return ranking() if ranking is not None else mean_ce(inner, valid_batches)
 
     # the loss through the (possibly DDP-wrapped) model's own forward, so that gradients synchronise
     engine.fit(train_set, lambda examples: collate(examples, pad_id), lambda batch: model(**model_inputs(batch)).loss,
@@ -228,6 +257,7 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
             "parent": str(config.model),
             "template": template.to_dict(),
             "max_history": config.max_history,
+            "max_prompt_tokens": max_prompt_tokens,
             "dataset": data.summary(),
             "stage_config": asdict(config),
             "training": {
