@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmrec.artifact import CATALOG, read_manifest
 from llmrec.decode import BeamSearchConfig, NextTokenScorer, TitleTrie, constrained_beam_search
+from llmrec.exact import TrieLevels, exact_rank
 from llmrec.model import load_model
 from llmrec.prompting import PromptEncoder
 from recdata.catalog import Catalog
@@ -49,6 +50,7 @@ class Recommender:
         self.trie = self.trie.to(self.device)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.encoder.end_id)
         self._scorers: dict[str, NextTokenScorer] = {}
+        self._levels: TrieLevels | None = None
 
     def scorer(self, head: str) -> NextTokenScorer:
         """The next-token scorer of a head mode, its LM-head rows gathered once per catalog."""
@@ -87,6 +89,7 @@ class Recommender:
         batch_size: int = 8,
         progress: bool = False,
         head: str = "catalog",
+        search: str = "beam",
     ) -> list[list[tuple[int, float]]]:
         """For each history, the top-k (catalog index, score) pairs, best first.
 
@@ -99,7 +102,11 @@ class Recommender:
             progress: show a progress bar.
             head: 'full' (exact log-probabilities), 'catalog' (LM head over the catalog's tokens only,
                 renormalised over them) or 'catalog-fullnorm' (see :class:`llmrec.decode.BeamSearchConfig`).
+            search: 'beam' (constrained beam search with ``num_beams``) or 'exact' (every catalog title scored
+                exactly, :mod:`llmrec.exact`; one user at a time).
         """
+        if search not in ("beam", "exact"):
+            raise ValueError(f"search must be 'beam' or 'exact', not {search!r}")
         if k < 1 or k > len(self.catalog):
             raise ValueError(f"k must be between 1 and the catalog size {len(self.catalog)}, got {k}")
         config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k, head=head)
@@ -110,6 +117,11 @@ class Recommender:
             chunk = histories[start : start + batch_size]
             prompts = [self.prompt_ids(h) for h in chunk]
             excluded = exclude[start : start + batch_size] if exclude is not None else None
+            if search == "exact":
+                if self._levels is None:
+                    self._levels = TrieLevels.of(self.trie)
+                results.extend(exact_rank(self.model, prompts, self.trie, k, excluded, scorer, head, self._levels))
+                continue
             results.extend(
                 constrained_beam_search(self.model, prompts, self.trie, config, self.pad_id, excluded=excluded, scorer=scorer)
             )

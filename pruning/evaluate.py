@@ -52,6 +52,9 @@ class EvalConfig:
     """cpu or cuda (default: cuda when available)."""
     head: str = "catalog"
     """Next-token normalisation: 'full' vocabulary (exact) or 'catalog' tokens only (cheaper, renormalised)."""
+    search: Literal["beam", "exact"] = "beam"
+    """How each user's list is made: 'beam' (constrained beam search, num_beams prefixes per step) or 'exact'
+    (every catalog title scored by its exact log P(title + end | prompt); see llmrec.exact)."""
 
 
 def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
@@ -72,13 +75,14 @@ def mostpop_metrics(data: PreparedData, pairs: np.ndarray, exclude_history: bool
 
 
 def rank_users(recommender: Recommender, data: PreparedData, pairs: np.ndarray, num_beams: int, batch_size: int,
-               exclude_history: bool, head: str, progress: bool = False) -> tuple[list[list[int]], list[int | None]]:
+               exclude_history: bool, head: str, progress: bool = False,
+               search: str = "beam") -> tuple[list[list[int]], list[int | None]]:
     """Each sample's ranked list (catalog indices, best first) and the rank of its target in it (None: absent)."""
     histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
     targets = [data.target(int(u), int(p)) for u, p in pairs]
     lists = recommender.recommend(histories, k=num_beams, num_beams=num_beams,
                                   exclude=histories if exclude_history else None, batch_size=batch_size,
-                                  progress=progress, head=head)
+                                  progress=progress, head=head, search=search)
     items = [[item for item, _ in ranked] for ranked in lists]
     ranks = [ranked.index(t) if t in ranked else None for ranked, t in zip(items, targets, strict=True)]
     return items, ranks
@@ -127,7 +131,7 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
     targets = [data.target(int(u), int(p)) for u, p in pairs]
     started = time.perf_counter()
     items, ranks = rank_users(recommender, data, pairs, config.num_beams, config.batch_size, config.exclude_history,
-                              config.head, progress=True)
+                              config.head, progress=True, search=config.search)
     seconds = time.perf_counter() - started
     ks = [k for k in DEFAULT_KS if k <= config.num_beams]
     llm = {**rank_metrics(ranks, ks, config.num_beams), **coverage(items, len(data.catalog), ks)}
@@ -145,7 +149,9 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
         "template": recommender.template.name,
         "num_beams": config.num_beams,
         "catalog_size": len(data.catalog),
-        "ranking": "full catalog, constrained beam search, score = log P(title + end | prompt)",
+        "ranking": ("full catalog, every title scored exactly" if config.search == "exact" else
+                    "full catalog, constrained beam search") + ", score = log P(title + end | prompt)",
+        "search": config.search,
         "head": config.head,
         "vocab_size": int(recommender.model.config.vocab_size),
         "exclude_history": config.exclude_history,

@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from recdata.prompts import compact_template, d3_template
+
+if TYPE_CHECKING:
+    from llmrec.recommender import Recommender
 
 
 def make_tokenizer(texts: Iterable[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
@@ -121,3 +125,16 @@ def serving(app, timeout: float = 120.0):
                 raise TimeoutError("the app did not become ready")
             time.sleep(0.02)
         yield client
+
+
+def teacher_forced_score(rec: Recommender, history: list[int], item: int) -> float:
+    prompt = rec.prompt_ids(history)
+    response = rec.encoder.response_ids(rec.catalog.titles[item])
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(rec.model(ids).logits[0].float(), -1)
+    return sum(float(logprobs[len(prompt) - 1 + j, tok]) for j, tok in enumerate(response))
+
+
+def histories(prepared, n=6):
+    return [prepared.history(int(u), int(p)).tolist() for u, p in prepared.splits["test"][:n]]

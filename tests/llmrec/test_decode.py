@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_qwen2
+from helpers import histories, teacher_forced_score, tiny_llama, tiny_qwen2
 
 from llmrec.decode import TitleTrie, grouped_topk
 from llmrec.recommender import Recommender
 from recdata.prompts import compact_template, d3_template
-
-
-def teacher_forced_score(rec: Recommender, history: list[int], item: int) -> float:
-    prompt = rec.prompt_ids(history)
-    response = rec.encoder.response_ids(rec.catalog.titles[item])
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(rec.model(ids).logits[0].float(), -1)
-    return sum(float(logprobs[len(prompt) - 1 + j, tok]) for j, tok in enumerate(response))
 
 
 @pytest.fixture(params=["llama-d3", "qwen2-compact"])
@@ -25,10 +16,6 @@ def recommender(request, tokenizer, prepared):
     if request.param == "llama-d3":
         return Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, d3_template())
     return Recommender(tiny_qwen2(len(tokenizer)), tokenizer, prepared.catalog, compact_template())
-
-
-def histories(prepared, n=6):
-    return [prepared.history(int(u), int(p)).tolist() for u, p in prepared.splits["test"][:n]]
 
 
 def test_returns_k_distinct_catalog_items_sorted(recommender, prepared):
