@@ -113,11 +113,11 @@ class Registry:
         return arm
 
     def _decoder(self, recommender: Recommender) -> DecodeFn:
-        num_beams, head = self.settings.num_beams, self.settings.head
+        num_beams, head, search = self.settings.num_beams, self.settings.head, self.settings.search
 
         def decode(histories: Sequence[Sequence[int]], k: int, excludes: Sequence[Sequence[int]]) -> list[Ranked]:
             return recommender.recommend(histories, k=k, num_beams=max(num_beams, k), exclude=excludes,
-                                         batch_size=len(histories), head=head)
+                                         batch_size=len(histories), head=head, search=search)
 
         return decode
 

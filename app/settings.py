@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     """Beams per request (the list a request gets is the top-k of this search)."""
     head: Literal["full", "catalog", "catalog-fullnorm"] = "catalog"
     """Next-token normalisation while decoding: 'full' (exact) or 'catalog' (LM head over catalog tokens only)."""
+    search: Literal["beam", "exact"] = "beam"
+    """How a list is made: 'beam' (constrained beam search with num_beams) or 'exact' (every catalog title
+    scored exactly, one user at a time: minutes per request on a CPU; for a GPU)."""
     max_k: int = Field(default=50, ge=1)
     """Largest k a request may ask for."""
     max_history: int = Field(default=200, ge=1)

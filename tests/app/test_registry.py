@@ -51,3 +51,17 @@ def test_model_threads_shared_or_per_arm(arms):
 def test_model_version_names_stage_and_creation_time():
     assert model_version({"stage": "depth", "created": "2026-11-25T17:00:00+00:00"}, "/x/3-depth") == "depth-20261125T170000"
     assert model_version({}, "/x/3-depth") == "3-depth"
+
+
+def test_the_service_can_rank_exactly(arms):
+    from llmrec.recommender import Recommender
+
+    registry = Registry(Settings(models={"pruned": arms["pruned"]}, warmup=False, search="exact"))
+    try:
+        registry.executor("pruned").submit(registry.load, "pruned").result()
+        served = registry.decode_fn("pruned")([[0, 1], [2]], 3, [[0, 1], []])
+    finally:
+        registry.shutdown()
+    expected = Recommender.from_artifact(arms["pruned"], device="cpu").recommend([[0, 1], [2]], k=3, exclude=[[0, 1], []],
+                                                                                search="exact")
+    assert [[i for i, _ in r] for r in served] == [[i for i, _ in r] for r in expected]
