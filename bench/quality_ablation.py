@@ -1,0 +1,219 @@
+"""The quality ablation: one lever of the dense LLM recommender at a time, beside SASRec and MostPop.
+
+Every variant is fine-tuned from the same base model with the benchmark profile's training settings plus
+its lever, and evaluated on the same seeded test users (history excluded, full catalog, the catalog head):
+
+- ``baseline``: the training profile as it is;
+- ``history-50``: 50 titles of history (SASRec's length) under the prompt-length guard;
+- ``ndcg-selection``: early stopping and best weights on validation NDCG@10 instead of the loss;
+- ``exact``: the baseline model, every catalog title scored exactly instead of 20-beam search;
+- ``best``: the training levers that beat the baseline, together (and exact ranking if it did).
+
+SASRec (RecBole, CE loss, early stopping) and MostPop are scored on the same users. Levers still to come
+(issue "Quality": item soft tokens, SASRec soft tokens, assisted decoding) join as variants. Resumable: a
+variant whose artifact exists is not trained again.
+
+    python -m bench.quality_ablation --profile gpu                   # every test user, on a GPU
+    python -m bench.quality_ablation --profile cpu --users 100       # minutes per variant on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmrec.configs import merge
+from recdata.prep import PreparedData
+
+logger = logging.getLogger(__name__)
+
+TRAINING_LEVERS: dict[str, dict[str, Any]] = {
+    "history-50": {"max_history": 50},
+    "ndcg-selection": {"select_metric": "ndcg@10"},
+}
+"""Variant -> the TrainConfig values of its lever (over the profile)."""
+
+
+@dataclass
+class AblationConfig:
+    """One ablation run."""
+
+    profile: str = "cpu"
+    """Training profile of every variant (cpu, gpu, tiny)."""
+    model: str = "smollm2-135m"
+    """Base model (alias, HF directory or artifact)."""
+    users: int | None = 300
+    """Seeded test users (None = all)."""
+    seed: int = 0
+    device: str | None = None
+    """Where evaluation and SASRec run (training follows the training profile's device choice)."""
+    sasrec_epochs: int = 50
+    """Most SASRec epochs (early stopping usually ends sooner)."""
+    exact_users: int | None = None
+    """Users of the exact-ranking row (None = the same as users; exact costs minutes per user on a CPU)."""
+    variants: list[str] = field(default_factory=lambda: ["baseline", *TRAINING_LEVERS, "exact", "best"])
+    work: str | None = None
+    """Artifacts and evaluations [runs/ablation-<profile>]."""
+    output: str | None = None
+    """Report directory [bench/results/<profile>/quality_ablation]."""
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig values applied to every variant (e.g. a step budget for a smoke run)."""
+
+
+def _evaluate(artifact: Path, data: PreparedData, users: int | None, seed: int, device: str | None, output: Path,
+              search: str = "beam") -> dict[str, Any]:
+    from pruning.evaluate import EvalConfig
+    from pruning.evaluate import run as evaluate
+
+    if output.is_file():
+        cached = json.loads(output.read_text())
+        if cached["config"]["users"] == users and cached["config"]["seed"] == seed and cached["config"]["search"] == search:
+            return cached
+    return evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, output=str(output), batch_size=16,
+                               device=device, search=search), data)  # type: ignore[arg-type]
+
+
+def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
+    """Train and evaluate the variants; write report.json and report.md; return the report."""
+    from bench import sasrec
+    from pruning.evaluate import sample_users
+    from pruning.train import PROFILES, TrainConfig
+    from pruning.train import run as train
+
+    work = Path(config.work or f"runs/ablation-{config.profile}")
+    output = Path(config.output or f"bench/results/{config.profile}/quality_ablation")
+    if config.profile not in PROFILES:
+        raise ValueError(f"unknown profile {config.profile!r}; choose one of {sorted(PROFILES)}")
+    rows: dict[str, dict[str, Any]] = {}
+
+    def trained(name: str, lever: dict[str, Any]) -> Path:
+        path = work / name
+        if not (path / "prunerec.json").is_file():
+            started = time.monotonic()
+            train(merge(TrainConfig, PROFILES[config.profile], {**config.train_overrides, **lever}, output=str(path),
+                        model=config.model, seed=config.seed, profile=config.profile), data)
+            logger.info("%s trained in %.1f min", name, (time.monotonic() - started) / 60)
+        return path
+
+    def score(name: str, path: Path, lever: dict[str, Any], search: str = "beam", users: int | None = None) -> None:
+        result = _evaluate(path, data, users if users is not None else config.users, config.seed, config.device,
+                           work / "eval" / f"{name}.json", search)
+        manifest = json.loads((path / "prunerec.json").read_text())
+        rows[name] = {"lever": lever, "search": search, "users": result["protocol"]["users"],
+                      "metrics": result["metrics"], "decode_seconds_per_user": result["seconds_per_user"],
+                      "training_minutes": manifest["training"]["minutes"], "artifact": str(path)}
+
+    baseline = trained("baseline", {})
+    score("baseline", baseline, {})
+    mostpop = json.loads((work / "eval" / "baseline.json").read_text())["mostpop"]
+    for name, lever in TRAINING_LEVERS.items():
+        if name in config.variants:
+            score(name, trained(name, lever), lever)
+    if "exact" in config.variants:
+        exact_users = config.exact_users if config.exact_users is not None else config.users
+        score("exact", baseline, {"search": "exact"}, "exact", exact_users)
+        if exact_users != config.users:  # the beam row on the exact row's users, for a like-for-like pair
+            score("baseline@exact-users", baseline, {}, "beam", exact_users)
+    if "best" in config.variants:
+        base = rows["baseline"]["metrics"]["ndcg@10"]
+        helped = [n for n in TRAINING_LEVERS if n in rows and rows[n]["metrics"]["ndcg@10"] > base]
+        exact_helped = "exact" in rows and rows["exact"]["metrics"]["ndcg@10"] > rows.get(
+            "baseline@exact-users", rows["baseline"])["metrics"]["ndcg@10"]
+        lever = {k: v for n in helped for k, v in TRAINING_LEVERS[n].items()}
+        path = trained("best", lever) if helped else baseline
+        score("best", path, {**lever, **({"search": "exact"} if exact_helped else {})},
+              "exact" if exact_helped else "beam", config.exact_users if exact_helped else None)
+        rows["best"]["combines"] = helped + (["exact"] if exact_helped else [])
+
+    pairs = sample_users(data.splits["test"], config.users, config.seed)
+    sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
+    cached = work / "sasrec" / "result.json"
+    key = {"config": asdict(sasrec_config), "users": config.users, "seed": config.seed}
+    if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+        sasrec_result = json.loads(cached.read_text())["result"]
+    else:
+        sasrec_result = sasrec.run(sasrec_config, data, users=pairs)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps({"key": key, "result": sasrec_result}, default=str))
+    rows["sasrec"] = {"metrics": sasrec_result["metrics"], "users": len(pairs), "epochs_run": sasrec_result["epochs_run"]}
+    rows["mostpop"] = {"metrics": mostpop, "users": len(pairs)}
+
+    sasrec_ndcg = rows["sasrec"]["metrics"]["ndcg@10"]
+    for row in rows.values():
+        row["ndcg@10_vs_sasrec"] = row["metrics"]["ndcg@10"] / sasrec_ndcg if sasrec_ndcg else float("nan")
+    report = {"protocol": {"profile": config.profile, "users": len(pairs), "seed": config.seed, "dataset": data.name,
+                           "ranking": "full catalog, history excluded, catalog head", "config": asdict(config)},
+              "variants": rows}
+    write(report, output)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    protocol = report["protocol"]
+    lines = [f"# Quality ablation ({protocol['profile']} profile, {protocol['users']} seeded test users)", "",
+             "| variant | lever | users | NDCG@10 | HR@10 | NDCG@10 / SASRec | training min | s/user decoding |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in report["variants"].items():
+        m = row["metrics"]
+        lever = ", ".join(f"{k}={v}" for k, v in row.get("lever", {}).items()) or "-"
+        lines.append(f"| {name} | {lever} | {row.get('users', '')} | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | "
+                     f"{row['ndcg@10_vs_sasrec']:.3f} | {row.get('training_minutes', '')} | "
+                     f"{row.get('decode_seconds_per_user', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict[str, Any], output: Path) -> list[Path]:
+    """report.json, report.md and ndcg.png (NDCG@10 per variant with the SASRec and MostPop lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (output / "report.md").write_text(markdown(report))
+    variants = {n: r for n, r in report["variants"].items() if n not in ("sasrec", "mostpop")}
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(variants)), 3.5))
+    ax.bar(list(variants), [r["metrics"]["ndcg@10"] for r in variants.values()], color="tab:blue")
+    for name, style in (("sasrec", "--"), ("mostpop", ":")):
+        ax.axhline(report["variants"][name]["metrics"]["ndcg@10"], linestyle=style, color="black", label=name)
+    ax.set_ylabel("NDCG@10")
+    ax.legend()
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(output / "ndcg.png", dpi=120)
+    plt.close(fig)
+    return [output / "report.json", output / "report.md", output / "ndcg.png"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--users", type=int, default=300, help="seeded test users (0 = all)")
+    parser.add_argument("--exact-users", type=int, default=None, help="users of the exact row [--users]")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--sasrec-epochs", type=int, default=50)
+    parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from recdata.prep import prepare
+    from recdata.sources import read_ml100k
+
+    data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
+    config = AblationConfig(profile=args.profile, model=args.model, users=args.users or None, device=args.device,
+                            sasrec_epochs=args.sasrec_epochs, exact_users=args.exact_users, work=args.work,
+                            output=args.output)
+    report = run_ablation(config, data)
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

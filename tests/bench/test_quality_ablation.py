@@ -1,0 +1,32 @@
+"""The quality ablation's smoke form: every variant trained and scored on the same users beside SASRec and
+MostPop, the best combination made of the levers that helped, the report files written."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import save_model_dir, tiny_llama
+
+from bench.quality_ablation import AblationConfig, run_ablation
+
+
+def test_every_variant_on_the_same_users_beside_sasrec_and_mostpop(tmp_path, tokenizer, prepared):
+    base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    config = AblationConfig(profile="tiny", model=str(base), users=8, exact_users=4, device="cpu", sasrec_epochs=1,
+                            work=str(tmp_path / "work"), output=str(tmp_path / "report"),
+                            train_overrides={"select_users": 8})
+    report = run_ablation(config, prepared)
+    rows = report["variants"]
+    assert {"baseline", "history-50", "ndcg-selection", "exact", "baseline@exact-users", "best", "sasrec",
+            "mostpop"} <= set(rows)
+    assert rows["history-50"]["lever"] == {"max_history": 50}
+    assert json.loads((tmp_path / "work" / "history-50" / "prunerec.json").read_text())["max_history"] == 50
+    assert "best_valid_ndcg@10" in json.loads((tmp_path / "work" / "ndcg-selection" / "prunerec.json").read_text())["training"]
+    assert rows["exact"]["search"] == "exact" and rows["exact"]["users"] == 4 == rows["baseline@exact-users"]["users"]
+    assert all(rows[n]["users"] == 8 for n in ("baseline", "history-50", "sasrec", "mostpop"))
+    base = rows["baseline"]["metrics"]["ndcg@10"]
+    helped = [n for n in ("history-50", "ndcg-selection") if rows[n]["metrics"]["ndcg@10"] > base]
+    assert [n for n in rows["best"]["combines"] if n != "exact"] == helped
+    files = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert files == ["ndcg.png", "report.json", "report.md"]
+    assert "| history-50 | max_history=50 |" in (tmp_path / "report" / "report.md").read_text()
