@@ -125,7 +125,8 @@ def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
         exact_helped = "exact" in rows and rows["exact"]["metrics"]["ndcg@10"] > rows.get(
             "baseline@exact-users", rows["baseline"])["metrics"]["ndcg@10"]
         lever = {k: v for n in helped for k, v in TRAINING_LEVERS[n].items()}
-        path = trained("best", lever) if helped else baseline
+        # one lever alone is that variant's model: not trained twice
+        path = (work / helped[0] if len(helped) == 1 else trained("best", lever)) if helped else baseline
         score("best", path, {**lever, **({"search": "exact"} if exact_helped else {})},
               "exact" if exact_helped else "beam", config.exact_users if exact_helped else None)
         rows["best"]["combines"] = helped + (["exact"] if exact_helped else [])
