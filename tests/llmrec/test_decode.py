@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import histories, teacher_forced_score, tiny_llama, tiny_qwen2
+from helpers import histories, teacher_forced_score
 
 from llmrec.decode import TitleTrie, grouped_topk
-from llmrec.recommender import Recommender
-from recdata.prompts import compact_template, d3_template
-
-
-@pytest.fixture(params=["llama-d3", "qwen2-compact"])
-def recommender(request, tokenizer, prepared):
-    if request.param == "llama-d3":
-        return Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, d3_template())
-    return Recommender(tiny_qwen2(len(tokenizer)), tokenizer, prepared.catalog, compact_template())
 
 
 def test_returns_k_distinct_catalog_items_sorted(recommender, prepared):

@@ -6,18 +6,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from helpers import histories, teacher_forced_score, tiny_llama, tiny_qwen2
+from helpers import histories, teacher_forced_score, tiny_llama
 
 from llmrec.exact import TrieLevels
 from llmrec.recommender import Recommender
-from recdata.prompts import compact_template, d3_template
-
-
-@pytest.fixture(params=["llama-d3", "qwen2-compact"])
-def recommender(request, tokenizer, prepared):
-    if request.param == "llama-d3":
-        return Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, d3_template())
-    return Recommender(tiny_qwen2(len(tokenizer)), tokenizer, prepared.catalog, compact_template())
+from recdata.prompts import compact_template
 
 
 def test_every_title_gets_its_teacher_forced_log_probability(recommender, prepared):
