@@ -65,22 +65,10 @@ class AblationConfig:
     """TrainConfig values applied to every variant (e.g. a step budget for a smoke run)."""
 
 
-def _evaluate(artifact: Path, data: PreparedData, users: int | None, seed: int, device: str | None, output: Path,
-              search: str = "beam") -> dict[str, Any]:
-    from pruning.evaluate import EvalConfig
-    from pruning.evaluate import run as evaluate
-
-    if output.is_file():
-        cached = json.loads(output.read_text())
-        if cached["config"]["users"] == users and cached["config"]["seed"] == seed and cached["config"]["search"] == search:
-            return cached
-    return evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, output=str(output), batch_size=16,
-                               device=device, search=search), data)  # type: ignore[arg-type]
-
-
 def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
     """Train and evaluate the variants; write report.json and report.md; return the report."""
     from bench import sasrec
+    from bench.run import evaluate_cached
     from pruning.evaluate import sample_users
     from pruning.train import PROFILES, TrainConfig
     from pruning.train import run as train
@@ -101,8 +89,8 @@ def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
         return path
 
     def score(name: str, path: Path, lever: dict[str, Any], search: str = "beam", users: int | None = None) -> None:
-        result = _evaluate(path, data, users if users is not None else config.users, config.seed, config.device,
-                           work / "eval" / f"{name}.json", search)
+        result = evaluate_cached(path, data, users if users is not None else config.users, config.seed, "catalog",
+                                 work / "eval" / f"{name}.json", config.device, search)
         manifest = json.loads((path / "prunerec.json").read_text())
         rows[name] = {"lever": lever, "search": search, "users": result["protocol"]["users"],
                       "metrics": result["metrics"], "decode_seconds_per_user": result["seconds_per_user"],

@@ -117,18 +117,18 @@ def bench_config(profile: str, **given: Any) -> BenchConfig:
     return config
 
 
-def _evaluate(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
-              device: str | None) -> dict:
+def evaluate_cached(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
+                    device: str | None, search: str = "beam") -> dict:
     """Evaluate (or reuse an evaluation with the same protocol written to ``output``)."""
     from pruning.evaluate import EvalConfig
     from pruning.evaluate import run as evaluate
 
     if output.is_file():
-        cached = json.loads(output.read_text())
-        if cached["config"]["users"] == users and cached["config"]["seed"] == seed and cached["config"]["head"] == head:
-            return cached
+        cached = json.loads(output.read_text())["config"]
+        if (cached["users"], cached["seed"], cached["head"], cached.get("search", "beam")) == (users, seed, head, search):
+            return json.loads(output.read_text())
     return evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, head=head, output=str(output),
-                               batch_size=16, device=device), data)
+                               batch_size=16, device=device, search=search), data)  # type: ignore[arg-type]
 
 
 class PhaseClock:
@@ -187,7 +187,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     evaluations: dict[str, dict] = {}
     with clock.phase("evaluate"):
         for name, path in named.items():
-            evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+            evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
             models[name] = model_entry(path, evaluations[name], repo_root)
     pairs = sample_users(data.splits["test"], config.users, config.seed)
     sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
@@ -202,7 +202,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     if config.peft:
         with clock.phase("peft"):
             for name, path in _peft_arms(config, data, work).items():
-                evaluations[name] = _evaluate(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+                evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
                 models[name] = model_entry(path, evaluations[name], repo_root)
     models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
                          "metrics": evaluations["dense"]["mostpop"]}
@@ -326,7 +326,7 @@ def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None 
     ndcg: dict[str, np.ndarray] = {}
     histories: dict[str, int] = {}
     for name, path in names.items():
-        result = _evaluate(path, data, users, seed, head, output / "eval" / f"{name}.json", device)
+        result = evaluate_cached(path, data, users, seed, head, output / "eval" / f"{name}.json", device)
         histories[name] = result["protocol"]["history_length"]
         models[name] = model_entry(path, result, Path.cwd().resolve())
         ranks = pd.read_csv((output / "eval" / f"{name}.json").with_suffix(".ranks.csv"))
