@@ -42,7 +42,7 @@ class Arm:
     loaded_at: float = field(default_factory=time.time)
     last_error: str | None = None
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, assist: bool | None = None) -> dict[str, Any]:
         manifest = self.recommender.manifest
         return {
             "arm": self.name,
@@ -53,6 +53,7 @@ class Arm:
             "metrics": manifest.get("metrics", {}),
             "catalog_items": len(self.recommender.catalog),
             "device": str(self.recommender.device),
+            "assist_weight": self.recommender.assist_weight if self.recommender.uses_assistant(assist) else None,
             "last_reload_error": self.last_error,
         }
 
@@ -84,6 +85,8 @@ class Registry:
     def _load(self, name: str, path: str) -> Arm:
         with self._loading:
             recommender = Recommender.from_artifact(path, device=self.settings.device)
+        if self.settings.assist and recommender.assistant is None:
+            raise ValueError(f"arm {name}: assist is required and {path} carries no assistant (prunerec assist)")
         return Arm(name, path, recommender, model_version(recommender.manifest, path))
 
     def load(self, name: str) -> Arm:
@@ -113,11 +116,11 @@ class Registry:
         return arm
 
     def _decoder(self, recommender: Recommender) -> DecodeFn:
-        num_beams, head, search = self.settings.num_beams, self.settings.head, self.settings.search
+        num_beams, head, search, assist = self.settings.num_beams, self.settings.head, self.settings.search, self.settings.assist
 
         def decode(histories: Sequence[Sequence[int]], k: int, excludes: Sequence[Sequence[int]]) -> list[Ranked]:
             return recommender.recommend(histories, k=k, num_beams=max(num_beams, k), exclude=excludes,
-                                         batch_size=len(histories), head=head, search=search)
+                                         batch_size=len(histories), head=head, search=search, assist=assist)
 
         return decode
 

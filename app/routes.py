@@ -173,7 +173,7 @@ def api_router(settings: Settings) -> APIRouter:
     @router.get("/v1/models", response_model=ModelsResponse, tags=["ab"])
     async def models(state: StateDep) -> dict:
         """The loaded arms: version, artifact, parameter counts, offline metrics; weights and shadow."""
-        return {"arms": [a.describe() for a in state.registry.arms.values()], "weights": state.weights,
+        return {"arms": [a.describe(state.settings.assist) for a in state.registry.arms.values()], "weights": state.weights,
                 "shadow": state.settings.shadow}
 
     @router.get("/v1/ab/report", response_model=ABReport, tags=["ab"])

@@ -176,6 +176,8 @@ class ArmInfo(BaseModel):
     metrics: dict[str, Any]
     catalog_items: int
     device: str
+    assist_weight: float | None = Field(None, description="Weight of the arm's SASRec assistant in its scores "
+                                        "(D3's assisted decoding); null when the arm serves the pure LLM.")
     last_reload_error: str | None
 
 

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     search: Literal["beam", "exact"] = "beam"
     """How a list is made: 'beam' (constrained beam search with num_beams) or 'exact' (every catalog title
     scored exactly, one user at a time: minutes per request on a CPU; for a GPU)."""
+    assist: bool | None = None
+    """D3's assisted decoding (`prunerec assist`): None mixes in an arm's assistant when its artifact carries
+    one, False serves the pure LLM, True refuses to load an arm without one."""
     max_k: int = Field(default=50, ge=1)
     """Largest k a request may ask for."""
     max_history: int = Field(default=200, ge=1)

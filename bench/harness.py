@@ -120,9 +120,11 @@ def time_requests(base: str, payloads: list[dict], concurrency: int, arm: str | 
 
 
 def serve_and_measure(name: str, artifact: str, payloads: list[dict], levels: list[int], head: str = "catalog",
-                      max_batch_size: int = 16, device: str | None = None) -> dict[str, Any]:
-    """Start the service with one arm, time the payloads at each concurrency level, read its peak memory."""
-    options = ["--max-batch-size", str(max_batch_size), *(["--device", device] if device else [])]
+                      max_batch_size: int = 16, device: str | None = None, assist: bool | None = None) -> dict[str, Any]:
+    """Start the service with one arm, time the payloads at each concurrency level, read its peak memory.
+    ``assist``: the service's --assist (None: its default, the artifact's assistant when it carries one)."""
+    options = ["--max-batch-size", str(max_batch_size), *(["--device", device] if device else []),
+               *([] if assist is None else ["--assist" if assist else "--no-assist"])]
     with running_service({name: artifact}, *options, env={"PRUNEREC_HEAD": head, **UNBOUNDED_DEADLINE}) as (base, server):
         time_requests(base, payloads[:2], 1)  # warm-up
         result: dict[str, Any] = {}

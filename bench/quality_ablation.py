@@ -7,11 +7,14 @@ its lever, and evaluated on the same seeded test users (history excluded, full c
 - ``history-50``: 50 titles of history (SASRec's length) under the prompt-length guard;
 - ``ndcg-selection``: early stopping and best weights on validation NDCG@10 instead of the loss;
 - ``exact``: the baseline model, every catalog title scored exactly instead of 20-beam search;
-- ``best``: the training levers that beat the baseline, together (and exact ranking if it did).
+- ``assisted``: the baseline model decoding with D3's SASRec assistant (:mod:`pruning.assist`: trained on the
+  training part, its weight chosen on validation users), scores log P_LLM + w × log P_SASRec;
+- ``best``: the training levers that beat the baseline, together (and exact ranking and the assistant, each
+  if it did).
 
 SASRec (RecBole, CE loss, early stopping) and MostPop are scored on the same users. Levers still to come
-(issue "Quality": item soft tokens, SASRec soft tokens, assisted decoding) join as variants. Resumable: a
-variant whose artifact exists is not trained again.
+(issue "Quality": item soft tokens, SASRec soft tokens) join as variants. Resumable: a variant whose
+artifact exists is not trained again, an artifact with an assistant keeps it.
 
     python -m bench.quality_ablation --profile gpu                   # every test user, on a GPU
     python -m bench.quality_ablation --profile cpu --users 100       # minutes per variant on a CPU
@@ -56,7 +59,7 @@ class AblationConfig:
     """Most SASRec epochs (early stopping usually ends sooner)."""
     exact_users: int | None = None
     """Users of the exact-ranking row (None = the same as users; exact costs minutes per user on a CPU)."""
-    variants: list[str] = field(default_factory=lambda: ["baseline", *TRAINING_LEVERS, "exact", "best"])
+    variants: list[str] = field(default_factory=lambda: ["baseline", *TRAINING_LEVERS, "exact", "assisted", "best"])
     work: str | None = None
     """Artifacts and evaluations [runs/ablation-<profile>]."""
     output: str | None = None
@@ -69,6 +72,9 @@ def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
     """Train and evaluate the variants; write report.json and report.md; return the report."""
     from bench import sasrec
     from bench.run import evaluate_cached
+    from pruning.assist import PROFILES as ASSIST_PROFILES
+    from pruning.assist import AssistConfig
+    from pruning.assist import run as assist
     from pruning.evaluate import sample_users
     from pruning.train import PROFILES, TrainConfig
     from pruning.train import run as train
@@ -88,13 +94,23 @@ def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
             logger.info("%s trained in %.1f min", name, (time.monotonic() - started) / 60)
         return path
 
-    def score(name: str, path: Path, lever: dict[str, Any], search: str = "beam", users: int | None = None) -> None:
+    def score(name: str, path: Path, lever: dict[str, Any], search: str = "beam", users: int | None = None,
+              assist: bool = False) -> None:
         result = evaluate_cached(path, data, users if users is not None else config.users, config.seed, "catalog",
-                                 work / "eval" / f"{name}.json", config.device, search)
+                                 work / "eval" / f"{name}.json", config.device, search, assist)
         manifest = json.loads((path / "prunerec.json").read_text())
         rows[name] = {"lever": lever, "search": search, "users": result["protocol"]["users"],
                       "metrics": result["metrics"], "decode_seconds_per_user": result["seconds_per_user"],
                       "training_minutes": manifest["training"]["minutes"], "artifact": str(path)}
+        if assist:
+            rows[name]["assist_weight"] = manifest["assistant"]["weight"]
+
+    def with_assistant(path: Path, source: Path | None = None) -> Path:
+        """The artifact with its SASRec assistant (trained, or ``source``'s reused with its own weight sweep)."""
+        if not json.loads((path / "prunerec.json").read_text()).get("assistant"):
+            assist(merge(AssistConfig, ASSIST_PROFILES[config.profile], {"device": config.device},
+                         artifact=str(path), source=str(source) if source else None, seed=config.seed), data)
+        return path
 
     baseline = trained("baseline", {})
     score("baseline", baseline, {})
@@ -107,17 +123,22 @@ def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
         score("exact", baseline, {"search": "exact"}, "exact", exact_users)
         if exact_users != config.users:  # the beam row on the exact row's users, for a like-for-like pair
             score("baseline@exact-users", baseline, {}, "beam", exact_users)
+    if "assisted" in config.variants:
+        score("assisted", with_assistant(baseline), {"assist": True}, assist=True)
     if "best" in config.variants:
         base = rows["baseline"]["metrics"]["ndcg@10"]
         helped = [n for n in TRAINING_LEVERS if n in rows and rows[n]["metrics"]["ndcg@10"] > base]
         exact_helped = "exact" in rows and rows["exact"]["metrics"]["ndcg@10"] > rows.get(
             "baseline@exact-users", rows["baseline"])["metrics"]["ndcg@10"]
+        assist_helped = "assisted" in rows and rows["assisted"]["metrics"]["ndcg@10"] > base
         lever = {k: v for n in helped for k, v in TRAINING_LEVERS[n].items()}
         # one lever alone is that variant's model: not trained twice
         path = (work / helped[0] if len(helped) == 1 else trained("best", lever)) if helped else baseline
-        score("best", path, {**lever, **({"search": "exact"} if exact_helped else {})},
-              "exact" if exact_helped else "beam", config.exact_users if exact_helped else None)
-        rows["best"]["combines"] = helped + (["exact"] if exact_helped else [])
+        if assist_helped:
+            with_assistant(path, source=baseline)
+        score("best", path, {**lever, **({"search": "exact"} if exact_helped else {}), **({"assist": True} if assist_helped else {})},
+              "exact" if exact_helped else "beam", config.exact_users if exact_helped else None, assist_helped)
+        rows["best"]["combines"] = helped + (["exact"] if exact_helped else []) + (["assisted"] if assist_helped else [])
 
     pairs = sample_users(data.splits["test"], config.users, config.seed)
     sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")

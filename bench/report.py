@@ -81,6 +81,20 @@ def ratios(models: dict[str, dict], dense: str = "dense", pruned: str = "pruned"
     if "latency_ms" in a and "latency_ms" in b:
         out["speedup_p50"] = a["latency_ms"]["p50"] / b["latency_ms"]["p50"]
         out["throughput_gain"] = b["throughput_rps"] / a["throughput_rps"]
+
+    def ndcg(name: str) -> float | None:
+        entry = models.get(name)
+        return entry["metrics"]["ndcg@10"] if entry and entry.get("metrics") else None
+
+    sasrec = ndcg("sasrec")
+    for name, key in ((dense, "dense_ndcg@10_vs_sasrec"), (f"{dense}+assist", "dense_assisted_ndcg@10_vs_sasrec"),
+                      (f"{pruned}+assist", "pruned_assisted_ndcg@10_vs_sasrec")):
+        value = ndcg(name)
+        if sasrec and value is not None:
+            out[key] = value / sasrec
+    assisted_dense, assisted_pruned = ndcg(f"{dense}+assist"), ndcg(f"{pruned}+assist")
+    if assisted_dense and assisted_pruned is not None:
+        out["assisted_retention_ndcg@10"] = assisted_pruned / assisted_dense
     return out
 
 

@@ -73,6 +73,10 @@ class BenchConfig:
     """Requests the service decodes together per arm (its --max-batch-size) in the latency measurement."""
     head: str = "catalog"
     """Head mode for quality and serving (the default, catalog, was chosen from bench/results/catalog_vocab_cpu.json)."""
+    assist: bool = True
+    """Train D3's SASRec assistant for the dense and the pruned model (`prunerec assist`, the training profile of
+    the same name) and report the assisted rows (dense+assist, pruned+assist) beside the pure ones. The served
+    arms then carry it: serving is measured as the service runs them (assisted)."""
     peft: bool = False
     """Also compare PrunePEFT's LoRA placement with plain LoRA (q, v) at the same trainable-parameter count."""
     peft_epochs: float | None = None
@@ -118,17 +122,18 @@ def bench_config(profile: str, **given: Any) -> BenchConfig:
 
 
 def evaluate_cached(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
-                    device: str | None, search: str = "beam") -> dict:
+                    device: str | None, search: str = "beam", assist: bool | None = False) -> dict:
     """Evaluate (or reuse an evaluation with the same protocol written to ``output``)."""
     from pruning.evaluate import EvalConfig
     from pruning.evaluate import run as evaluate
 
     if output.is_file():
         cached = json.loads(output.read_text())["config"]
-        if (cached["users"], cached["seed"], cached["head"], cached.get("search", "beam")) == (users, seed, head, search):
+        if ((cached["users"], cached["seed"], cached["head"], cached.get("search", "beam"), cached.get("assist", False))
+                == (users, seed, head, search, assist)):
             return json.loads(output.read_text())
     return evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, head=head, output=str(output),
-                               batch_size=16, device=device, search=search), data)  # type: ignore[arg-type]
+                               batch_size=16, device=device, search=search, assist=assist), data)  # type: ignore[arg-type]
 
 
 class PhaseClock:
@@ -183,12 +188,23 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     named.pop(stages[2].name)
     named.pop(stages[3].name)
     repo_root = Path.cwd().resolve()
+    from llmrec.artifact import read_manifest
+
     models: dict[str, dict] = {}
     evaluations: dict[str, dict] = {}
     with clock.phase("evaluate"):
         for name, path in named.items():
             evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
             models[name] = model_entry(path, evaluations[name], repo_root)
+    if config.assist:
+        with clock.phase("assistant"):
+            for name, source in (("dense", None), ("pruned", dense)):
+                _assistant(config, data, named[name], source)
+                evaluations[f"{name}+assist"] = evaluate_cached(named[name], data, config.users, config.seed, config.head,
+                                                                work / "eval" / f"{name}+assist.json", config.device,
+                                                                assist=True)
+                models[f"{name}+assist"] = model_entry(named[name], evaluations[f"{name}+assist"], repo_root)
+                models[f"{name}+assist"]["assisted"] = evaluations[f"{name}+assist"]["protocol"]["assist_weight"]
     pairs = sample_users(data.splits["test"], config.users, config.seed)
     sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
     with clock.phase("sasrec"):
@@ -210,7 +226,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     with clock.phase("serve"):
         for name in ("dense", "pruned", "pruned+vocab"):
             key = {"artifact": str(named[name]), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
-                   "users": config.users, "seed": config.seed, "device": config.device, "batch": config.serve_batch_size}
+                   "users": config.users, "seed": config.seed, "device": config.device, "batch": config.serve_batch_size,
+                   "assist_weight": (read_manifest(named[name]).get("assistant") or {}).get("weight")}
             models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
                 name, str(named[name]), payloads, config.concurrency, config.head, max_batch_size=config.serve_batch_size,
                 device=config.device))
@@ -305,6 +322,21 @@ def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str,
     return paths
 
 
+def _assistant(config: BenchConfig, data: PreparedData, artifact: Path, source: Path | None) -> None:
+    """Give ``artifact`` its assistant unless it has one: trained here, or ``source``'s reused (its weight is
+    still chosen for this artifact's LLM)."""
+    from llmrec.artifact import read_manifest
+    from pruning.assist import PROFILES as ASSIST_PROFILES
+    from pruning.assist import AssistConfig
+    from pruning.assist import run as assist
+
+    entry = read_manifest(artifact).get("assistant")
+    if entry and "inherited" not in entry.get("training", {}):  # an inherited one's weight was the teacher's
+        return
+    assist(merge(AssistConfig, ASSIST_PROFILES[config.profile], {"device": config.device}, artifact=str(artifact),
+                 source=str(source) if source is not None else None, seed=config.seed, head=config.head), data)
+
+
 def _prune_config(bench: BenchConfig, work: Path, dense: Path, **settings: Any) -> Any:
     """The compression run of the bench: the pruning profile of the same name, the bench's users and device."""
     from pruning.prune import PROFILES as PRUNE_PROFILES
@@ -317,7 +349,7 @@ def _prune_config(bench: BenchConfig, work: Path, dense: Path, **settings: Any) 
 
 def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None = 300, seed: int = 0,
             head: str = "full", latency_requests: int = 24, concurrency: list[int] | None = None,
-            serve: bool = True, device: str | None = None) -> dict:
+            serve: bool = True, device: str | None = None, assist: bool | None = False) -> dict:
     """Offline A/B of two artifacts: quality on the same users, a paired test on per-user NDCG@10, cost."""
     from pruning.evaluate import sample_users
 
@@ -326,7 +358,7 @@ def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None 
     ndcg: dict[str, np.ndarray] = {}
     histories: dict[str, int] = {}
     for name, path in names.items():
-        result = evaluate_cached(path, data, users, seed, head, output / "eval" / f"{name}.json", device)
+        result = evaluate_cached(path, data, users, seed, head, output / "eval" / f"{name}.json", device, assist=assist)
         histories[name] = result["protocol"]["history_length"]
         models[name] = model_entry(path, result, Path.cwd().resolve())
         ranks = pd.read_csv((output / "eval" / f"{name}.json").with_suffix(".ranks.csv"))
@@ -335,11 +367,13 @@ def compare(a: str, b: str, data: PreparedData, output: Path, users: int | None 
     if serve:
         payloads = request_payloads(data, pairs[:latency_requests])
         for name, path in names.items():
-            models[name]["serving"] = serve_and_measure(name, str(path), payloads, concurrency or [1, 16], head, device=device)
+            models[name]["serving"] = serve_and_measure(name, str(path), payloads, concurrency or [1, 16], head, device=device,
+                                                        assist=assist)
     report = {
         "protocol": {"compare": {"A": str(a), "B": str(b)}, "dataset": data.name, "users": len(pairs), "seed": seed,
                      "history_length": histories["A"] if histories["A"] == histories["B"] else histories,
-                     "num_beams": 20, "head": head, "ranking": "full catalog, history excluded"},
+                     "num_beams": 20, "head": head, "ranking": "full catalog, history excluded",
+                     "assist": assist},
         "models": models,
         "paired_test": paired_test(ndcg["A"], ndcg["B"]),
     }

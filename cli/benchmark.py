@@ -46,6 +46,7 @@ def compare(
     head: Annotated[str, typer.Option(help="Head mode for quality and serving (full or catalog).")] = "catalog",
     latency_requests: Annotated[int, typer.Option(help="Requests per concurrency level and arm.")] = 24,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also measure latency through the HTTP service.")] = True,
+    assist: Annotated[Optional[bool], typer.Option("--assist/--no-assist", help="Score both with their SASRec assistants (D3's assisted decoding; each must carry one) or as pure LLMs [pure].")] = False,
 ) -> None:
     """Offline A/B: the bench tables and plots for two artifacts, plus a paired test on per-user NDCG@10."""
     from bench.report import markdown
@@ -53,7 +54,7 @@ def compare(
 
     try:
         report = run_compare(str(a), str(b), load_data(data), output, users=users or None, seed=seed, head=head,
-                             latency_requests=latency_requests, serve=serve)
+                             latency_requests=latency_requests, serve=serve, assist=assist)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     typer.echo(markdown(report))

@@ -37,7 +37,7 @@ logger = logging.getLogger("prunerec")
 
 LAZY_COMMANDS = {
     "train": "cli.offline", "peft-search": "cli.offline", "prune": "cli.offline", "pipeline": "cli.offline",
-    "evaluate": "cli.offline", "bench": "cli.benchmark", "compare": "cli.benchmark",
+    "evaluate": "cli.offline", "assist": "cli.offline", "bench": "cli.benchmark", "compare": "cli.benchmark",
 }
 """Command name -> the module whose typer app defines it."""
 
@@ -174,6 +174,7 @@ def recommend(
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Never recommend a history item.")] = True,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [auto].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    assist: Annotated[Optional[bool], typer.Option("--assist/--no-assist", help="Mix in the artifact's SASRec assistant (D3) [when it carries one].")] = None,
 ) -> None:
     """Top-k next items for one history."""
     from llmrec.recommender import Recommender
@@ -182,7 +183,8 @@ def recommend(
     try:
         recommender = Recommender.from_artifact(artifact, device=device)
         indices = recommender.catalog.resolve(history)
-        ranked = recommender.recommend([indices], k=k, num_beams=num_beams, exclude=[indices] if exclude_history else None)[0]
+        ranked = recommender.recommend([indices], k=k, num_beams=num_beams, exclude=[indices] if exclude_history else None,
+                                       assist=assist)[0]
     except (FileNotFoundError, UnknownItemsError, ValueError) as exc:
         fail(str(exc))
     rows = [

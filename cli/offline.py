@@ -1,4 +1,4 @@
-"""The offline commands: ``train``, ``peft-search``, ``prune``, ``pipeline``, ``evaluate``.
+"""The offline commands: ``train``, ``peft-search``, ``prune``, ``pipeline``, ``evaluate``, ``assist``.
 
 Each maps to one stage's ``run(config, inputs)``; its options are derived from the stage's config
 (:mod:`cli.options`), and :func:`llmrec.configs.merge` is the one place where a profile meets the options
@@ -16,8 +16,10 @@ import typer
 from cli.common import DataOpt, fail, load_data
 from cli.options import options_of, with_options
 from llmrec.configs import merge
+from pruning import assist as assist_stage
 from pruning import prune as prune_stage
 from pruning import train as train_stage
+from pruning.assist import AssistConfig
 from pruning.evaluate import EvalConfig
 from pruning.peft_search import PeftSearchConfig
 from pruning.prune import PruneConfig
@@ -40,6 +42,8 @@ PRUNE_OPTIONS = options_of(PruneConfig, exclude=["output", "teacher", "calibrati
                            names=PRUNE_RENAMES, aliases=PRUNE_ALIASES, profiles=prune_stage.PROFILES)
 PIPELINE_OPTIONS = options_of(PruneConfig, include=["stages", "target", "eval_users", "depth_method", "device"],
                               profiles=prune_stage.PROFILES)
+
+ASSIST_OPTIONS = options_of(AssistConfig, exclude=["artifact"], profiles=assist_stage.PROFILES)
 
 EVAL_OPTIONS = options_of(EvalConfig, exclude=["artifact"],
                           names={"exclude_history": "--exclude-history/--include-history"})
@@ -210,3 +214,33 @@ def evaluate(
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     typer.echo(format_table(result, name=artifact.name))
+
+
+@app.command()
+@with_options(ASSIST_OPTIONS)
+def assist(
+    artifact: Annotated[Path, typer.Argument(help="LLM artifact that gets the assistant (written into <artifact>/assistant).")],
+    data: DataOpt = None,
+    profile: Annotated[Optional[str], typer.Option(help=f"Preset: {', '.join(assist_stage.PROFILES)} (cpu: a 50-user weight sweep on 2 cores). Options given override it.")] = None,
+    **options: Any,
+) -> None:
+    """D3's assisted decoding: train a SASRec beside an artifact and choose its weight in the beam scores."""
+    try:
+        config = merge(AssistConfig, _profile(assist_stage.PROFILES, profile), ASSIST_OPTIONS.given(options),
+                       artifact=str(artifact))
+    except (ValueError, TypeError) as exc:
+        fail(str(exc))
+    prepared = load_data(data)
+    try:
+        assist_stage.run(config, prepared)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    from llmrec.artifact import read_manifest
+
+    entry = read_manifest(artifact)["assistant"]
+    sweep = ", ".join(f"w={w}: {v:.4f}" for w, v in entry["valid_ndcg@10_by_weight"].items()) or "not swept"
+    alone = entry.get("assistant_valid_ndcg@10_sweep_users")
+    typer.echo(f"assistant written to {artifact}/assistant; weight {entry['weight']} "
+               f"(valid NDCG@10 of the assisted LLM: {sweep}; the assistant alone: "
+               + (f"{alone:.4f} on the same users, " if alone is not None else "")
+               + f"{entry['assistant_valid_ndcg@10']:.4f} on every validation user)")

@@ -73,6 +73,26 @@ class TitleTrie:
                 out[row].index_add_(0, path_nodes, torch.full_like(path_nodes, -1))
         return out
 
+    def node_log_mass(self, item_log_probs: torch.Tensor) -> torch.Tensor:
+        """(B, num_items) log-probabilities of items -> (B, num_nodes) log of the mass under each node.
+
+        The root holds the whole mass; a node's mass is the sum over the items whose title passes through it
+        (D3's text-free prefix probability). Summed in float64 after a per-row max shift, so that items far
+        below the best do not underflow to an empty subtree; a node with only -inf items gets -inf.
+        """
+        log_probs = item_log_probs.to(torch.float64)
+        shift = log_probs.max(dim=1, keepdim=True).values
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        probs = torch.exp(log_probs - shift)  # (B, I)
+        mass = torch.zeros((probs.shape[0], self.num_nodes), dtype=torch.float64, device=probs.device)
+        mass[:, 0] = probs.sum(dim=1)
+        paths = self.item_paths.to(probs.device)
+        for depth in range(paths.shape[1]):
+            nodes = paths[:, depth]
+            on_path = nodes > 0  # 0 pads paths shorter than the deepest title
+            mass.index_add_(1, nodes[on_path], probs[:, on_path])
+        return (torch.log(mass) + shift).to(torch.float32)
+
     @classmethod
     def build(cls, sequences: Sequence[Sequence[int]], end_id: int) -> TitleTrie:
         """Build from each item's response ids (title tokens *and* the end token), in catalog order."""
@@ -244,8 +264,15 @@ def constrained_beam_search(
     pad_id: int,
     excluded: Sequence[Sequence[int]] | None = None,
     scorer: NextTokenScorer | None = None,
+    prior: torch.Tensor | None = None,
+    prior_weight: float = 0.0,
 ) -> list[list[tuple[int, float]]]:
-    """Top-k catalog items for each prompt, as (catalog index, log-probability) sorted by score.
+    """Top-k catalog items for each prompt, as (catalog index, score) sorted by score.
+
+    The score is log P_LLM(title + end | prompt), plus ``prior_weight`` × log P_prior(item) when a prior is
+    given (D3's assisted decoding): at every step a candidate adds w × (log mass(child) − log mass(parent)) of
+    the prior under the trie, so the terms telescope to w × log P_prior(item) at the end token and a beam's
+    score still only falls along its path (the early stop below stays exact).
 
     Args:
         model: a causal LM in eval mode.
@@ -255,6 +282,9 @@ def constrained_beam_search(
         pad_id: token used for left padding and for the inputs of dead beams (always masked or ignored).
         excluded: per prompt, catalog indices that must not be returned.
         scorer: a prebuilt :class:`NextTokenScorer` for ``config.head`` (saves gathering the head rows).
+        prior: (B, num_items) log-probabilities of a text-free recommender (the assistant), normalised over
+            the items a row may return.
+        prior_weight: w above; 0 ignores the prior.
     """
     if config.num_beams < config.top_k:
         raise ValueError(f"num_beams ({config.num_beams}) must be >= top_k ({config.top_k})")
@@ -293,6 +323,8 @@ def constrained_beam_search(
     # (B, num_nodes) reachable non-excluded items per node; an excluded item's own end node holds 0, so
     # masking candidates by it also keeps excluded items out of the results.
     available = trie.available(excluded) if excluded is not None else None
+    # (B, num_nodes) w × log prior mass under each node (None: pure LLM scores)
+    node_prior = trie.node_log_mass(prior.to(device)) * prior_weight if prior is not None and prior_weight else None
 
     pool_scores = torch.full((batch, top_k), NEG_INF, device=device)
     pool_items = torch.full((batch, top_k), -1, dtype=torch.long, device=device)
@@ -303,6 +335,9 @@ def constrained_beam_search(
         token, child = trie.child_tokens[edge], trie.child_nodes[edge]
         cand_scores = scores[beam] + logprobs[beam, token_column[edge]]  # (C,)
         user = torch.div(beam, beams, rounding_mode="floor")
+        if node_prior is not None:  # the prior's share of the step: log mass(child) − log mass(parent)
+            parent_mass = node_prior[user, nodes[beam]]  # finite: a live beam's subtree holds returnable items
+            cand_scores = cand_scores + (node_prior[user, child] - parent_mass)
         if available is not None:  # never step into a subtree holding only excluded items
             cand_scores = cand_scores.masked_fill(available[user, child] <= 0, NEG_INF)
 

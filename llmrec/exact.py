@@ -158,10 +158,13 @@ def exact_rank(
     head: str = "catalog",
     levels: TrieLevels | None = None,
     tokens_per_pass: int = 4096,
+    prior: torch.Tensor | None = None,
+    prior_weight: float = 0.0,
 ) -> list[list[tuple[int, float]]]:
     """Top-k catalog items for each prompt by exact score, as (catalog index, log-probability), best first.
 
-    ``tokens_per_pass`` bounds the trie tokens (subtree rows × their length) put through the model at once."""
+    ``tokens_per_pass`` bounds the trie tokens (subtree rows × their length) put through the model at once.
+    ``prior`` (B, num_items) and ``prior_weight`` add w × log P_prior(item), as assisted beam search does."""
     device = next(model.parameters()).device
     if trie.child_tokens.device != device:
         trie = trie.to(device)
@@ -170,6 +173,8 @@ def exact_rank(
     results = []
     for row, prompt in enumerate(prompts):
         scores = _score_every_item(model, scorer, trie, levels, list(prompt), head, device, tokens_per_pass)
+        if prior is not None and prior_weight:
+            scores = scores + prior_weight * prior[row].to(scores.device, scores.dtype)
         if excluded is not None:
             drop = [int(i) for i in excluded[row] if 0 <= int(i) < scores.numel()]
             if drop:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmrec.artifact import CATALOG, read_manifest
+from llmrec.assistant import ASSISTANT_DIR, SASRec
 from llmrec.decode import BeamSearchConfig, NextTokenScorer, TitleTrie, constrained_beam_search
 from llmrec.exact import TrieLevels, exact_rank
 from llmrec.model import load_model
@@ -37,6 +38,8 @@ class Recommender:
         max_history: int = 10,
         manifest: dict | None = None,
         max_prompt_tokens: int | None = None,
+        assistant: SASRec | None = None,
+        assist_weight: float = 0.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -51,6 +54,32 @@ class Recommender:
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.encoder.end_id)
         self._scorers: dict[str, NextTokenScorer] = {}
         self._levels: TrieLevels | None = None
+        self.assistant: SASRec | None = None
+        self.assist_weight = 0.0
+        if assistant is not None:
+            self.attach_assistant(assistant, assist_weight)
+
+    def attach_assistant(self, assistant: SASRec | None, weight: float) -> None:
+        """Use ``assistant`` (a text-free SASRec over this catalog) in the search with mixing weight ``weight``
+        (D3's assisted decoding; see :mod:`llmrec.assistant`); None detaches it."""
+        if assistant is None:
+            self.assistant, self.assist_weight = None, 0.0
+            return
+        if assistant.config.num_items != len(self.catalog):
+            raise ValueError(f"the assistant scores {assistant.config.num_items} items, the catalog has {len(self.catalog)}")
+        fingerprint = assistant.config.catalog_fingerprint
+        if fingerprint and fingerprint != self.catalog.fingerprint():
+            raise ValueError("the assistant was trained on another catalog (fingerprints differ)")
+        if weight < 0:
+            raise ValueError(f"the assistant's weight must be >= 0, got {weight}")
+        self.assistant, self.assist_weight = assistant.to(self.device).eval(), float(weight)
+
+    def uses_assistant(self, assist: bool | None) -> bool:
+        """Whether a query with ``assist`` (None: the artifact's default, i.e. on when it carries one) mixes the
+        assistant in; asking for it without one is an error."""
+        if assist and self.assistant is None:
+            raise ValueError("this artifact carries no assistant (train one with `prunerec assist`)")
+        return self.assistant is not None and self.assist_weight > 0 and assist is not False
 
     def scorer(self, head: str) -> NextTokenScorer:
         """The next-token scorer of a head mode, its LM-head rows gathered once per catalog."""
@@ -74,8 +103,12 @@ class Recommender:
             if problems:
                 raise VocabularyCoverageError(problems)
         template = PromptTemplate.from_dict(manifest["template"])
+        assistant, weight = None, 0.0
+        if manifest.get("assistant"):
+            assistant = SASRec.load(Path(directory) / ASSISTANT_DIR)
+            weight = float(manifest["assistant"]["weight"])
         return cls(loaded.model, loaded.tokenizer, catalog, template, int(manifest["max_history"]), manifest,
-                   manifest.get("max_prompt_tokens"))
+                   manifest.get("max_prompt_tokens"), assistant, weight)
 
     def prompt_ids(self, history: Sequence[int]) -> list[int]:
         return self.encoder.prompt_ids([self.catalog.titles[i] for i in history])
@@ -90,6 +123,7 @@ class Recommender:
         progress: bool = False,
         head: str = "catalog",
         search: str = "beam",
+        assist: bool | None = None,
     ) -> list[list[tuple[int, float]]]:
         """For each history, the top-k (catalog index, score) pairs, best first.
 
@@ -104,12 +138,15 @@ class Recommender:
                 renormalised over them) or 'catalog-fullnorm' (see :class:`llmrec.decode.BeamSearchConfig`).
             search: 'beam' (constrained beam search with ``num_beams``) or 'exact' (every catalog title scored
                 exactly, :mod:`llmrec.exact`; one user at a time).
+            assist: mix the assistant's item probabilities into the scores (D3); None: when the artifact
+                carries an assistant. Scores are then log P_LLM(item) + w × log P_assistant(item).
         """
         if search not in ("beam", "exact"):
             raise ValueError(f"search must be 'beam' or 'exact', not {search!r}")
         if k < 1 or k > len(self.catalog):
             raise ValueError(f"k must be between 1 and the catalog size {len(self.catalog)}, got {k}")
         config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k, head=head)
+        assisted = self.uses_assistant(assist)
         scorer = self.scorer(head)
         results: list[list[tuple[int, float]]] = []
         batches = range(0, len(histories), batch_size)
@@ -117,12 +154,14 @@ class Recommender:
             chunk = histories[start : start + batch_size]
             prompts = [self.prompt_ids(h) for h in chunk]
             excluded = exclude[start : start + batch_size] if exclude is not None else None
+            prior = self.assistant.log_probs(chunk, excluded) if assisted and self.assistant is not None else None
+            weight = self.assist_weight if prior is not None else 0.0
             if search == "exact":
                 if self._levels is None:
                     self._levels = TrieLevels.of(self.trie)
-                results.extend(exact_rank(self.model, prompts, self.trie, k, excluded, scorer, head, self._levels))
+                results.extend(exact_rank(self.model, prompts, self.trie, k, excluded, scorer, head, self._levels,
+                                          prior=prior, prior_weight=weight))
                 continue
-            results.extend(
-                constrained_beam_search(self.model, prompts, self.trie, config, self.pad_id, excluded=excluded, scorer=scorer)
-            )
+            results.extend(constrained_beam_search(self.model, prompts, self.trie, config, self.pad_id, excluded=excluded,
+                                                   scorer=scorer, prior=prior, prior_weight=weight))
         return results

@@ -55,6 +55,9 @@ class EvalConfig:
     search: Literal["beam", "exact"] = "beam"
     """How each user's list is made: 'beam' (constrained beam search, num_beams prefixes per step) or 'exact'
     (every catalog title scored by its exact log P(title + end | prompt); see llmrec.exact)."""
+    assist: bool | None = None
+    """Mix the artifact's assistant into the scores (D3's assisted decoding, `prunerec assist`): None = when
+    the artifact carries one (as the service does), False = the pure LLM, True = require one."""
 
 
 def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
@@ -76,13 +79,13 @@ def mostpop_metrics(data: PreparedData, pairs: np.ndarray, exclude_history: bool
 
 def rank_users(recommender: Recommender, data: PreparedData, pairs: np.ndarray, num_beams: int, batch_size: int,
                exclude_history: bool, head: str, progress: bool = False,
-               search: str = "beam") -> tuple[list[list[int]], list[int | None]]:
+               search: str = "beam", assist: bool | None = None) -> tuple[list[list[int]], list[int | None]]:
     """Each sample's ranked list (catalog indices, best first) and the rank of its target in it (None: absent)."""
     histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
     targets = [data.target(int(u), int(p)) for u, p in pairs]
     lists = recommender.recommend(histories, k=num_beams, num_beams=num_beams,
                                   exclude=histories if exclude_history else None, batch_size=batch_size,
-                                  progress=progress, head=head, search=search)
+                                  progress=progress, head=head, search=search, assist=assist)
     items = [[item for item, _ in ranked] for ranked in lists]
     ranks = [ranked.index(t) if t in ranked else None for ranked, t in zip(items, targets, strict=True)]
     return items, ranks
@@ -131,9 +134,10 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
     targets = [data.target(int(u), int(p)) for u, p in pairs]
     started = time.perf_counter()
     items, ranks = rank_users(recommender, data, pairs, config.num_beams, config.batch_size, config.exclude_history,
-                              config.head, progress=True, search=config.search)
+                              config.head, progress=True, search=config.search, assist=config.assist)
     seconds = time.perf_counter() - started
     ks = [k for k in DEFAULT_KS if k <= config.num_beams]
+    assisted = recommender.uses_assistant(config.assist)
     llm = {**rank_metrics(ranks, ks, config.num_beams), **coverage(items, len(data.catalog), ks)}
 
     mostpop, pop_ranks = mostpop_metrics(data, pairs, config.exclude_history, ks, config.num_beams)
@@ -150,7 +154,10 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
         "num_beams": config.num_beams,
         "catalog_size": len(data.catalog),
         "ranking": ("full catalog, every title scored exactly" if config.search == "exact" else
-                    "full catalog, constrained beam search") + ", score = log P(title + end | prompt)",
+                    "full catalog, constrained beam search") + ", score = log P(title + end | prompt)"
+                   + (f" + {recommender.assist_weight} × log P_assistant(item)" if assisted else ""),
+        "assisted": assisted,
+        "assist_weight": recommender.assist_weight if assisted else None,
         "search": config.search,
         "head": config.head,
         "vocab_size": int(recommender.model.config.vocab_size),

@@ -198,6 +198,7 @@ class Stage:
             "pruning": cut.record, "distillation": distilled, **cut.manifest,
         }
         write_artifact(directory, student, tokenizer, inputs.data.catalog, manifest, cut.extras or None)
+        inherit_assistant(Path(inputs.teacher), inputs.teacher_manifest, directory)
         shutil.rmtree(snapshot, ignore_errors=True)
         if config.evaluate:
             evaluate_artifact(eval_config(config, str(directory)), inputs.data)
@@ -208,6 +209,20 @@ class Stage:
         manifest = inputs.teacher_manifest
         return {"template": manifest["template"], "max_history": manifest["max_history"],
                 "max_prompt_tokens": manifest.get("max_prompt_tokens")}
+
+
+def inherit_assistant(teacher: Path, teacher_manifest: dict, directory: Path) -> None:
+    """A stage of a teacher that carries D3's SASRec assistant carries it too (the item model does not depend on
+    the LLM's shape), with the teacher's weight; ``prunerec assist <stage> --source <teacher>`` chooses the
+    weight again for the pruned LLM."""
+    entry = teacher_manifest.get("assistant")
+    if not entry:
+        return
+    from llmrec.artifact import update_manifest
+    from llmrec.assistant import ASSISTANT_DIR
+
+    shutil.copytree(teacher / ASSISTANT_DIR, directory / ASSISTANT_DIR, dirs_exist_ok=True)
+    update_manifest(directory, assistant={**entry, "training": {"inherited": str(teacher)}, "valid_ndcg@10_by_weight": {}})
 
 
 def same_key(saved: dict | None, key: dict) -> bool:

@@ -65,3 +65,36 @@ def test_the_service_can_rank_exactly(arms):
     expected = Recommender.from_artifact(arms["pruned"], device="cpu").recommend([[0, 1], [2]], k=3, exclude=[[0, 1], []],
                                                                                 search="exact")
     assert [[i for i, _ in r] for r in served] == [[i for i, _ in r] for r in expected]
+
+
+def test_an_arm_serves_its_assistant_unless_told_not_to(arms, tmp_path, prepared):
+    import torch
+
+    from llmrec.artifact import update_manifest
+    from llmrec.assistant import ASSISTANT_DIR, AssistantConfig, SASRec
+
+    plain = shutil.copytree(arms["pruned"], tmp_path / "plain")
+    assisted = shutil.copytree(arms["pruned"], tmp_path / "assisted")
+    torch.manual_seed(0)
+    assistant = SASRec(AssistantConfig(num_items=len(prepared.catalog), hidden_size=16, layers=1,
+                                       catalog_fingerprint=prepared.catalog.fingerprint()))
+    with torch.no_grad():
+        assistant.items.weight.mul_(50)
+    assistant.save(assisted / ASSISTANT_DIR)
+    update_manifest(assisted, assistant={"kind": "sasrec", "path": ASSISTANT_DIR, "weight": 5.0})
+    lists = {}
+    for assist in (None, False):
+        registry = Registry(Settings(models={"a": str(assisted)}, warmup=False, assist=assist))
+        try:
+            arm = registry.executor("a").submit(registry.load, "a").result()
+            assert arm.describe(assist)["assist_weight"] == (5.0 if assist is None else None)
+            lists[assist] = registry.decode_fn("a")([[0, 1, 2]], 5, [[0, 1, 2]])
+        finally:
+            registry.shutdown()
+    assert lists[None] != lists[False]  # the assistant reorders the pure LLM's list
+    registry = Registry(Settings(models={"p": str(plain)}, warmup=False, assist=True))
+    try:
+        with pytest.raises(ValueError, match="carries no assistant"):
+            registry.executor("p").submit(registry.load, "p").result()
+    finally:
+        registry.shutdown()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,8 @@ def test_report_has_the_promised_shape_and_files(tmp_path):
     assert saved["models"]["pruned"]["latency_ms"] == {"p50": 40.0, "p99": 80.0}
     assert saved["models"]["pruned"]["throughput_rps"] == 12.0
     assert saved["ratios"] == pytest.approx({"retention_ndcg@10": 0.8, "non_embedding_pruned_fraction": 0.96,
-                                             "speedup_p50": 10.0, "throughput_gain": 12.0})
+                                             "speedup_p50": 10.0, "throughput_gain": 12.0,
+                                             "dense_ndcg@10_vs_sasrec": 0.05 / 0.06})
     text = (tmp_path / "report.md").read_text()
     assert "| pruned |" in text and "retention_ndcg@10: 0.800" in text
     assert "## Serving at every concurrency level" in text and "| pruned | 16 | 40.0 | 80.0 | 12.0 |" in text
@@ -86,7 +88,16 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
                           users=None, sasrec_epochs=1, latency_requests=2, concurrency=[1], peft=True, load_seconds=4.0)
     written = run_bench(config, prepared)
     report = json.loads(written[0].read_text())
-    assert {"dense", "1-attn", "2-mlp", "pruned", "pruned+vocab", "trsp", "sasrec", "mostpop", "lora", "lora-prunepeft"} <= set(report["models"])
+    assert {"dense", "1-attn", "2-mlp", "pruned", "pruned+vocab", "trsp", "sasrec", "mostpop", "lora", "lora-prunepeft",
+            "dense+assist", "pruned+assist"} <= set(report["models"])
+    # the assisted rows: the same artifacts, scored with the SASRec assistant each carries (its weight chosen
+    # on validation for that LLM; the pruned one reuses the dense one's trained assistant)
+    dense_card = json.loads((tmp_path / "work" / "0-dense" / "prunerec.json").read_text())
+    pruned_card = json.loads((Path(report["models"]["pruned"]["artifact"]) / "prunerec.json").read_text())
+    assert pruned_card["assistant"]["training"] == {"reused": str(tmp_path / "work" / "0-dense")}
+    for name, card in (("dense", dense_card), ("pruned", pruned_card)):
+        assert report["models"][f"{name}+assist"]["assisted"] == (card["assistant"]["weight"] or None)
+        assert report["models"][f"{name}+assist"]["artifact"] == report["models"][name]["artifact"]
     assert report["models"]["pruned"]["params"]["non_embedding"] < report["models"]["dense"]["params"]["non_embedding"]
     assert report["models"]["pruned+vocab"]["params"]["embedding"] < report["models"]["pruned"]["params"]["embedding"]
     assert report["models"]["pruned+vocab"]["macs_per_token"] < report["models"]["dense"]["macs_per_token"]
@@ -95,9 +106,13 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     assert report["protocol"]["users"] == len(prepared.splits["test"]) and report["protocol"]["sample_check"] is None
     assert {"ndcg@10", "hit@10"} <= set(report["models"]["sasrec"]["recbole_test_unmasked"])
     assert "RecBole's own evaluator" in (tmp_path / "report" / "report.md").read_text()
-    assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}
+    assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain",
+                                     "dense_ndcg@10_vs_sasrec", "dense_assisted_ndcg@10_vs_sasrec",
+                                     "pruned_assisted_ndcg@10_vs_sasrec", "assisted_retention_ndcg@10"}
+    assert report["ratios"]["dense_ndcg@10_vs_sasrec"] == pytest.approx(
+        report["models"]["dense"]["metrics"]["ndcg@10"] / report["models"]["sasrec"]["metrics"]["ndcg@10"])
     phases = report["protocol"]["phase_minutes"]
-    assert {"fine-tune", "evaluate", "sasrec", "peft", "serve", "load check"} <= set(phases)
+    assert {"fine-tune", "evaluate", "assistant", "sasrec", "peft", "serve", "load check"} <= set(phases)
     load = report["load"]  # overload with deadlines: every request answered in time or shed, none late
     assert load["requests"] > 0 and load["answered_200"] > 0 and load["late_200"] == 0 and load["client_timeouts"] == 0
     assert sum(load["by_status"].values()) == load["requests"] and load["arms"] == ["dense", "pruned"]

@@ -17,8 +17,13 @@ def test_every_variant_on_the_same_users_beside_sasrec_and_mostpop(tmp_path, tok
                             train_overrides={"select_users": 8})
     report = run_ablation(config, prepared)
     rows = report["variants"]
-    assert {"baseline", "history-50", "ndcg-selection", "exact", "baseline@exact-users", "best", "sasrec",
+    assert {"baseline", "history-50", "ndcg-selection", "exact", "baseline@exact-users", "assisted", "best", "sasrec",
             "mostpop"} <= set(rows)
+    assisted = json.loads((tmp_path / "work" / "eval" / "assisted.json").read_text())["protocol"]
+    baseline = json.loads((tmp_path / "work" / "eval" / "baseline.json").read_text())["protocol"]
+    # the same artifact scored with and without its assistant (a weight of 0 chosen on validation is the pure LLM)
+    assert not baseline["assisted"] and assisted["assisted"] == (rows["assisted"]["assist_weight"] > 0)
+    assert (tmp_path / "work" / "baseline" / "assistant" / "model.safetensors").is_file()
     assert rows["history-50"]["lever"] == {"max_history": 50}
     assert json.loads((tmp_path / "work" / "history-50" / "prunerec.json").read_text())["max_history"] == 50
     assert "best_valid_ndcg@10" in json.loads((tmp_path / "work" / "ndcg-selection" / "prunerec.json").read_text())["training"]
@@ -26,7 +31,8 @@ def test_every_variant_on_the_same_users_beside_sasrec_and_mostpop(tmp_path, tok
     assert all(rows[n]["users"] == 8 for n in ("baseline", "history-50", "sasrec", "mostpop"))
     base = rows["baseline"]["metrics"]["ndcg@10"]
     helped = [n for n in ("history-50", "ndcg-selection") if rows[n]["metrics"]["ndcg@10"] > base]
-    assert [n for n in rows["best"]["combines"] if n != "exact"] == helped
+    assert [n for n in rows["best"]["combines"] if n not in ("exact", "assisted")] == helped
+    assert ("assisted" in rows["best"]["combines"]) == (rows["assisted"]["metrics"]["ndcg@10"] > base)
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert files == ["ndcg.png", "report.json", "report.md"]
     assert "| history-50 | max_history=50 |" in (tmp_path / "report" / "report.md").read_text()

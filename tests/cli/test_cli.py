@@ -17,7 +17,8 @@ from recdata.prompts import compact_template
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", ["data", "train", "evaluate", "recommend", "prune", "pipeline", "peft-search", "vocab-check", "serve"])
+@pytest.mark.parametrize("command", ["data", "train", "evaluate", "recommend", "prune", "pipeline", "peft-search", "vocab-check", "serve",
+                                     "assist"])
 def test_every_command_documents_its_options(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "--help" in result.output
@@ -63,6 +64,24 @@ def test_recommend_and_evaluate_on_a_tiny_artifact(tmp_path, tokenizer, prepared
     assert metrics["protocol"]["users"] == 8 and metrics["protocol"]["num_beams"] == 20
     assert 0.0 <= metrics["metrics"]["ndcg@10"] <= 1.0 and "ndcg@10" in metrics["mostpop"]
     assert (path / "eval" / "test.ranks.csv").is_file()
+
+
+def test_assist_command_trains_chooses_a_weight_and_recommend_uses_it(tmp_path, tokenizer, prepared):
+    prepared.save(tmp_path / "data")
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    path = write_artifact(tmp_path / "art", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)
+    result = runner.invoke(app, ["recommend", str(path), "--history", "i1", "--assist"])
+    assert result.exit_code == 2 and "carries no assistant" in result.output
+    result = runner.invoke(app, ["assist", str(path), "--data", str(tmp_path / "data"), "--profile", "tiny",
+                                 "--weights", "0,1,3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    entry = read_manifest(path)["assistant"]
+    assert entry["weight"] in (0.0, 1.0, 3.0) and f"weight {entry['weight']}" in result.output
+    assert set(entry["valid_ndcg@10_by_weight"]) == {"0.0", "1.0", "3.0"}
+    result = runner.invoke(app, ["recommend", str(path), "--history", "i1", "--assist", "--json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["assist", str(path), "--data", str(tmp_path / "data"), "--weight", "-2"])
+    assert result.exit_code == 2 and "weight must be >= 0" in result.output
 
 
 def test_train_reports_a_missing_model(tmp_path):

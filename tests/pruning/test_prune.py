@@ -194,3 +194,24 @@ def test_the_summary_says_how_many_users_and_why_a_stage_shows_zero():
     assert "on 50 seeded test users" in text and "0.020" in text
     assert "1-attn: 0.0000 means no user's next item was in that model's top 10" in text
     assert "0.0000 means" not in format_summary(rows[:1])
+
+
+def test_a_stage_inherits_the_teachers_assistant(tmp_path, dense, prepared):
+    import shutil
+
+    from llmrec.artifact import update_manifest
+    from llmrec.assistant import ASSISTANT_DIR, AssistantConfig, SASRec
+    from llmrec.recommender import Recommender
+
+    teacher = shutil.copytree(dense, tmp_path / "teacher")
+    SASRec(AssistantConfig(num_items=len(prepared.catalog), hidden_size=8, layers=1,
+                           catalog_fingerprint=prepared.catalog.fingerprint())).save(teacher / ASSISTANT_DIR)
+    update_manifest(teacher, assistant={"kind": "sasrec", "path": ASSISTANT_DIR, "weight": 2.0,
+                                        "valid_ndcg@10_by_weight": {"2.0": 0.5}})
+    stage = run(tiny_prune_config(tmp_path / "r", teacher, stages=["attn"]), prepared)[0]
+    entry = read_manifest(stage)["assistant"]
+    assert entry["weight"] == 2.0 and entry["training"] == {"inherited": str(teacher)}
+    recommender = Recommender.from_artifact(stage, device="cpu")
+    assert recommender.assistant is not None and recommender.assist_weight == 2.0
+    plain = run(tiny_prune_config(tmp_path / "p", dense, stages=["attn"]), prepared)[0]
+    assert "assistant" not in read_manifest(plain) and not (plain / ASSISTANT_DIR).exists()
