@@ -6,15 +6,17 @@ its lever, and evaluated on the same seeded test users (history excluded, full c
 - ``baseline``: the training profile as it is;
 - ``history-50``: 50 titles of history (SASRec's length) under the prompt-length guard;
 - ``ndcg-selection``: early stopping and best weights on validation NDCG@10 instead of the loss;
+- ``item-tokens``: a learned collaborative token after each history title (:mod:`llmrec.item_tokens`);
+- ``sasrec-tokens``: SASRec's item embeddings through a learned projection as those tokens (LLaRA's hybrid);
 - ``exact``: the baseline model, every catalog title scored exactly instead of 20-beam search;
 - ``assisted``: the baseline model decoding with D3's SASRec assistant (:mod:`pruning.assist`: trained on the
   training part, its weight chosen on validation users), scores log P_LLM + w × log P_SASRec;
 - ``best``: the training levers that beat the baseline, together (and exact ranking and the assistant, each
   if it did).
 
-SASRec (RecBole, CE loss, early stopping) and MostPop are scored on the same users. Levers still to come
-(issue "Quality": item soft tokens, SASRec soft tokens) join as variants. Resumable: a variant whose
-artifact exists is not trained again, an artifact with an assistant keeps it.
+SASRec (RecBole, CE loss, early stopping) and MostPop are scored on the same users, and the assistant alone
+(prunerec's SASRec behind ``assisted``). Resumable: a variant whose artifact exists is not trained again, an
+artifact with an assistant keeps it.
 
     python -m bench.quality_ablation --profile gpu                   # every test user, on a GPU
     python -m bench.quality_ablation --profile cpu --users 100       # minutes per variant on a CPU
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 TRAINING_LEVERS: dict[str, dict[str, Any]] = {
     "history-50": {"max_history": 50},
     "ndcg-selection": {"select_metric": "ndcg@10"},
+    "item-tokens": {"item_tokens": "learned"},
+    "sasrec-tokens": {"item_tokens": "sasrec"},
 }
 """Variant -> the TrainConfig values of its lever (over the profile)."""
 
@@ -125,13 +129,21 @@ def run_ablation(config: AblationConfig, data: PreparedData) -> dict[str, Any]:
             score("baseline@exact-users", baseline, {}, "beam", exact_users)
     if "assisted" in config.variants:
         score("assisted", with_assistant(baseline), {"assist": True}, assist=True)
+        from pruning.assist import assistant_metrics
+
+        pairs = sample_users(data.splits["test"], config.users, config.seed)
+        rows["assistant alone"] = {"lever": {"llm": False}, "users": len(pairs),
+                                   "metrics": assistant_metrics(baseline, data, pairs)}
     if "best" in config.variants:
         base = rows["baseline"]["metrics"]["ndcg@10"]
         helped = [n for n in TRAINING_LEVERS if n in rows and rows[n]["metrics"]["ndcg@10"] > base]
         exact_helped = "exact" in rows and rows["exact"]["metrics"]["ndcg@10"] > rows.get(
             "baseline@exact-users", rows["baseline"])["metrics"]["ndcg@10"]
         assist_helped = "assisted" in rows and rows["assisted"]["metrics"]["ndcg@10"] > base
+        # levers setting the same field (the two kinds of item tokens): the better variant's value wins
+        helped.sort(key=lambda n: rows[n]["metrics"]["ndcg@10"])
         lever = {k: v for n in helped for k, v in TRAINING_LEVERS[n].items()}
+        helped = [n for n in helped if all(lever[k] == v for k, v in TRAINING_LEVERS[n].items())]
         # one lever alone is that variant's model: not trained twice
         path = (work / helped[0] if len(helped) == 1 else trained("best", lever)) if helped else baseline
         if assist_helped:

@@ -169,7 +169,7 @@ def markdown(report: dict) -> str:
                       server["dropped_before_decoding"], sum(server["decoded_after_caller_left"].values()),
                       load["latency_ms_200"]["p99"], load["latency_ms_503"]["p99"], load["drain_s"]]) + " |"]
     if report.get("ratios"):
-        lines += ["", "## Ratios (pruned vs dense)", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in report["ratios"].items()]
+        lines += ["", "## Ratios (pruned vs dense; the LLM rows vs SASRec)", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in report["ratios"].items()]
     if report.get("paired_test"):
         lines += ["", "## Paired test on per-user NDCG@10", ""] + [f"- {k}: {v}" for k, v in report["paired_test"].items()]
     return "\n".join(lines) + "\n"

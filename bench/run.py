@@ -206,6 +206,11 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                 models[f"{name}+assist"] = model_entry(named[name], evaluations[f"{name}+assist"], repo_root)
                 models[f"{name}+assist"]["assisted"] = evaluations[f"{name}+assist"]["protocol"]["assist_weight"]
     pairs = sample_users(data.splits["test"], config.users, config.seed)
+    if config.assist:  # the assistant alone on the same users: what the LLM adds to it
+        from pruning.assist import assistant_metrics
+
+        models["assistant"] = {"artifact": None, "params": {"total": None, "embedding": None, "non_embedding": None},
+                               "metrics": assistant_metrics(dense, data, pairs)}
     sasrec_config = sasrec.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs, device=config.device or "cpu")
     with clock.phase("sasrec"):
         sasrec_result = _cached(work / "sasrec" / "result.json", {"config": asdict(sasrec_config), "users": config.users, "seed": config.seed},

@@ -47,6 +47,11 @@ def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
     output = model.get_output_embeddings()
     if output is not None:
         embedding_params.add(id(output.weight))
+    from llmrec.item_tokens import item_tokens_of
+
+    item_tokens = item_tokens_of(model)
+    if item_tokens is not None:  # the item vectors are embeddings too (the frozen SASRec table is a buffer)
+        embedding_params.update(id(p) for name, p in item_tokens.named_parameters() if not name.startswith("base."))
     embedding = sum(
         p.numel() for p in {id(p): p for p in model.parameters() if id(p) in embedding_params}.values()
     )
@@ -86,7 +91,12 @@ def write_artifact(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
     try:
         staging.chmod(_directory_mode())  # mkdtemp makes it 0700: the artifact would be readable by its owner only
-        model.save_pretrained(staging, safe_serialization=True)
+        from llmrec import item_tokens
+
+        with item_tokens.detached(model) as items:  # stock from_pretrained loads the model files alone
+            model.save_pretrained(staging, safe_serialization=True)
+            if items is not None:
+                manifest = {**manifest, "item_tokens": item_tokens.save(items, staging)}
         tokenizer.save_pretrained(staging)
         for relative, extra in (extra_tokenizers or {}).items():
             extra.save_pretrained(staging / relative)

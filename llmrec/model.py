@@ -177,6 +177,9 @@ def load_model(
     model: PreTrainedModel = loaded[0]
     check_loading(path, loaded[1])
     model.to(target)  # type: ignore[arg-type]
+    from llmrec import item_tokens
+
+    item_tokens.load(model, path)  # an artifact's collaborative item tokens, when it has them
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     eos = config.eos_token_id if isinstance(config.eos_token_id, int) else None

@@ -8,7 +8,7 @@ template exactly packable (see ``PromptTemplate.packable``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
@@ -20,7 +20,7 @@ class PromptEncoder:
     """Turns title lists into prompt ids and titles into response ids (response + end token)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, max_history: int = 10,
-                 max_prompt_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, item_tokens: Mapping[str, int] | None = None) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no end-of-sequence token; set tokenizer.eos_token")
         self.tokenizer = tokenizer
@@ -29,6 +29,9 @@ class PromptEncoder:
         self.max_prompt_tokens = max_prompt_tokens
         """The prompt-length guard: a prompt longer than this drops its oldest titles until it fits (the same
         rule in training, evaluation and serving, recorded in the artifact). None: no guard."""
+        self.item_tokens = dict(item_tokens) if item_tokens else {}
+        """Title -> the id of its collaborative item token (:mod:`llmrec.item_tokens`), placed after the title in
+        a history; a title without one gets its title alone."""
         self.end_id: int = int(tokenizer.eos_token_id)
         self._piece = lru_cache(maxsize=None)(self._encode_piece)
 
@@ -38,11 +41,18 @@ class PromptEncoder:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def item_ids(self, title: str) -> list[int]:
-        """Ids of one history item (with the end token when the template puts one there)."""
+        """Ids of one history item (with the end token when the template puts one there, then the item's token
+        when the model has item tokens)."""
         ids = list(self._piece(self.template.item_text(title)))
         if self.template.history_item_ends_with_eos:
             ids.append(self.end_id)
+        if title in self.item_tokens:
+            ids.append(self.item_tokens[title])
         return ids
+
+    def item_token(self, title: str) -> list[int]:
+        """The item token of a title as a list ([] when it has none)."""
+        return [self.item_tokens[title]] if title in self.item_tokens else []
 
     def prompt_ids(self, history: Sequence[str]) -> list[int]:
         """Ids of the prompt for the last ``max_history`` titles (oldest first), without the oldest ones that

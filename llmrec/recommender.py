@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llmrec import item_tokens
 from llmrec.artifact import CATALOG, read_manifest
 from llmrec.assistant import ASSISTANT_DIR, SASRec
 from llmrec.decode import BeamSearchConfig, NextTokenScorer, TitleTrie, constrained_beam_search
@@ -47,7 +48,8 @@ class Recommender:
         self.template = template
         self.max_history = max_history
         self.manifest = manifest or {}
-        self.encoder = PromptEncoder(tokenizer, template, max_history, max_prompt_tokens)
+        self.encoder = PromptEncoder(tokenizer, template, max_history, max_prompt_tokens,
+                                     item_tokens.token_map(model, catalog.titles))
         self.trie = TitleTrie.build([self.encoder.response_ids(t) for t in catalog.titles], self.encoder.end_id)
         self.device = next(model.parameters()).device
         self.trie = self.trie.to(self.device)

@@ -90,7 +90,10 @@ def window_example(
         raise ValueError(f"template {encoder.template.name!r} cannot be packed; use per-sample examples")
     titles = data.catalog.titles
     seq = data.sequences[user]
-    pieces = [encoder.response_ids(titles[int(seq[position])]) for position in range(start, end)]
+    # a history item is the item's response and then its item token (when the model has them; the window's
+    # last item is a target only, so it needs none)
+    pieces = [encoder.response_ids(titles[int(seq[position])]) + (encoder.item_token(titles[int(seq[position])])
+              if position < end - 1 else []) for position in range(start, end)]
     ids = encoder.prompt_ids([])
     if encoder.max_prompt_tokens is not None:  # the prompt-length guard: each target's prompt must fit it
         while len(pieces) > 1 and len(ids) + sum(map(len, pieces[:-1])) > encoder.max_prompt_tokens:
@@ -99,7 +102,9 @@ def window_example(
     labels = [IGNORE] * len(ids)
     for position, piece in zip(range(start, end), pieces, strict=True):
         ids.extend(piece)
-        labels.extend(piece if position >= first_labelled else [IGNORE] * len(piece))
+        target = len(encoder.response_ids(titles[int(seq[position])]))  # the item token is input, never a label
+        labels.extend(piece[:target] + [IGNORE] * (len(piece) - target) if position >= first_labelled
+                      else [IGNORE] * len(piece))
     return Example(ids, labels)
 
 

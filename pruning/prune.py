@@ -157,7 +157,10 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
                 needs_calibration: bool) -> SharedData:
     """Calibration batches with the teacher's outputs on them (skipped when no stage scores anything), and
     the distillation and validation examples with the teacher cache."""
-    encoder = PromptEncoder(tokenizer, template, max_history, max_prompt_tokens)
+    from llmrec.item_tokens import token_map
+
+    # the students keep the teacher's item tokens (the surgery carries them), so one encoder serves both
+    encoder = PromptEncoder(tokenizer, template, max_history, max_prompt_tokens, token_map(teacher, data.catalog.titles))
     pad_id = int(tokenizer.pad_token_id)
     calibration = calibration_batches(data, encoder, config.calibration, pad_id) if needs_calibration else []
     targets = teacher_targets(teacher, calibration, config.calibration.top_k) if needs_calibration else []

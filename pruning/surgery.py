@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from llmrec.item_tokens import attach, detached, item_tokens_of
+
 logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -94,11 +96,17 @@ def rebuild(model: PreTrainedModel, config: PretrainedConfig, state: dict[str, t
         raise RuntimeError(f"surgery produced a state dict that does not fit: missing {missing}, unexpected {unexpected}")
     fresh.tie_weights()
     fresh.generation_config = copy.deepcopy(model.generation_config)
-    return fresh.to(parameter.device).train(model.training)
+    fresh = fresh.to(parameter.device).train(model.training)
+    items = item_tokens_of(model)
+    if items is not None and config.hidden_size == model.config.hidden_size:  # slice_residual cuts their width
+        attach(fresh, items.sliced(torch.arange(config.hidden_size, device=parameter.device)))
+    return fresh
 
 
 def _state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The stock state dict (item tokens, when the model has them, are carried by :func:`rebuild`)."""
+    with detached(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _index(values: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -160,7 +168,11 @@ def slice_residual(model: PreTrainedModel, keep: Sequence[int] | torch.Tensor) -
         elif name.endswith(("o_proj.bias", "down_proj.bias")):
             state[name] = tensor[index]
     config = _config_with(model.config, hidden_size=int(index.numel()))
-    return rebuild(model, config, state)
+    fresh = rebuild(model, config, state)
+    items = item_tokens_of(model)
+    if items is not None:  # the item vectors live in the residual stream too
+        attach(fresh, items.sliced(index.to(next(model.parameters()).device)))
+    return fresh
 
 
 def slice_mlp(model: PreTrainedModel, keep: Sequence[Sequence[int]]) -> PreTrainedModel:

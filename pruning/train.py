@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import PreTrainedModel
 
-from llmrec import configs
+from llmrec import configs, item_tokens
 from llmrec.artifact import write_artifact
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
@@ -101,6 +102,12 @@ class TrainConfig:
     """Validation users of the ndcg@10 selection."""
     select_beams: int = 20
     """Beams of the ndcg@10 selection (the evaluation's 20)."""
+    item_tokens: Literal["none", "learned", "sasrec"] = "none"
+    """Collaborative item tokens after each history title (llmrec.item_tokens): 'learned' (one vector per item,
+    initialised from its title's token embeddings, trained with the model), 'sasrec' (a SASRec trained here
+    first; its frozen item embeddings through a learned projection: LLaRA's hybrid), 'none'."""
+    item_sasrec_minutes: float | None = None
+    """Time budget of the SASRec behind --item-tokens sasrec (None: until early stopping)."""
     seed: int = 0
     """Seed of the example sample, the batch order and the initial weights of adapters."""
     checkpoint_dir: str | None = None
@@ -173,6 +180,25 @@ def schedule_of(config: TrainConfig) -> Schedule:
                     seed=config.seed)
 
 
+def attach_item_tokens(config: TrainConfig, model: PreTrainedModel, encoder: PromptEncoder, data: PreparedData) -> None:
+    """Give the model the item tokens ``config.item_tokens`` asks for (see :mod:`llmrec.item_tokens`)."""
+    if config.method == "lora":
+        raise ValueError("item tokens are trained with the whole model; use --method full (LoRA would leave the "
+                         "item vectors untrained)")
+    if item_tokens.item_tokens_of(model) is not None:
+        raise ValueError(f"{config.model} already has item tokens; fine-tune it with --item-tokens none")
+    if config.item_tokens == "learned":
+        item_tokens.attach(model, item_tokens.learned(model, [encoder.title_ids(t) for t in data.catalog.titles]))
+        return
+    from pruning.assist import AssistConfig, train_assistant
+
+    sasrec, record = train_assistant(AssistConfig(artifact="", max_minutes=config.item_sasrec_minutes, seed=config.seed),
+                                     data, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    logger.info("SASRec for the item tokens: valid NDCG@10 %.4f", record["best_valid_ndcg@10"])
+    table = sasrec.items.weight.detach()[1:].cpu()  # row 0 is SASRec's padding
+    item_tokens.attach(model, item_tokens.from_sasrec(model, table, config.seed))
+
+
 def run(config: TrainConfig, data: PreparedData) -> Path:
     """Fine-tune ``config.model`` on ``data`` and write the artifact at ``config.output``."""
     from accelerate import Accelerator
@@ -187,8 +213,11 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     loaded = load_model(config.model, device="cpu", dtype=torch.float32)
     model, tokenizer = loaded.model, loaded.tokenizer
     template = get_template(config.template)
+    if config.item_tokens != "none":
+        attach_item_tokens(config, model, PromptEncoder(tokenizer, template), data)
     max_prompt_tokens = prompt_budget(config.max_prompt_tokens, model, PromptEncoder(tokenizer, template), data)
-    encoder = PromptEncoder(tokenizer, template, config.max_history, max_prompt_tokens)
+    encoder = PromptEncoder(tokenizer, template, config.max_history, max_prompt_tokens,
+                            item_tokens.token_map(model, data.catalog.titles))
     packing = template.packable if config.packing is None else config.packing
     pad_id = int(tokenizer.pad_token_id)
 

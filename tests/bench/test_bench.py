@@ -89,7 +89,8 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     written = run_bench(config, prepared)
     report = json.loads(written[0].read_text())
     assert {"dense", "1-attn", "2-mlp", "pruned", "pruned+vocab", "trsp", "sasrec", "mostpop", "lora", "lora-prunepeft",
-            "dense+assist", "pruned+assist"} <= set(report["models"])
+            "dense+assist", "pruned+assist", "assistant"} <= set(report["models"])
+    assert 0 <= report["models"]["assistant"]["metrics"]["ndcg@10"] <= 1  # the assistant alone, same users
     # the assisted rows: the same artifacts, scored with the SASRec assistant each carries (its weight chosen
     # on validation for that LLM; the pruned one reuses the dense one's trained assistant)
     dense_card = json.loads((tmp_path / "work" / "0-dense" / "prunerec.json").read_text())

@@ -24,14 +24,21 @@ def test_every_variant_on_the_same_users_beside_sasrec_and_mostpop(tmp_path, tok
     # the same artifact scored with and without its assistant (a weight of 0 chosen on validation is the pure LLM)
     assert not baseline["assisted"] and assisted["assisted"] == (rows["assisted"]["assist_weight"] > 0)
     assert (tmp_path / "work" / "baseline" / "assistant" / "model.safetensors").is_file()
+    assert rows["assistant alone"]["users"] == 8 and 0 <= rows["assistant alone"]["metrics"]["ndcg@10"] <= 1
     assert rows["history-50"]["lever"] == {"max_history": 50}
     assert json.loads((tmp_path / "work" / "history-50" / "prunerec.json").read_text())["max_history"] == 50
     assert "best_valid_ndcg@10" in json.loads((tmp_path / "work" / "ndcg-selection" / "prunerec.json").read_text())["training"]
     assert rows["exact"]["search"] == "exact" and rows["exact"]["users"] == 4 == rows["baseline@exact-users"]["users"]
     assert all(rows[n]["users"] == 8 for n in ("baseline", "history-50", "sasrec", "mostpop"))
     base = rows["baseline"]["metrics"]["ndcg@10"]
-    helped = [n for n in ("history-50", "ndcg-selection") if rows[n]["metrics"]["ndcg@10"] > base]
-    assert [n for n in rows["best"]["combines"] if n not in ("exact", "assisted")] == helped
+    levers = ("history-50", "ndcg-selection", "item-tokens", "sasrec-tokens")
+    helped = {n for n in levers if rows[n]["metrics"]["ndcg@10"] > base}
+    combined = {n for n in rows["best"]["combines"] if n not in ("exact", "assisted")}
+    # every lever that helped, except the weaker kind of item tokens when both did (one field, two values)
+    assert combined <= helped and helped - combined <= {"item-tokens", "sasrec-tokens"}
+    assert len(combined & {"item-tokens", "sasrec-tokens"}) <= 1
+    assert json.loads((tmp_path / "work" / "item-tokens" / "prunerec.json").read_text())["item_tokens"]["kind"] == "learned"
+    assert rows["sasrec-tokens"]["lever"] == {"item_tokens": "sasrec"}
     assert ("assisted" in rows["best"]["combines"]) == (rows["assisted"]["metrics"]["ndcg@10"] > base)
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert files == ["ndcg.png", "report.json", "report.md"]

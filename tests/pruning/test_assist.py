@@ -103,3 +103,18 @@ def test_bad_requests_are_refused(artifact, prepared):
     with pytest.raises(ValueError, match="catalog differs"):
         run(AssistConfig(artifact=str(artifact), weight=1.0), prepared)
     assert "assistant" not in read_manifest(artifact)
+
+
+def test_assistant_metrics_are_the_protocols_ranks(artifact, prepared):
+    from pruning.assist import assistant_metrics, assistant_ranks
+
+    run(AssistConfig(artifact=str(artifact), **{**PROFILES["tiny"], "weights": [0.0]}, device="cpu"), prepared)
+    pairs = prepared.splits["test"]
+    model = SASRec.load(artifact / ASSISTANT_DIR)
+    ranks = assistant_ranks(model, prepared, pairs)
+    for (u, p), rank in zip(pairs, ranks, strict=True):  # brute force: items above the target, past excluded
+        history = prepared.history(int(u), int(p)).tolist()
+        scores = model.log_probs([history], excluded=[history])[0]
+        assert rank == int((scores > scores[prepared.target(int(u), int(p))]).sum())
+    metrics = assistant_metrics(artifact, prepared, pairs)
+    assert metrics["hr@20"] == pytest.approx(np.mean([r < 20 for r in ranks]))
