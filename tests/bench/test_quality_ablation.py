@@ -37,6 +37,7 @@ def test_every_variant_on_the_same_users_beside_sasrec_and_mostpop(tmp_path, tok
     # every lever that helped, except the weaker kind of item tokens when both did (one field, two values)
     assert combined <= helped and helped - combined <= {"item-tokens", "sasrec-tokens"}
     assert len(combined & {"item-tokens", "sasrec-tokens"}) <= 1
+    assert "exact" not in rows["best"]["combines"] and rows["best"]["users"] == 8  # exact was on other users
     assert json.loads((tmp_path / "work" / "item-tokens" / "prunerec.json").read_text())["item_tokens"]["kind"] == "learned"
     assert rows["sasrec-tokens"]["lever"] == {"item_tokens": "sasrec"}
     assert ("assisted" in rows["best"]["combines"]) == (rows["assisted"]["metrics"]["ndcg@10"] > base)
