@@ -87,7 +87,10 @@ class Registry:
             recommender = Recommender.from_artifact(path, device=self.settings.device)
         if self.settings.assist and recommender.assistant is None:
             raise ValueError(f"arm {name}: assist is required and {path} carries no assistant (prunerec assist)")
-        return Arm(name, path, recommender, model_version(recommender.manifest, path))
+        version = model_version(recommender.manifest, path)
+        if recommender.uses_assistant(self.settings.assist):  # with its assistant it ranks differently: another version
+            version += f"+assist{recommender.assist_weight:g}"
+        return Arm(name, path, recommender, version)
 
     def load(self, name: str) -> Arm:
         """Load one arm from its settings path (call on the arm's model thread) and warm it up if asked."""

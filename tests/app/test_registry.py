@@ -88,6 +88,7 @@ def test_an_arm_serves_its_assistant_unless_told_not_to(arms, tmp_path, prepared
         try:
             arm = registry.executor("a").submit(registry.load, "a").result()
             assert arm.describe(assist)["assist_weight"] == (5.0 if assist is None else None)
+            assert arm.version.endswith("+assist5") == (assist is None)  # the A/B logs tell the two apart
             lists[assist] = registry.decode_fn("a")([[0, 1, 2]], 5, [[0, 1, 2]])
         finally:
             registry.shutdown()
