@@ -74,7 +74,7 @@ class AssistConfig:
     """Validations without improvement before stopping."""
     max_minutes: float | None = None
     """Time budget of the training."""
-    weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
     """Candidate mixing weights w (0 = the pure LLM)."""
     weight: float | None = None
     """Use this weight and skip the sweep."""
@@ -95,8 +95,9 @@ class AssistConfig:
 PROFILES: dict[str, dict[str, Any]] = {
     # minutes on 2 cores: the sweep decodes select_users × weights users with the LLM (about 2 s each here)
     # a cpu-profile LLM (8 minutes of fine-tuning) measured best at w = 16 of 0..64 (README): the grid spans it
-    "cpu": {"select_users": 50, "weights": [0.0, 2.0, 4.0, 8.0, 16.0, 32.0]},
-    "gpu": {"select_users": 300, "weights": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "device": "cuda"},
+    # (and the pruned model of that run at w = 32, the largest then: the grid goes on to 64)
+    "cpu": {"select_users": 50, "weights": [0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]},
+    "gpu": {"select_users": 300, "weights": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "device": "cuda"},
     "tiny": {"epochs": 4, "eval_every_epochs": 1.0, "select_users": 8, "weights": [0.0, 1.0], "hidden_size": 16,
              "layers": 1, "max_length": 8},
 }
@@ -213,6 +214,9 @@ def choose_weight(config: AssistConfig, data: PreparedData, recommender: Any, as
         sweep[str(weight)] = float(ndcg_per_user(ranks, 10).mean())
         logger.info("assistant weight %s: valid NDCG@10 %.4f on %d users", weight, sweep[str(weight)], len(pairs))
     best = max(sweep, key=lambda w: (sweep[w], -float(w)))
+    if len(sweep) > 1 and float(best) == max(config.weights):
+        logger.warning("the best assistant weight is the largest candidate (%s): a larger one may be better still "
+                       "(--weights); the LLM then adds little to its assistant on these users", best)
     return float(best), sweep
 
 

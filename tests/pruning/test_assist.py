@@ -80,6 +80,16 @@ def test_run_writes_the_assistant_and_its_weight_into_the_artifact(artifact, pre
     assert json.loads((tmp_path / "auto.json").read_text())["config"]["assist"] is None
 
 
+def test_a_best_weight_at_the_grids_edge_is_flagged(artifact, prepared, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pruning.assist"):
+        run(AssistConfig(artifact=str(artifact), **{**PROFILES["tiny"], "weights": [0.0, 1000.0]}, device="cpu"),
+            prepared)
+    chosen = read_manifest(artifact)["assistant"]["weight"]
+    assert ("largest candidate" in caplog.text) == (chosen == 1000.0)
+
+
 def test_a_trained_assistant_is_reused_with_a_fixed_weight(artifact, prepared, tokenizer, tmp_path):
     run(AssistConfig(artifact=str(artifact), **{**PROFILES["tiny"], "weights": [0.0]}, device="cpu"), prepared)
     manifest = {"template": compact_template().to_dict(), "max_history": 10, "stage": "depth"}
