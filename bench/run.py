@@ -39,6 +39,7 @@ import pandas as pd
 
 from bench.harness import LoadCheck, load_check, request_payloads, serve_and_measure
 from bench.report import macs_per_token, model_entry, paired_test, per_user_ndcg, write_report
+from llmrec.artifact import read_manifest
 from llmrec.configs import merge
 from recdata.prep import PreparedData
 
@@ -188,8 +189,6 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     named.pop(stages[2].name)
     named.pop(stages[3].name)
     repo_root = Path.cwd().resolve()
-    from llmrec.artifact import read_manifest
-
     models: dict[str, dict] = {}
     evaluations: dict[str, dict] = {}
     with clock.phase("evaluate"):
@@ -330,7 +329,6 @@ def _peft_arms(config: BenchConfig, data: PreparedData, work: Path) -> dict[str,
 def _assistant(config: BenchConfig, data: PreparedData, artifact: Path, source: Path | None) -> None:
     """Give ``artifact`` its assistant unless it has one: trained here, or ``source``'s reused (its weight is
     still chosen for this artifact's LLM)."""
-    from llmrec.artifact import read_manifest
     from pruning.assist import PROFILES as ASSIST_PROFILES
     from pruning.assist import AssistConfig
     from pruning.assist import run as assist
