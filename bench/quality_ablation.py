@@ -225,6 +225,8 @@ def main() -> None:
     parser.add_argument("--sasrec-epochs", type=int, default=50)
     parser.add_argument("--select-users", type=int, default=None,
                         help="validation users of the ndcg-selection variant's checks [the training default, 200]")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants to run [all: " + ",".join(AblationConfig().variants) + "]")
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
     parser.add_argument("--work", default=None)
     parser.add_argument("--output", default=None)
@@ -233,10 +235,15 @@ def main() -> None:
     from recdata.prep import prepare
     from recdata.sources import read_ml100k
 
+    known = AblationConfig().variants
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else known
+    unknown = sorted(set(variants) - set(known))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {known}")
     data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
     config = AblationConfig(profile=args.profile, model=args.model, users=args.users or None, device=args.device,
                             sasrec_epochs=args.sasrec_epochs, exact_users=args.exact_users, work=args.work,
-                            output=args.output,
+                            output=args.output, variants=variants,
                             train_overrides={"select_users": args.select_users} if args.select_users else {})
     report = run_ablation(config, data)
     print(markdown(report))

@@ -44,3 +44,12 @@ def test_every_variant_on_the_same_users_beside_sasrec_and_mostpop(tmp_path, tok
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert files == ["ndcg.png", "report.json", "report.md"]
     assert "| history-50 | max_history=50 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_subset_of_variants_runs_alone(tmp_path, tokenizer, prepared):
+    base = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    config = AblationConfig(profile="tiny", model=str(base), users=6, device="cpu", sasrec_epochs=1,
+                            work=str(tmp_path / "work"), output=str(tmp_path / "report"), variants=["baseline", "assisted"])
+    rows = run_ablation(config, prepared)["variants"]
+    assert set(rows) == {"baseline", "assisted", "assistant alone", "sasrec", "mostpop"}
+    assert sorted(p.name for p in (tmp_path / "work").iterdir() if (p / "prunerec.json").is_file()) == ["baseline"]
