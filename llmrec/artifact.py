@@ -110,19 +110,25 @@ def write_artifact(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=str))
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            old.rmdir()
-            directory.rename(old)
-            staging.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(directory)
+        swap_in(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("wrote artifact %s", directory)
     return directory
+
+
+def swap_in(staging: Path, directory: Path) -> None:
+    """Rename a fully written ``staging`` directory to ``directory``; an existing one is moved aside first and
+    removed only after the rename, so a reader never finds a half-written directory at that path."""
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        old.rmdir()
+        directory.rename(old)
+        staging.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(directory)
 
 
 def _directory_mode() -> int:

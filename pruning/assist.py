@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from llmrec import configs
-from llmrec.artifact import is_artifact, read_manifest, update_manifest
+from llmrec.artifact import is_artifact, read_manifest, swap_in, update_manifest
 from llmrec.assistant import ASSISTANT_DIR, AssistantConfig, SASRec
 from pruning.engine import Engine, Schedule, adamw
 from recdata.metrics import DEFAULT_KS, ndcg_per_user, rank_metrics
@@ -231,15 +231,7 @@ def _install(assistant: SASRec, artifact: Path) -> None:
     staging = artifact / f".{ASSISTANT_DIR}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     assistant.save(staging)
-    target = artifact / ASSISTANT_DIR
-    if target.exists():
-        old = artifact / f".{ASSISTANT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    swap_in(staging, artifact / ASSISTANT_DIR)
 
 
 def run(config: AssistConfig, data: PreparedData) -> Path:
