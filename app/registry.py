@@ -120,10 +120,12 @@ class Registry:
 
     def _decoder(self, recommender: Recommender) -> DecodeFn:
         num_beams, head, search, assist = self.settings.num_beams, self.settings.head, self.settings.search, self.settings.assist
+        step = self.settings.decode_step
 
         def decode(histories: Sequence[Sequence[int]], k: int, excludes: Sequence[Sequence[int]]) -> list[Ranked]:
             return recommender.recommend(histories, k=k, num_beams=max(num_beams, k), exclude=excludes,
-                                         batch_size=len(histories), head=head, search=search, assist=assist)
+                                         batch_size=len(histories), head=head, search=search, assist=assist,
+                                         step=step)
 
         return decode
 

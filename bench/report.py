@@ -168,6 +168,18 @@ def markdown(report: dict) -> str:
                       server["shed"]["queue_full"], server["shed"]["deadline"], load["slow_503"], server["shed"]["client_left"],
                       server["dropped_before_decoding"], sum(server["decoded_after_caller_left"].values()),
                       load["latency_ms_200"]["p99"], load["latency_ms_503"]["p99"], load["drain_s"]]) + " |"]
+    decoders = report.get("decoders")
+    if decoders:
+        lines += ["", "## Decoders (bench.decoders: full head, 20 beams, top 10, no exclusion, no assistant)", "",
+                  "| model | users | ours, lean step users/s | ours, stock step users/s | HF generate users/s | lean / generate "
+                  "| lean = stock lists | top-10 overlap lean vs generate | identical lists lean vs generate |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, entry in decoders.items():
+            rates, vs = entry["users_per_s"], entry.get("generate_vs", {}).get("ours_lean", {})
+            cells = [entry["users"], rates.get("ours_lean"), rates.get("ours_stock"), rates.get("hf_generate"),
+                     entry.get("lean_speedup_vs_generate"), entry["lean_vs_stock"]["identical_lists"],
+                     vs.get("top10_overlap"), vs.get("identical_lists")]
+            lines.append(f"| {name} | " + " | ".join(_fmt(c, 2) if isinstance(c, float) else _fmt(c) for c in cells) + " |")
     if report.get("ratios"):
         lines += ["", "## Ratios (pruned vs dense; the LLM rows vs SASRec)", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in report["ratios"].items()]
     if report.get("paired_test"):
@@ -252,6 +264,9 @@ def write_report(report: dict, directory: Path, pair: tuple[str, str] = ("dense"
             entry["throughput_rps"] = serving.get("c16", serving["c1"])["throughput_rps"]
         logger.debug("report entry %s", name)
     report["ratios"] = ratios(report["models"], *pair)
+    for name, entry in (report.get("decoders") or {}).items():  # our decoder against the papers' way (HF generate)
+        if entry.get("lean_speedup_vs_generate"):
+            report["ratios"][f"{name}_lean_vs_generate_users_per_s"] = entry["lean_speedup_vs_generate"]
     (directory / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (directory / "report.md").write_text(markdown(report))
     return [directory / "report.json", directory / "report.md", *plots(report, directory)]

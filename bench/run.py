@@ -89,6 +89,9 @@ class BenchConfig:
     deadlines (see :class:`LoadCheck`); 0 skips it."""
     load_deadline_ms: float = 5000.0
     """Deadline of every request of the load check."""
+    decoder_users: int = 16
+    """Users of the decoder comparison (bench.decoders: our lean and stock steps against HF generate with
+    prefix_allowed_tokens_fn, dense and pruned, the full head, 20 beams); 0 skips it."""
     device: str | None = None
     """cpu or cuda for compression, evaluation, SASRec and serving (default: the profile's; cpu profile: auto)."""
     seed: int = 0
@@ -104,6 +107,7 @@ BENCH_PROFILES: dict[str, dict[str, Any]] = {
     # peft_epochs 1: the two LoRA arms are a comparison of placements at one budget, and two more full
     # trainings would not fit the 20 minutes.
     "gpu": {"users": None, "sasrec_epochs": 50, "latency_requests": 200, "device": "cuda", "peft": True, "peft_epochs": 1.0,
+            "decoder_users": 64,
             "load_seconds": 30.0, "load_deadline_ms": 2000.0, "concurrency": [1, 16, 64], "serve_batch_size": 64},
 }
 
@@ -236,6 +240,14 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                 name, str(named[name]), payloads, config.concurrency, config.head, max_batch_size=config.serve_batch_size,
                 device=config.device))
             models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
+    decoders = None
+    if config.decoder_users:
+        with clock.phase("decoders"):
+            decoders = {name: _cached(work / "decoders" / f"{name}.json",
+                                      {"artifact": str(named[name]), "users": config.decoder_users, "seed": config.seed,
+                                       "device": config.device, "batch": config.serve_batch_size},
+                                      lambda name=name: _decoders(named[name], data, pairs[: config.decoder_users], config))
+                        for name in ("dense", "pruned")}
     load = None
     if config.load_seconds:
         check = LoadCheck(seconds=config.load_seconds, deadline_ms=config.load_deadline_ms)
@@ -262,8 +274,19 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
         },
         "models": models,
         "load": load,
+        "decoders": decoders,
     }
     return write_report(report, output)
+
+
+def _decoders(artifact: Path, data: PreparedData, pairs: np.ndarray, config: BenchConfig) -> dict[str, Any]:
+    """bench.decoders on one artifact: the lean and stock steps and HF generate, same users and batch size."""
+    from bench.decoders import compare_decoders
+    from llmrec.recommender import Recommender
+
+    recommender = Recommender.from_artifact(artifact, device=config.device)
+    histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
+    return compare_decoders(recommender, histories, batch_size=config.serve_batch_size)
 
 
 def sample_check(data: PreparedData, pairs: np.ndarray) -> dict[str, float]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from llmrec.fast_step import LeanDecoder, lean_supported
 from llmrec.prefix_cache import prefix_beam_attention_enabled, prefix_beam_cache
 
 logger = logging.getLogger(__name__)
@@ -222,9 +223,27 @@ class BeamSearchConfig:
     """'full': log-softmax over the whole vocabulary (exact item probabilities). 'catalog': the LM head only
     over the tokens catalog titles use, normalised over them (cheaper; changes the scores). 'catalog-fullnorm':
     the catalog rows for the scores but normalised over the full vocabulary (same lists as 'full'; a check)."""
+    step: str = "lean"
+    """How a decoding step runs: 'lean' (:mod:`llmrec.fast_step`: packed weights, a preallocated beam cache,
+    fewer and larger operations; falls back to 'stock' for a model it cannot run) or 'stock' (the model's own
+    forward over :mod:`llmrec.prefix_cache`). Same lists and scores to float tolerance."""
 
 
 HEADS = ("full", "catalog", "catalog-fullnorm")
+STEPS = ("lean", "stock")
+
+
+def lean_decoder_for(model: PreTrainedModel, step: str) -> LeanDecoder | None:
+    """A :class:`LeanDecoder` when ``step`` asks for it and the model allows it, else None (the stock step)."""
+    if step not in STEPS:
+        raise ValueError(f"unknown decoding step {step!r}; choose one of {STEPS}")
+    if step == "stock":
+        return None
+    reason = lean_supported(model)
+    if reason is not None:
+        logger.info("decoding with the stock step: %s", reason)
+        return None
+    return LeanDecoder(model)
 
 
 class NextTokenScorer:
@@ -266,6 +285,7 @@ def constrained_beam_search(
     scorer: NextTokenScorer | None = None,
     prior: torch.Tensor | None = None,
     prior_weight: float = 0.0,
+    lean: LeanDecoder | None = None,
 ) -> list[list[tuple[int, float]]]:
     """Top-k catalog items for each prompt, as (catalog index, score) sorted by score.
 
@@ -285,6 +305,8 @@ def constrained_beam_search(
         prior: (B, num_items) log-probabilities of a text-free recommender (the assistant), normalised over
             the items a row may return.
         prior_weight: w above; 0 ignores the prior.
+        lean: a prebuilt :class:`llmrec.fast_step.LeanDecoder` of ``model`` for ``config.step == 'lean'``
+            (saves packing the weights per call; built here when not given).
     """
     if config.num_beams < config.top_k:
         raise ValueError(f"num_beams ({config.num_beams}) must be >= top_k ({config.top_k})")
@@ -311,11 +333,18 @@ def constrained_beam_search(
     out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     logprobs = scorer(out.last_hidden_state[:, -1, :])  # (B, V) or (B, U)
 
-    # ---- B * beams rows from here on; the prompt cache stays one copy per user (see prefix_cache) ----
-    cache = prefix_beam_cache(out.past_key_values, attention.bool(), beams, trie.max_depth)
+    # ---- B * beams rows from here on; the prompt cache stays one copy per user ----
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
     logprobs = logprobs[expand]  # (B*K, V or U)
     next_position = positions[expand, -1] + 1  # (B*K,)
+    if lean is None and config.step == "lean":
+        lean = lean_decoder_for(model, "lean")
+    elif config.step == "stock":
+        lean = None
+    if lean is not None:
+        beam_cache = lean.start(out.past_key_values, attention.bool(), beams, next_position, trie.max_depth)
+    else:
+        cache = prefix_beam_cache(out.past_key_values, attention.bool(), beams, trie.max_depth)
     nodes = torch.zeros(batch * beams, dtype=torch.long, device=device)
     scores = torch.full((batch * beams,), NEG_INF, device=device)
     scores[::beams] = 0.0
@@ -371,12 +400,18 @@ def constrained_beam_search(
         nodes = torch.where(alive, child[where], torch.zeros_like(where))
         scores = new_scores
 
-        cache.reorder_cache(parent)  # type: ignore[arg-type]
         step_positions = next_position[parent]
-        with prefix_beam_attention_enabled(model):
-            out = decoder(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache, use_cache=True)
+        if lean is not None:
+            beam_cache.reorder(parent)
+            hidden = lean.step(beam_cache, step_tokens, step_positions)
+        else:
+            cache.reorder_cache(parent)  # type: ignore[arg-type]
+            with prefix_beam_attention_enabled(model):
+                out = decoder(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache,
+                              use_cache=True)
+            hidden = out.last_hidden_state[:, -1, :]
         next_position = step_positions + 1
-        logprobs = scorer(out.last_hidden_state[:, -1, :])
+        logprobs = scorer(hidden)
 
     results: list[list[tuple[int, float]]] = []
     for row in range(batch):

@@ -17,8 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llmrec import item_tokens
 from llmrec.artifact import CATALOG, read_manifest
 from llmrec.assistant import ASSISTANT_DIR, SASRec
-from llmrec.decode import BeamSearchConfig, NextTokenScorer, TitleTrie, constrained_beam_search
+from llmrec.decode import BeamSearchConfig, NextTokenScorer, TitleTrie, constrained_beam_search, lean_decoder_for
 from llmrec.exact import TrieLevels, exact_rank
+from llmrec.fast_step import LeanDecoder
 from llmrec.model import load_model
 from llmrec.prompting import PromptEncoder
 from recdata.catalog import Catalog
@@ -55,6 +56,7 @@ class Recommender:
         self.trie = self.trie.to(self.device)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.encoder.end_id)
         self._scorers: dict[str, NextTokenScorer] = {}
+        self._lean: dict[str, LeanDecoder | None] = {}
         self._levels: TrieLevels | None = None
         self.assistant: SASRec | None = None
         self.assist_weight = 0.0
@@ -89,9 +91,17 @@ class Recommender:
             self._scorers[head] = NextTokenScorer(self.model, self.trie, head)
         return self._scorers[head]
 
+    def lean_decoder(self, step: str) -> LeanDecoder | None:
+        """The packed decoding step for ``step`` ('lean'; None for 'stock' or a model it cannot run), built once."""
+        if step not in self._lean:
+            self._lean[step] = lean_decoder_for(self.model, step)
+        return self._lean[step]
+
     def refresh(self) -> None:
-        """Forget the scorers' cached LM-head rows: call it after the model's weights changed (training)."""
+        """Forget the scorers' cached LM-head rows and the lean step's packed weights: call it after the model's
+        weights changed (training)."""
         self._scorers.clear()
+        self._lean.clear()
 
     @classmethod
     def from_artifact(cls, directory: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Recommender:
@@ -126,6 +136,7 @@ class Recommender:
         head: str = "catalog",
         search: str = "beam",
         assist: bool | None = None,
+        step: str = "lean",
     ) -> list[list[tuple[int, float]]]:
         """For each history, the top-k (catalog index, score) pairs, best first.
 
@@ -142,12 +153,15 @@ class Recommender:
                 exactly, :mod:`llmrec.exact`; one user at a time).
             assist: mix the assistant's item probabilities into the scores (D3); None: when the artifact
                 carries an assistant. Scores are then log P_LLM(item) + w × log P_assistant(item).
+            step: how beam search runs a decoding step, 'lean' (:mod:`llmrec.fast_step`) or 'stock' (the
+                model's own forward); the same lists and scores to float tolerance.
         """
         if search not in ("beam", "exact"):
             raise ValueError(f"search must be 'beam' or 'exact', not {search!r}")
         if k < 1 or k > len(self.catalog):
             raise ValueError(f"k must be between 1 and the catalog size {len(self.catalog)}, got {k}")
-        config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k, head=head)
+        config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k, head=head, step=step)
+        lean = self.lean_decoder(step) if search == "beam" else None
         assisted = self.uses_assistant(assist)
         scorer = self.scorer(head)
         results: list[list[tuple[int, float]]] = []
@@ -165,5 +179,5 @@ class Recommender:
                                           prior=prior, prior_weight=weight))
                 continue
             results.extend(constrained_beam_search(self.model, prompts, self.trie, config, self.pad_id, excluded=excluded,
-                                                   scorer=scorer, prior=prior, prior_weight=weight))
+                                                   scorer=scorer, prior=prior, prior_weight=weight, lean=lean))
         return results

@@ -58,6 +58,9 @@ class EvalConfig:
     assist: bool | None = None
     """Mix the artifact's assistant into the scores (D3's assisted decoding, `prunerec assist`): None = when
     the artifact carries one (as the service does), False = the pure LLM, True = require one."""
+    step: Literal["lean", "stock"] = "lean"
+    """How beam search runs a decoding step: 'lean' (packed weights, a preallocated beam cache; llmrec.fast_step)
+    or 'stock' (the model's own forward). Same lists and scores to float tolerance; 'lean' is faster."""
 
 
 def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
@@ -79,13 +82,14 @@ def mostpop_metrics(data: PreparedData, pairs: np.ndarray, exclude_history: bool
 
 def rank_users(recommender: Recommender, data: PreparedData, pairs: np.ndarray, num_beams: int, batch_size: int,
                exclude_history: bool, head: str, progress: bool = False,
-               search: str = "beam", assist: bool | None = None) -> tuple[list[list[int]], list[int | None]]:
+               search: str = "beam", assist: bool | None = None,
+               step: str = "lean") -> tuple[list[list[int]], list[int | None]]:
     """Each sample's ranked list (catalog indices, best first) and the rank of its target in it (None: absent)."""
     histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
     targets = [data.target(int(u), int(p)) for u, p in pairs]
     lists = recommender.recommend(histories, k=num_beams, num_beams=num_beams,
                                   exclude=histories if exclude_history else None, batch_size=batch_size,
-                                  progress=progress, head=head, search=search, assist=assist)
+                                  progress=progress, head=head, search=search, assist=assist, step=step)
     items = [[item for item, _ in ranked] for ranked in lists]
     ranks = [ranked.index(t) if t in ranked else None for ranked, t in zip(items, targets, strict=True)]
     return items, ranks
@@ -134,7 +138,8 @@ def run(config: EvalConfig, data: PreparedData, recommender: Recommender | None 
     targets = [data.target(int(u), int(p)) for u, p in pairs]
     started = time.perf_counter()
     items, ranks = rank_users(recommender, data, pairs, config.num_beams, config.batch_size, config.exclude_history,
-                              config.head, progress=True, search=config.search, assist=config.assist)
+                              config.head, progress=True, search=config.search, assist=config.assist,
+                              step=config.step)
     seconds = time.perf_counter() - started
     ks = [k for k in DEFAULT_KS if k <= config.num_beams]
     assisted = recommender.uses_assistant(config.assist)

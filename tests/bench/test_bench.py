@@ -109,11 +109,19 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     assert "RecBole's own evaluator" in (tmp_path / "report" / "report.md").read_text()
     assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain",
                                      "dense_ndcg@10_vs_sasrec", "dense_assisted_ndcg@10_vs_sasrec",
-                                     "pruned_assisted_ndcg@10_vs_sasrec", "assisted_retention_ndcg@10"}
+                                     "pruned_assisted_ndcg@10_vs_sasrec", "assisted_retention_ndcg@10",
+                                     "dense_lean_vs_generate_users_per_s", "pruned_lean_vs_generate_users_per_s"}
+    # the decoder comparison: our lean step, our stock step and HF generate on the same users, dense and pruned
+    for name in ("dense", "pruned"):
+        decoders = report["decoders"][name]
+        assert set(decoders["users_per_s"]) == {"ours_lean", "ours_stock", "hf_generate"}
+        assert decoders["lean_vs_stock"]["identical_lists"] == 1.0
+        assert report["ratios"][f"{name}_lean_vs_generate_users_per_s"] == decoders["lean_speedup_vs_generate"]
+    assert "## Decoders" in (tmp_path / "report" / "report.md").read_text()
     assert report["ratios"]["dense_ndcg@10_vs_sasrec"] == pytest.approx(
         report["models"]["dense"]["metrics"]["ndcg@10"] / report["models"]["sasrec"]["metrics"]["ndcg@10"])
     phases = report["protocol"]["phase_minutes"]
-    assert {"fine-tune", "evaluate", "assistant", "sasrec", "peft", "serve", "load check"} <= set(phases)
+    assert {"fine-tune", "evaluate", "assistant", "sasrec", "peft", "serve", "decoders", "load check"} <= set(phases)
     load = report["load"]  # overload with deadlines: every request answered in time or shed, none late
     assert load["requests"] > 0 and load["answered_200"] > 0 and load["late_200"] == 0 and load["client_timeouts"] == 0
     assert sum(load["by_status"].values()) == load["requests"] and load["arms"] == ["dense", "pruned"]

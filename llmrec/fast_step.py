@@ -1,0 +1,244 @@
+"""A lean decoding step for constrained beam search: the per-operation overhead of the stock forward gone.
+
+Profiling the pruned model's requests (README, "What limits them") put 85% of a request in the decoder's
+forward passes, most of it in many small per-layer calls (RMSNorm as six element-wise ops, rotary
+embeddings as ten, three separate q/k/v projections, the attention-interface dispatch, mask building, the
+cache's per-layer update and reorder), each a Python module call. One decoding step of beam search runs one
+token per beam, so for a small model those calls, not the arithmetic, set the time.
+
+:class:`LeanDecoder` runs the same mathematics for a stock Llama / Qwen2 / Mistral decoder (the families
+:mod:`llmrec.model` loads; pruning keeps their stock classes and uniform shapes, DESIGN.md §4) with fewer,
+larger operations:
+
+- the q, k, v projections are one matmul (the weights concatenated once, the attention scale folded into
+  the q rows), gate and up another; RMSNorm is one fused ``torch.nn.functional.rms_norm``;
+- rotary embeddings are applied to q and k together, from a cos/sin table computed once per search for
+  every position the search can reach (the model's own rotary module builds it, so RoPE scaling variants
+  are honoured);
+- a static KV cache: the prompt's keys/values stay one copy per user (as :mod:`llmrec.prefix_cache`), the
+  generated suffix of every layer lives in one buffer preallocated for the deepest title,
+  ``(rows, layers, 2, kv_heads, capacity, head_dim)``, so reordering the beams is one ``index_select``
+  for all layers instead of two per layer;
+- no attention mask is built per step: the prompt's padding is an additive bias computed once.
+
+Scores equal the stock forward's to float tolerance (``tests/llmrec/test_fast_step.py`` checks the lists and
+scores of the beam search against the stock path on tiny Llama / Qwen2 / Mistral models and on SmolLM2).
+The prompt pass stays the stock forward: it is one call per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def lean_supported(model: PreTrainedModel) -> str | None:
+    """None when :class:`LeanDecoder` can run ``model``, else why not (the caller falls back to the stock step)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} (the lean step implements SiLU)"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not len(layers):
+        return "the decoder has no layers"
+    if not hasattr(decoder, "rotary_emb"):
+        return "the decoder has no shared rotary embedding"
+    return None
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights, packed for the step (views of the model's own where no packing is needed)."""
+
+    input_norm: torch.Tensor
+    qkv_weight: torch.Tensor
+    """(heads·hd + 2·kv_heads·hd, d), the q rows pre-multiplied by the attention scale."""
+    qkv_bias: torch.Tensor | None
+    o_weight: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up_weight: torch.Tensor
+    """(2·I, d): gate rows then up rows."""
+    gate_up_bias: torch.Tensor | None
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def _bias(module: torch.nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias.detach() if bias is not None else None
+
+
+def _cat_bias(modules: list[torch.nn.Linear], scales: list[float]) -> torch.Tensor | None:
+    biases = [_bias(m) for m in modules]
+    if all(b is None for b in biases):
+        return None
+    parts = [(b if b is not None else m.weight.new_zeros(m.weight.shape[0])) * s
+             for b, m, s in zip(biases, modules, scales, strict=True)]
+    return torch.cat(parts)
+
+
+class LeanDecoder:
+    """Decoding steps of a stock decoder LM over a shared-prefix, preallocated beam cache.
+
+    Built once per model (the packed q/k/v and gate/up weights are copies: about a quarter of the model's
+    non-embedding size; :meth:`llmrec.recommender.Recommender.refresh` drops it after training changes the
+    weights).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        reason = lean_supported(model)
+        if reason is not None:
+            raise ValueError(f"the lean decoding step cannot run this model: {reason}")
+        decoder = model.get_decoder()
+        first = decoder.layers[0]
+        attention = first.self_attn
+        self.head_dim = int(attention.head_dim)
+        self.heads = attention.q_proj.weight.shape[0] // self.head_dim
+        self.kv_heads = attention.k_proj.weight.shape[0] // self.head_dim
+        self.groups = self.heads // self.kv_heads
+        self.hidden = int(first.input_layernorm.weight.shape[0])
+        self.intermediate = int(first.mlp.gate_proj.weight.shape[0])
+        self.eps = float(first.input_layernorm.variance_epsilon)
+        self.final_norm = decoder.norm.weight.detach()
+        self.final_eps = float(decoder.norm.variance_epsilon)
+        self.embed = model.get_input_embeddings()
+        self.rotary = decoder.rotary_emb
+        self.layers: list[_Layer] = []
+        for layer in decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            scale = float(attn.scaling)  # folded into q: rotary is linear, so scaling before it is the same
+            projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+            self.layers.append(_Layer(
+                input_norm=layer.input_layernorm.weight.detach(),
+                qkv_weight=torch.cat([attn.q_proj.weight.detach() * scale, attn.k_proj.weight.detach(), attn.v_proj.weight.detach()]),
+                qkv_bias=_cat_bias(projections, [scale, 1.0, 1.0]),
+                o_weight=attn.o_proj.weight.detach(),
+                o_bias=_bias(attn.o_proj),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                gate_up_weight=torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]),
+                gate_up_bias=_cat_bias([mlp.gate_proj, mlp.up_proj], [1.0, 1.0]),
+                down_weight=mlp.down_proj.weight.detach(),
+                down_bias=_bias(mlp.down_proj),
+            ))
+
+    def start(self, prompt_cache: Cache, prefix_mask: torch.Tensor, beams: int, positions: torch.Tensor,
+              capacity: int) -> BeamCache:
+        """The beam cache after a stock prompt pass.
+
+        Args:
+            prompt_cache: the prompt pass's cache, one row per user, (users, kv_heads, P, hd) per layer.
+            prefix_mask: (users, P) bool, True where a prompt position is real (left padding False).
+            beams: beams per user; rows are user-major (row = user·beams + beam).
+            positions: (rows,) position id of every row's first generated token.
+            capacity: most tokens a beam will generate (the trie's depth).
+        """
+        keys = [layer.keys for layer in prompt_cache.layers]
+        values = [layer.values for layer in prompt_cache.layers]
+        if any(k is None for k in keys) or any(v is None for v in values):
+            raise ValueError("the prompt cache is empty")
+        users = prefix_mask.shape[0]
+        reference = keys[0]
+        assert reference is not None
+        suffix = reference.new_empty((users * beams, len(self.layers), 2, self.kv_heads, capacity, self.head_dim))
+        # (users, 1, 1, P): 0 where the prompt position is real, -inf on the left padding
+        prefix_bias = torch.zeros(prefix_mask.shape, dtype=reference.dtype, device=reference.device)
+        prefix_bias = prefix_bias.masked_fill(~prefix_mask, float("-inf"))[:, None, None, :]
+        # cos/sin for every position a row can reach: (rows, capacity, hd) would be gathered per step from here
+        top = int(positions.max()) + capacity
+        cos, sin = self.rotary(reference, torch.arange(top, device=reference.device)[None])
+        return BeamCache(prefix_keys=keys, prefix_values=values, prefix_bias=prefix_bias, suffix=suffix,  # type: ignore[arg-type]
+                         beams=beams, cos=cos[0], sin=sin[0])
+
+    def step(self, cache: BeamCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row -> (rows, d) final hidden states (after the last norm); appends to the cache.
+
+        Args:
+            tokens: (rows,) the token each row appends.
+            positions: (rows,) its position id.
+        """
+        rows = tokens.shape[0]
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
+        step = cache.length
+        if step >= cache.suffix.shape[4]:
+            raise RuntimeError("beam cache capacity exceeded")
+        x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
+        cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
+        half = hd // 2
+        for index, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), layer.input_norm, self.eps)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)  # (rows, (heads + 2·kv)·hd)
+            qk = qkv[:, : (heads + kv_heads) * hd].view(rows, heads + kv_heads, hd)
+            rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+            qk = qk * cos + rotated * sin  # rotary on q and k at once
+            cache.suffix[:, index, 0, :, step] = qk[:, heads:]
+            cache.suffix[:, index, 1, :, step] = qkv[:, (heads + kv_heads) * hd :].view(rows, kv_heads, hd)
+            attended = self._attend(cache, index, qk[:, :heads], step + 1)  # (rows, heads·hd)
+            x = x + F.linear(attended, layer.o_weight, layer.o_bias)
+            h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
+            gate, up = F.linear(h, layer.gate_up_weight, layer.gate_up_bias).split(self.intermediate, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
+        cache.length = step + 1
+        return F.rms_norm(x, (self.hidden,), self.final_norm, self.final_eps)
+
+    def _attend(self, cache: BeamCache, index: int, query: torch.Tensor, length: int) -> torch.Tensor:
+        """query (rows, heads, hd), already scaled -> (rows, heads·hd) over the user's prompt + the row's suffix.
+
+        Prompt part: all beams and query heads of a KV group of a user in one matmul against that user's keys
+        (GQA without repeating K/V); suffix part: per row.
+        """
+        rows = query.shape[0]
+        users, beams, kv_heads, groups, hd = rows // cache.beams, cache.beams, self.kv_heads, self.groups, self.head_dim
+        prefix_keys, prefix_values = cache.prefix_keys[index], cache.prefix_values[index]  # (users, kv, P, hd)
+        prompt_len = prefix_keys.shape[2]
+        suffix_keys = cache.suffix[:, index, 0, :, :length]  # (rows, kv, S, hd)
+        suffix_values = cache.suffix[:, index, 1, :, :length]
+        q_user = query.view(users, beams, kv_heads, groups, hd).transpose(1, 2).reshape(users, kv_heads, beams * groups, hd)
+        prefix_scores = torch.matmul(q_user, prefix_keys.transpose(-1, -2)) + cache.prefix_bias  # (users, kv, beams·g, P)
+        q_row = query.view(rows, kv_heads, groups, hd)
+        suffix_scores = torch.matmul(q_row, suffix_keys.transpose(-1, -2))  # (rows, kv, g, S)
+        suffix_scores = suffix_scores.view(users, beams, kv_heads, groups, length).transpose(1, 2)
+        scores = torch.cat([prefix_scores, suffix_scores.reshape(users, kv_heads, beams * groups, length)], dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (users, kv, beams·g, P + S)
+        out = torch.matmul(probs[..., :prompt_len], prefix_values)  # (users, kv, beams·g, hd)
+        suffix_probs = probs[..., prompt_len:].reshape(users, kv_heads, beams, groups, length).transpose(1, 2)
+        out = out.view(users, kv_heads, beams, groups, hd).transpose(1, 2).reshape(rows, kv_heads, groups, hd)
+        out = out + torch.matmul(suffix_probs.reshape(rows, kv_heads, groups, length), suffix_values)
+        return out.reshape(rows, self.heads * hd)
+
+
+@dataclass
+class BeamCache:
+    """The static beam cache of :class:`LeanDecoder`."""
+
+    prefix_keys: list[torch.Tensor]
+    """Per layer (users, kv_heads, P, hd): the prompt's keys, one copy per user."""
+    prefix_values: list[torch.Tensor]
+    prefix_bias: torch.Tensor
+    """(users, 1, 1, P) additive: -inf on the left padding."""
+    suffix: torch.Tensor
+    """(rows, layers, 2, kv_heads, capacity, hd): generated keys (0) and values (1), preallocated."""
+    beams: int
+    cos: torch.Tensor
+    """(positions, hd) rotary table."""
+    sin: torch.Tensor
+    length: int = 0
+    """Tokens generated so far (filled suffix positions)."""
+
+    def reorder(self, parent: torch.Tensor) -> None:
+        """Row r continues row ``parent[r]`` (always a beam of the same user, so the prompt part stays)."""
+        if self.length:
+            self.suffix[:, :, :, :, : self.length] = self.suffix[:, :, :, :, : self.length].index_select(0, parent)

@@ -1,0 +1,148 @@
+"""The lean decoding step: hidden states equal the stock forward's, beam search gives the same lists and
+scores as the stock step (Llama, Qwen2, Mistral, biases, RoPE scaling, GQA, left padding, exclusions, the
+assistant), the cache reorders rows and enforces its capacity, and unsupported models fall back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import histories, tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from llmrec.decode import BeamSearchConfig, constrained_beam_search, lean_decoder_for
+from llmrec.fast_step import LeanDecoder, lean_supported
+from llmrec.recommender import Recommender
+from recdata.prompts import compact_template, d3_template
+
+
+def _tiny(kind: str, vocab: int):
+    torch.manual_seed(1)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=1, max_position_embeddings=1024, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+                  initializer_range=0.2)
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    # Llama with every optional bias and llama3 RoPE scaling (the rotary table must come from the model's module)
+    config = LlamaConfig(**common, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # the stock init zeroes biases; make them count
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def _rankings(recommender: Recommender, step: str, **kwargs):
+    return recommender.recommend(kwargs.pop("hs"), step=step, **kwargs)
+
+
+def _assert_same(lean, stock):
+    for a, b in zip(lean, stock, strict=True):
+        assert [i for i, _ in a] == [i for i, _ in b]
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
+
+
+def test_lean_step_hidden_states_equal_the_stock_forward(tokenizer):
+    """Teacher-forced: the prompt through the stock model, then tokens one at a time through the lean step, for
+    two users of different prompt lengths with 2 beams each; every step's hidden state equals the stock
+    forward's over the whole (unpadded) sequence at that position."""
+    model = tiny_llama(len(tokenizer), layers=3)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    continuations = [[[20, 21, 22], [23, 24, 25]], [[26, 27, 28], [29, 30, 31]]]  # per user, per beam
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros((2, length), dtype=torch.long)
+    mask = torch.zeros((2, length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = torch.tensor(prompt)
+        mask[row, length - len(prompt):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    lean = LeanDecoder(model)
+    with torch.no_grad():
+        out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        next_position = torch.tensor([len(prompts[0])] * 2 + [len(prompts[1])] * 2)
+        cache = lean.start(out.past_key_values, mask.bool(), 2, next_position, capacity=3)
+        for step in range(3):
+            tokens = torch.tensor([continuations[u][b][step] for u in range(2) for b in range(2)])
+            hidden = lean.step(cache, tokens, next_position + step)
+            for user in range(2):
+                for beam in range(2):
+                    full = torch.tensor([prompts[user] + continuations[user][beam][: step + 1]])
+                    expected = model.get_decoder()(input_ids=full).last_hidden_state[0, -1]
+                    torch.testing.assert_close(hidden[user * 2 + beam], expected, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="capacity"):
+            lean.step(cache, tokens, next_position + 3)
+
+
+def test_reorder_moves_rows_of_every_layer_and_only_the_filled_part():
+    keys = [torch.zeros(1, 1, 2, 4)]
+    from llmrec.fast_step import BeamCache
+
+    suffix = torch.arange(3 * 2 * 2 * 1 * 3 * 4, dtype=torch.float).view(3, 2, 2, 1, 3, 4)
+    cache = BeamCache(keys, keys, torch.zeros(1, 1, 1, 2), suffix.clone(), beams=3, cos=torch.ones(4, 4),
+                      sin=torch.zeros(4, 4), length=2)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.suffix[:, :, :, :, :2], suffix[[2, 2, 0]][:, :, :, :, :2])
+    assert torch.equal(cache.suffix[:, :, :, :, 2:], suffix[:, :, :, :, 2:])  # unfilled slots untouched
+
+
+@pytest.mark.parametrize("head", ["catalog", "full"])
+def test_lean_beam_search_equals_the_stock_step(recommender, prepared, head):
+    """Llama (d3 template) and Qwen2 (biases, untied; compact template): several users of different prompt
+    lengths in one batch, their past excluded: identical lists, scores within float tolerance."""
+    hs = histories(prepared, 6)
+    kwargs = dict(k=5, num_beams=8, batch_size=6, exclude=hs, head=head)
+    _assert_same(recommender.recommend(hs, step="lean", **kwargs), recommender.recommend(hs, step="stock", **kwargs))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "llama-bias-rope-scaling"])
+def test_lean_equals_stock_on_other_families_and_options(kind, tokenizer, prepared):
+    model = _tiny(kind.split("-")[0], len(tokenizer))
+    assert lean_supported(model) is None
+    recommender = Recommender(model, tokenizer, prepared.catalog, compact_template())
+    hs = histories(prepared, 4)
+    kwargs = dict(k=5, num_beams=6, batch_size=4, exclude=hs)
+    _assert_same(recommender.recommend(hs, step="lean", **kwargs), recommender.recommend(hs, step="stock", **kwargs))
+
+
+def test_lean_equals_stock_with_the_assistant(tokenizer, prepared):
+    from llmrec.assistant import AssistantConfig, SASRec
+
+    recommender = Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, d3_template())
+    torch.manual_seed(0)
+    assistant = SASRec(AssistantConfig(num_items=len(prepared.catalog), catalog_fingerprint=prepared.catalog.fingerprint()))
+    recommender.attach_assistant(assistant, 2.0)
+    hs = histories(prepared, 4)
+    kwargs = dict(k=5, num_beams=8, batch_size=4, exclude=hs, assist=True)
+    _assert_same(recommender.recommend(hs, step="lean", **kwargs), recommender.recommend(hs, step="stock", **kwargs))
+
+
+def test_unsupported_models_fall_back_to_the_stock_step(tokenizer, caplog):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
+    assert "model type" in (lean_supported(gpt2) or "")
+    with pytest.raises(ValueError, match="cannot run this model"):
+        LeanDecoder(gpt2)
+    with caplog.at_level("INFO"):
+        assert lean_decoder_for(gpt2, "lean") is None
+    assert "stock step" in caplog.text
+    assert lean_decoder_for(tiny_llama(len(tokenizer)), "stock") is None
+    with pytest.raises(ValueError, match="unknown decoding step"):
+        lean_decoder_for(gpt2, "fast")
+
+
+def test_a_prebuilt_lean_decoder_is_used_and_the_stock_config_ignores_it(tokenizer, prepared):
+    model = tiny_llama(len(tokenizer))
+    recommender = Recommender(model, tokenizer, prepared.catalog, compact_template())
+    prompts = [recommender.prompt_ids(h) for h in histories(prepared, 2)]
+    lean = LeanDecoder(model)
+    calls = []
+    original = lean.step
+    lean.step = lambda *a, **k: calls.append(1) or original(*a, **k)  # type: ignore[method-assign]
+    config = BeamSearchConfig(num_beams=4, top_k=3)
+    constrained_beam_search(model, prompts, recommender.trie, config, recommender.pad_id, lean=lean)
+    assert calls
+    calls.clear()
+    stock = BeamSearchConfig(num_beams=4, top_k=3, step="stock")
+    constrained_beam_search(model, prompts, recommender.trie, stock, recommender.pad_id, lean=lean)
+    assert not calls
