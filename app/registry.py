@@ -98,7 +98,12 @@ class Registry:
         logger.info("loading arm %s from %s", name, path)
         arm = self._load(name, path)
         if self.settings.warmup:
-            self._decoder(arm.recommender)([[0]], 1, [[]])
+            decode = self._decoder(arm.recommender)
+            decode([[0]], 1, [[]])
+            if self.settings.decode_step == "compiled":
+                # torch.compile specialises sizes 0 and 1: a second batch of two users with prompts of other
+                # lengths makes it compile the graph for symbolic shapes now, not on a user's request
+                decode([[0, 1], [2]], 2, [[], []])
         with self._lock:
             self.arms[name] = arm
         return arm

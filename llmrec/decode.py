@@ -225,16 +225,18 @@ class BeamSearchConfig:
     the catalog rows for the scores but normalised over the full vocabulary (same lists as 'full'; a check)."""
     step: str = "lean"
     """How a decoding step runs: 'lean' (:mod:`llmrec.fast_step`: packed weights, a preallocated beam cache,
-    fewer and larger operations; falls back to 'stock' for a model it cannot run) or 'stock' (the model's own
-    forward over :mod:`llmrec.prefix_cache`). Same lists and scores to float tolerance."""
+    fewer and larger operations; falls back to 'stock' for a model it cannot run), 'compiled' (the lean step
+    through torch.compile; the first calls compile) or 'stock' (the model's own forward over
+    :mod:`llmrec.prefix_cache`). Same lists and scores to float tolerance."""
 
 
 HEADS = ("full", "catalog", "catalog-fullnorm")
-STEPS = ("lean", "stock")
+STEPS = ("lean", "compiled", "stock")
 
 
 def lean_decoder_for(model: PreTrainedModel, step: str) -> LeanDecoder | None:
-    """A :class:`LeanDecoder` when ``step`` asks for it and the model allows it, else None (the stock step)."""
+    """A :class:`LeanDecoder` (compiled for 'compiled') when ``step`` asks for one and the model allows it, else
+    None (the stock step)."""
     if step not in STEPS:
         raise ValueError(f"unknown decoding step {step!r}; choose one of {STEPS}")
     if step == "stock":
@@ -243,7 +245,7 @@ def lean_decoder_for(model: PreTrainedModel, step: str) -> LeanDecoder | None:
     if reason is not None:
         logger.info("decoding with the stock step: %s", reason)
         return None
-    return LeanDecoder(model)
+    return LeanDecoder(model, compiled=step == "compiled")
 
 
 class NextTokenScorer:
@@ -337,8 +339,8 @@ def constrained_beam_search(
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
     logprobs = logprobs[expand]  # (B*K, V or U)
     next_position = positions[expand, -1] + 1  # (B*K,)
-    if lean is None and config.step == "lean":
-        lean = lean_decoder_for(model, "lean")
+    if lean is None and config.step != "stock":
+        lean = lean_decoder_for(model, config.step)
     elif config.step == "stock":
         lean = None
     if lean is not None:

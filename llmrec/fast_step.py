@@ -19,7 +19,9 @@ larger operations:
   generated suffix of every layer lives in one buffer preallocated for the deepest title,
   ``(rows, layers, 2, kv_heads, capacity, head_dim)``, so reordering the beams is one ``index_select``
   for all layers instead of two per layer;
-- no attention mask is built per step: the prompt's padding is an additive bias computed once.
+- no attention mask is built per step: the prompt's padding is an additive bias computed once. (A sliding
+  window is not applied while decoding, as in :mod:`llmrec.prefix_cache`: a prompt plus a title is far
+  shorter than the windows of released Mistral / Qwen2 models.)
 
 Scores equal the stock forward's to float tolerance (``tests/llmrec/test_fast_step.py`` checks the lists and
 scores of the beam search against the stock path on tiny Llama / Qwen2 / Mistral models and on SmolLM2).
@@ -99,7 +101,7 @@ class LeanDecoder:
     weights).
     """
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, compiled: bool = False) -> None:
         reason = lean_supported(model)
         if reason is not None:
             raise ValueError(f"the lean decoding step cannot run this model: {reason}")
@@ -134,6 +136,10 @@ class LeanDecoder:
                 down_weight=mlp.down_proj.weight.detach(),
                 down_bias=_bias(mlp.down_proj),
             ))
+        self.compiled = compiled
+        # torch.compile with symbolic shapes: one graph for every batch size, prompt length and step (no
+        # recompilation per request shape); it needs a C++ compiler on a CPU
+        self._layers = torch.compile(self._run_layers, dynamic=True) if compiled else self._run_layers
 
     def start(self, prompt_cache: Cache, prefix_mask: torch.Tensor, beams: int, positions: torch.Tensor,
               capacity: int) -> BeamCache:
@@ -153,7 +159,8 @@ class LeanDecoder:
         users = prefix_mask.shape[0]
         reference = keys[0]
         assert reference is not None
-        suffix = reference.new_empty((users * beams, len(self.layers), 2, self.kv_heads, capacity, self.head_dim))
+        # zeros, not empty: the compiled step multiplies the unfilled slots by masked (zero) weights
+        suffix = reference.new_zeros((users * beams, len(self.layers), 2, self.kv_heads, capacity, self.head_dim))
         # (users, 1, 1, P): 0 where the prompt position is real, -inf on the left padding
         prefix_bias = torch.zeros(prefix_mask.shape, dtype=reference.dtype, device=reference.device)
         prefix_bias = prefix_bias.masked_fill(~prefix_mask, float("-inf"))[:, None, None, :]
@@ -170,13 +177,36 @@ class LeanDecoder:
             tokens: (rows,) the token each row appends.
             positions: (rows,) its position id.
         """
-        rows = tokens.shape[0]
-        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         step = cache.length
-        if step >= cache.suffix.shape[4]:
+        capacity = cache.suffix.shape[4]
+        if step >= capacity:
             raise RuntimeError("beam cache capacity exceeded")
         x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
         cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
+        if self.compiled:
+            # static shapes for the compiled graph: the step is a tensor and attention spans the whole buffer,
+            # the unfilled slots masked (a Python int here would be specialised: one compilation per step)
+            slot = torch.full((1,), step, dtype=torch.long, device=x.device)
+            filled = torch.arange(capacity, device=x.device) <= step
+            suffix_bias = torch.zeros(capacity, dtype=x.dtype, device=x.device).masked_fill(~filled, float("-inf"))
+            hidden = self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
+                                  slot, suffix_bias, cache.beams)
+        else:
+            hidden = self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
+                                  step, None, cache.beams)
+        cache.length = step + 1
+        return hidden
+
+    def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, suffix: torch.Tensor,
+                    prefix_keys: list[torch.Tensor], prefix_values: list[torch.Tensor], prefix_bias: torch.Tensor,
+                    step: int | torch.Tensor, suffix_bias: torch.Tensor | None, beams: int) -> torch.Tensor:
+        """Every layer and the final norm for one token per row; writes the row's k/v at ``step`` of ``suffix``.
+
+        Eager (``suffix_bias`` None, ``step`` an int): attention over the filled part of the suffix only.
+        Compiled (``step`` a (1,) tensor, ``suffix_bias`` (capacity,) additive): over the whole buffer, masked.
+        """
+        rows = x.shape[0]
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         half = hd // 2
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), layer.input_norm, self.eps)
@@ -184,32 +214,40 @@ class LeanDecoder:
             qk = qkv[:, : (heads + kv_heads) * hd].view(rows, heads + kv_heads, hd)
             rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
             qk = qk * cos + rotated * sin  # rotary on q and k at once
-            cache.suffix[:, index, 0, :, step] = qk[:, heads:]
-            cache.suffix[:, index, 1, :, step] = qkv[:, (heads + kv_heads) * hd :].view(rows, kv_heads, hd)
-            attended = self._attend(cache, index, qk[:, :heads], step + 1)  # (rows, heads·hd)
+            key, value = qk[:, heads:], qkv[:, (heads + kv_heads) * hd :].view(rows, kv_heads, hd)
+            keys, values = suffix[:, index, 0], suffix[:, index, 1]  # (rows, kv, capacity, hd)
+            if isinstance(step, int):
+                keys[:, :, step], values[:, :, step] = key, value
+                keys, values = keys[:, :, : step + 1], values[:, :, : step + 1]
+            else:
+                keys.index_copy_(2, step, key[:, :, None])
+                values.index_copy_(2, step, value[:, :, None])
+            attended = self._attend(qk[:, :heads], prefix_keys[index], prefix_values[index], prefix_bias, keys, values,
+                                    suffix_bias, beams)
             x = x + F.linear(attended, layer.o_weight, layer.o_bias)
             h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
             gate, up = F.linear(h, layer.gate_up_weight, layer.gate_up_bias).split(self.intermediate, dim=-1)
             x = x + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
-        cache.length = step + 1
         return F.rms_norm(x, (self.hidden,), self.final_norm, self.final_eps)
 
-    def _attend(self, cache: BeamCache, index: int, query: torch.Tensor, length: int) -> torch.Tensor:
+    def _attend(self, query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
+                prefix_bias: torch.Tensor, suffix_keys: torch.Tensor, suffix_values: torch.Tensor,
+                suffix_bias: torch.Tensor | None, beams: int) -> torch.Tensor:
         """query (rows, heads, hd), already scaled -> (rows, heads·hd) over the user's prompt + the row's suffix.
 
-        Prompt part: all beams and query heads of a KV group of a user in one matmul against that user's keys
-        (GQA without repeating K/V); suffix part: per row.
+        prefix_keys/values (users, kv, P, hd); suffix_keys/values (rows, kv, S, hd). Prompt part: all beams and
+        query heads of a KV group of a user in one matmul against that user's keys (GQA without repeating
+        K/V); suffix part: per row.
         """
         rows = query.shape[0]
-        users, beams, kv_heads, groups, hd = rows // cache.beams, cache.beams, self.kv_heads, self.groups, self.head_dim
-        prefix_keys, prefix_values = cache.prefix_keys[index], cache.prefix_values[index]  # (users, kv, P, hd)
-        prompt_len = prefix_keys.shape[2]
-        suffix_keys = cache.suffix[:, index, 0, :, :length]  # (rows, kv, S, hd)
-        suffix_values = cache.suffix[:, index, 1, :, :length]
+        users, kv_heads, groups, hd = rows // beams, self.kv_heads, self.groups, self.head_dim
+        prompt_len, length = prefix_keys.shape[2], suffix_keys.shape[2]
         q_user = query.view(users, beams, kv_heads, groups, hd).transpose(1, 2).reshape(users, kv_heads, beams * groups, hd)
-        prefix_scores = torch.matmul(q_user, prefix_keys.transpose(-1, -2)) + cache.prefix_bias  # (users, kv, beams·g, P)
+        prefix_scores = torch.matmul(q_user, prefix_keys.transpose(-1, -2)) + prefix_bias  # (users, kv, beams·g, P)
         q_row = query.view(rows, kv_heads, groups, hd)
         suffix_scores = torch.matmul(q_row, suffix_keys.transpose(-1, -2))  # (rows, kv, g, S)
+        if suffix_bias is not None:
+            suffix_scores = suffix_scores + suffix_bias
         suffix_scores = suffix_scores.view(users, beams, kv_heads, groups, length).transpose(1, 2)
         scores = torch.cat([prefix_scores, suffix_scores.reshape(users, kv_heads, beams * groups, length)], dim=-1)
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (users, kv, beams·g, P + S)

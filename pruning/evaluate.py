@@ -58,9 +58,10 @@ class EvalConfig:
     assist: bool | None = None
     """Mix the artifact's assistant into the scores (D3's assisted decoding, `prunerec assist`): None = when
     the artifact carries one (as the service does), False = the pure LLM, True = require one."""
-    step: Literal["lean", "stock"] = "lean"
-    """How beam search runs a decoding step: 'lean' (packed weights, a preallocated beam cache; llmrec.fast_step)
-    or 'stock' (the model's own forward). Same lists and scores to float tolerance; 'lean' is faster."""
+    step: Literal["lean", "compiled", "stock"] = "lean"
+    """How beam search runs a decoding step: 'lean' (packed weights, a preallocated beam cache; llmrec.fast_step),
+    'compiled' (the lean step through torch.compile) or 'stock' (the model's own forward). Same lists and scores
+    to float tolerance."""
 
 
 def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
