@@ -101,7 +101,7 @@ class LeanDecoder:
     weights).
     """
 
-    def __init__(self, model: PreTrainedModel, compiled: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, compiled: bool = False, static: bool | None = None) -> None:
         reason = lean_supported(model)
         if reason is not None:
             raise ValueError(f"the lean decoding step cannot run this model: {reason}")
@@ -137,8 +137,12 @@ class LeanDecoder:
                 down_bias=_bias(mlp.down_proj),
             ))
         self.compiled = compiled
-        # torch.compile with symbolic shapes: one graph for every batch size, prompt length and step (no
-        # recompilation per request shape); it needs a C++ compiler on a CPU
+        self.static = compiled if static is None else static or compiled
+        """Fixed shapes per batch: the step index a tensor, attention over the whole preallocated suffix with the
+        unfilled slots masked (what a compiled graph needs; eager, slicing the filled part is cheaper)."""
+        # torch.compile with symbolic shapes: one graph for every batch size and prompt length (sizes 0 and 1
+        # are specialised, so the warm-up runs two batch shapes). On this project's 2-core CPU compiling took
+        # minutes even for a 2-layer model: 'compiled' is meant for a GPU; the eager lean step is the CPU's.
         self._layers = torch.compile(self._run_layers, dynamic=True) if compiled else self._run_layers
 
     def start(self, prompt_cache: Cache, prefix_mask: torch.Tensor, beams: int, positions: torch.Tensor,
@@ -183,7 +187,7 @@ class LeanDecoder:
             raise RuntimeError("beam cache capacity exceeded")
         x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
         cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
-        if self.compiled:
+        if self.static:
             # static shapes for the compiled graph: the step is a tensor and attention spans the whole buffer,
             # the unfilled slots masked (a Python int here would be specialised: one compilation per step)
             slot = torch.full((1,), step, dtype=torch.long, device=x.device)
