@@ -24,19 +24,22 @@ def main() -> None:
     parser.add_argument("artifact")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--head", default="catalog")
+    parser.add_argument("--step", default="lean", choices=["lean", "compiled", "stock"], help="decoding step")
+    parser.add_argument("--no-assist", action="store_true", help="rank without the artifact's assistant")
     args = parser.parse_args()
 
     data = prepare(read_ml100k())
     pairs = sample_users(data.splits["test"], 300, 0)[: args.requests]  # the benchmark's latency users
     histories = [data.history(int(u), int(p)).tolist()[-10:] for u, p in pairs]
     recommender = Recommender.from_artifact(args.artifact, device="cpu")
-    recommender.recommend([histories[0]], k=10, exclude=[histories[0]], batch_size=1, head=args.head)  # warm-up
+    options = dict(k=10, batch_size=1, head=args.head, step=args.step, assist=False if args.no_assist else None)
+    recommender.recommend([histories[0]], exclude=[histories[0]], **options)  # warm-up
 
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
     for history in histories:
-        recommender.recommend([history], k=10, exclude=[history], batch_size=1, head=args.head)
+        recommender.recommend([history], exclude=[history], **options)
     profile.disable()
     per_request = (time.perf_counter() - started) * 1000 / len(histories)
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
@@ -48,15 +51,20 @@ def main() -> None:
     # The decoder's own forward is the outermost `forward` of the modeling file: the largest cumulative time.
     decoder = max((v[3] for k, v in stats.items() if k[2] == "forward" and "/models/" in k[0]), default=0.0)
     parts = {
-        "decoder forward passes": decoder * 1000 / len(histories),
-        "  linear layers": cumulative_ms("<built-in method torch._C._nn.linear>"),
-        "  attention (prefix-beam)": cumulative_ms("prefix_beam_attention"),
+        "stock forward passes (the prompt pass; every step with --step stock)": decoder * 1000 / len(histories),
+        "lean decoding steps": cumulative_ms("step", "fast_step"),
+        "  lean attention": cumulative_ms("_attend", "fast_step"),
+        "assistant (SASRec forward + trie masses)": cumulative_ms("log_probs", "assistant") + cumulative_ms("node_log_mass"),
+        "exclusion masks (available)": cumulative_ms("available", "decode.py"),
+        "prompt building": cumulative_ms("prompt_ids"),
+        "linear layers (every pass)": cumulative_ms("<built-in method torch._C._nn.linear>"),
+        "stock attention (prefix-beam)": cumulative_ms("prefix_beam_attention"),
         "next-token head": cumulative_ms("__call__", "decode.py"),
         "trie expansion": cumulative_ms("expand_edges"),
         "grouped top-k": cumulative_ms("grouped_topk"),
-        "cache reordering": cumulative_ms("reorder_cache", "prefix_cache"),
+        "cache reordering": cumulative_ms("reorder_cache", "prefix_cache") + cumulative_ms("reorder", "fast_step"),
     }
-    print(f"{per_request:.1f} ms per request (profiled), {len(histories)} requests, head={args.head}")
+    print(f"{per_request:.1f} ms per request (profiled), {len(histories)} requests, head={args.head}, step={args.step}")
     for name, ms in parts.items():
         print(f"{name:45s} {ms:7.1f} ms  {100 * ms / per_request:5.1f}%")
 

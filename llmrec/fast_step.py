@@ -163,8 +163,12 @@ class LeanDecoder:
         users = prefix_mask.shape[0]
         reference = keys[0]
         assert reference is not None
-        # zeros, not empty: the compiled step multiplies the unfilled slots by masked (zero) weights
-        suffix = reference.new_zeros((users * beams, len(self.layers), 2, self.kv_heads, capacity, self.head_dim))
+        # (rows, layers, 2, kv, capacity, hd). Eager, the unfilled slots are never read, so the buffer stays
+        # uninitialised (its pages are only committed as the titles grow: a dense batch of 16 users × 20 beams
+        # would otherwise hold hundreds of MB of zeros); the static path multiplies them by masked (zero)
+        # weights, so they must hold finite numbers
+        shape = (users * beams, len(self.layers), 2, self.kv_heads, capacity, self.head_dim)
+        suffix = reference.new_zeros(shape) if self.static else reference.new_empty(shape)
         # (users, 1, 1, P): 0 where the prompt position is real, -inf on the left padding
         prefix_bias = torch.zeros(prefix_mask.shape, dtype=reference.dtype, device=reference.device)
         prefix_bias = prefix_bias.masked_fill(~prefix_mask, float("-inf"))[:, None, None, :]
