@@ -11,14 +11,16 @@ token per beam, so for a small model those calls, not the arithmetic, set the ti
 larger operations:
 
 - the q, k, v projections are one matmul (the weights concatenated once, the attention scale folded into
-  the q rows), gate and up another; RMSNorm is one fused ``torch.nn.functional.rms_norm``;
+  the q rows); RMSNorm is one fused ``torch.nn.functional.rms_norm``; gate and up stay two matmuls over the
+  model's own weights (packing them too saved about 1% of a pruned request and cost a copy of the largest
+  matrices: 212 MB for SmolLM2 in fp32);
 - rotary embeddings are applied to q and k together, from a cos/sin table computed once per search for
   every position the search can reach (the model's own rotary module builds it, so RoPE scaling variants
   are honoured);
 - a static KV cache: the prompt's keys/values stay one copy per user (as :mod:`llmrec.prefix_cache`), the
   generated suffix of every layer lives in one buffer preallocated for the deepest title,
-  ``(rows, layers, 2, kv_heads, capacity, head_dim)``, so reordering the beams is one ``index_select``
-  for all layers instead of two per layer;
+  ``(rows, layers, 2, kv_heads, capacity, head_dim)``: reordering the beams is one ``index_select`` per
+  layer for keys and values together, over the filled part only;
 - no attention mask is built per step: the prompt's padding is an additive bias computed once. (A sliding
   window is not applied while decoding, as in :mod:`llmrec.prefix_cache`: a prompt plus a title is far
   shorter than the windows of released Mistral / Qwen2 models.)
@@ -72,9 +74,10 @@ class _Layer:
     o_weight: torch.Tensor
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up_weight: torch.Tensor
-    """(2·I, d): gate rows then up rows."""
-    gate_up_bias: torch.Tensor | None
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor | None
+    up_weight: torch.Tensor
+    up_bias: torch.Tensor | None
     down_weight: torch.Tensor
     down_bias: torch.Tensor | None
 
@@ -96,9 +99,8 @@ def _cat_bias(modules: list[torch.nn.Linear], scales: list[float]) -> torch.Tens
 class LeanDecoder:
     """Decoding steps of a stock decoder LM over a shared-prefix, preallocated beam cache.
 
-    Built once per model (the packed q/k/v and gate/up weights are copies: about a quarter of the model's
-    non-embedding size; :meth:`llmrec.recommender.Recommender.refresh` drops it after training changes the
-    weights).
+    Built once per model (the packed q/k/v weights are a copy: 66 MB for SmolLM2-135M in fp32;
+    :meth:`llmrec.recommender.Recommender.refresh` drops it after training changes the weights).
     """
 
     def __init__(self, model: PreTrainedModel, compiled: bool = False, static: bool | None = None) -> None:
@@ -113,7 +115,6 @@ class LeanDecoder:
         self.kv_heads = attention.k_proj.weight.shape[0] // self.head_dim
         self.groups = self.heads // self.kv_heads
         self.hidden = int(first.input_layernorm.weight.shape[0])
-        self.intermediate = int(first.mlp.gate_proj.weight.shape[0])
         self.eps = float(first.input_layernorm.variance_epsilon)
         self.final_norm = decoder.norm.weight.detach()
         self.final_eps = float(decoder.norm.variance_epsilon)
@@ -131,8 +132,10 @@ class LeanDecoder:
                 o_weight=attn.o_proj.weight.detach(),
                 o_bias=_bias(attn.o_proj),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up_weight=torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()]),
-                gate_up_bias=_cat_bias([mlp.gate_proj, mlp.up_proj], [1.0, 1.0]),
+                gate_weight=mlp.gate_proj.weight.detach(),
+                gate_bias=_bias(mlp.gate_proj),
+                up_weight=mlp.up_proj.weight.detach(),
+                up_bias=_bias(mlp.up_proj),
                 down_weight=mlp.down_proj.weight.detach(),
                 down_bias=_bias(mlp.down_proj),
             ))
@@ -234,7 +237,7 @@ class LeanDecoder:
                                     suffix_bias, beams)
             x = x + F.linear(attended, layer.o_weight, layer.o_bias)
             h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
-            gate, up = F.linear(h, layer.gate_up_weight, layer.gate_up_bias).split(self.intermediate, dim=-1)
+            gate, up = F.linear(h, layer.gate_weight, layer.gate_bias), F.linear(h, layer.up_weight, layer.up_bias)
             x = x + F.linear(F.silu(gate) * up, layer.down_weight, layer.down_bias)
         return F.rms_norm(x, (self.hidden,), self.final_norm, self.final_eps)
 
@@ -286,5 +289,8 @@ class BeamCache:
 
     def reorder(self, parent: torch.Tensor) -> None:
         """Row r continues row ``parent[r]`` (always a beam of the same user, so the prompt part stays)."""
-        if self.length:
-            self.suffix[:, :, :, :, : self.length] = self.suffix[:, :, :, :, : self.length].index_select(0, parent)
+        # one layer at a time: the copy index_select makes is then one layer's, not the whole buffer's (for
+        # SmolLM2 at 16 users × 20 beams a whole-buffer copy added ~370 MB to the peak)
+        for layer in range(self.suffix.shape[1]) if self.length else ():
+            filled = self.suffix[:, layer, :, :, : self.length]
+            filled.copy_(filled.index_select(0, parent))
