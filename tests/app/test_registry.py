@@ -99,3 +99,23 @@ def test_an_arm_serves_its_assistant_unless_told_not_to(arms, tmp_path, prepared
             registry.executor("p").submit(registry.load, "p").result()
     finally:
         registry.shutdown()
+
+
+def test_the_decoding_step_setting_reaches_the_search_and_keeps_the_lists(arms):
+    """PRUNEREC_DECODE_STEP: the lean step (default, built at the warm-up) and the stock one serve the same
+    lists; an unknown value is refused by the settings."""
+    import pydantic
+
+    lists = {}
+    for step in ("lean", "stock"):
+        registry = Registry(Settings(models={"a": str(arms["pruned"])}, warmup=True, decode_step=step))
+        try:
+            arm = registry.executor("a").submit(registry.load, "a").result()
+            # the warm-up built the packed step for 'lean' and none for 'stock'
+            assert (arm.recommender._lean.get(step) is not None) == (step == "lean")
+            lists[step] = registry.decode_fn("a")([[0, 1, 2], [3]], 5, [[0, 1, 2], [3]])
+        finally:
+            registry.shutdown()
+    assert [[i for i, _ in r] for r in lists["lean"]] == [[i for i, _ in r] for r in lists["stock"]]
+    with pytest.raises(pydantic.ValidationError):
+        Settings(models={"a": str(arms["pruned"])}, decode_step="fast")
