@@ -11,10 +11,10 @@ warm-up, the lower round kept. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from bench.harness import emit_json
 from llmrec.recommender import Recommender
 from pruning.evaluate import sample_users
 from recdata.prep import prepare
@@ -47,11 +47,7 @@ def main() -> None:
                 ms[step].append((time.perf_counter() - started) * 1000 / len(histories))
         report[artifact] = {"ms_per_request": {step: round(min(v), 1) for step, v in ms.items()},
                             "requests": len(histories), "assisted": recommender.uses_assistant(None)}
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    emit_json(report, Path(args.output) if args.output else None)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bench.harness import emit_json
 from llmrec.decode import TitleTrie
 from llmrec.recommender import Recommender
 
@@ -175,11 +176,7 @@ def main() -> None:
         recommender = Recommender.from_artifact(artifact, device=args.device)
         reports[artifact] = compare_decoders(recommender, histories, args.batch_size, generate=not args.no_generate)
         logger.info("%s: %s", artifact, json.dumps(reports[artifact]["users_per_s"]))
-    text = json.dumps(reports, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    emit_json(reports, Path(args.output) if args.output else None)
 
 
 if __name__ == "__main__":
