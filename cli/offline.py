@@ -131,12 +131,16 @@ def peft_search(
     )
 
 
-def prune_config(output: Path, teacher: Path, profile: str | None, given: dict[str, Any], seed: int) -> PruneConfig:
-    """The one merge of the compression run's configuration (used by prune and pipeline)."""
+def prune_config(output: Path, teacher: Path, profile: str | None, given: dict[str, Any], seed: int,
+                 distill_preset: str | None = None) -> PruneConfig:
+    """The one merge of the compression run's configuration (used by prune and pipeline): defaults, the
+    profile, the distillation preset, then the options given."""
+    from pruning.distill import with_preset
+
     seeds = {"calibration.seed": seed, "distill.seed": seed, "trsp.seed": seed}
     try:
-        return merge(PruneConfig, _profile(prune_stage.PROFILES, profile), given, output=str(output),
-                     teacher=str(teacher), **seeds)
+        return merge(PruneConfig, with_preset(_profile(prune_stage.PROFILES, profile), distill_preset), given,
+                     output=str(output), teacher=str(teacher), **seeds)
     except (ValueError, TypeError) as exc:
         fail(str(exc))
 
@@ -152,6 +156,7 @@ def _run_prune(config: PruneConfig, data: Path | None) -> None:
 
 
 SeedOpt = Annotated[int, typer.Option(help="Seed of calibration, distillation and TRSP sampling (and of fine-tuning in pipeline).")]
+PresetOpt = Annotated[Optional[str], typer.Option(help="Distillation preset over the profile: 'prunerec' (PruneRec's released recipe: 0.2·CE + 0.8·KL at T = 1, lr 3e-4, up to 3 epochs over every training example, patience 1; the profile's time cap stays). Options given override it.")]
 
 
 @app.command()
@@ -162,10 +167,11 @@ def prune(
     data: DataOpt = None,
     profile: Annotated[Optional[str], typer.Option(help=f"Preset: {', '.join(prune_stage.PROFILES)} (cpu: minutes on 2 cores). Options given override it.")] = None,
     seed: SeedOpt = 0,
+    distill_preset: PresetOpt = None,
     **options: Any,
 ) -> None:
     """Compress an artifact with the PruneRec stages, each recovered by distillation (resumable)."""
-    _run_prune(prune_config(output, teacher, profile, PRUNE_OPTIONS.given(options), seed), data)
+    _run_prune(prune_config(output, teacher, profile, PRUNE_OPTIONS.given(options), seed, distill_preset), data)
 
 
 @app.command()
@@ -176,13 +182,15 @@ def pipeline(
     model: Annotated[str, typer.Option(help="Base model: 'smollm2-135m' (embedded) or a local HF directory.")] = "smollm2-135m",
     profile: Annotated[str, typer.Option(help="Preset for fine-tuning and compression: cpu, gpu or tiny (fine-tuning only; compression then uses cpu).")] = "cpu",
     seed: SeedOpt = 0,
+    distill_preset: PresetOpt = None,
     **options: Any,
 ) -> None:
     """Fine-tune, then attn -> mlp -> depth with distillation, evaluating every stage; resumable."""
     from llmrec.artifact import is_artifact
 
     prune_profile = profile if profile in prune_stage.PROFILES else "cpu"
-    config = prune_config(output, output / "0-dense", prune_profile, PIPELINE_OPTIONS.given(options), seed)
+    config = prune_config(output, output / "0-dense", prune_profile, PIPELINE_OPTIONS.given(options), seed,
+                          distill_preset)
     dense = output / "0-dense"
     if not is_artifact(dense):
         try:

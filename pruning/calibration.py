@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llmrec.prompting import PromptEncoder
-from pruning.examples import IGNORE, Example, collate, split_examples, training_examples
+from pruning.examples import IGNORE, Example, collate, split_examples, training_example_count, training_examples
 from recdata.prep import PreparedData
 
 logger = logging.getLogger(__name__)
@@ -115,8 +115,18 @@ def calibration_batches(data: PreparedData, encoder: PromptEncoder, config: Cali
 
 
 def distillation_examples(data: PreparedData, encoder: PromptEncoder, limit: int | None, seed: int) -> list[Example]:
-    """The examples distillation trains on: the same layout as fine-tuning (packed when possible)."""
-    return training_examples(data, encoder, encoder.template.packable, None, limit, seed + 1)
+    """The examples distillation trains on: the same layout as fine-tuning (packed when possible). A limit below
+    what the training split holds is said in the log (never a silent cap), and one above it too."""
+    packing = encoder.template.packable
+    available = training_example_count(data, encoder, packing)
+    kind = "packed windows" if packing else "samples"
+    if limit is not None and limit < available:
+        logger.warning("distilling on %d of the %d training %s (--distill-examples caps it; none = all)",
+                       limit, available, kind)
+    elif limit is not None and limit > available:
+        logger.info("--distill-examples %d asks for more than the %d training %s: all of them are used",
+                    limit, available, kind)
+    return training_examples(data, encoder, packing, None, limit, seed + 1)
 
 
 def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:

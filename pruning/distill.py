@@ -18,6 +18,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -64,6 +65,27 @@ class DistillConfig:
     batch_size then counts rows. None: one example per row."""
     seed: int = 0
     """Seed of the example sample and the batch order."""
+
+
+DISTILL_PRESETS: dict[str, dict[str, Any]] = {
+    # PruneRec's released recipe (arXiv 2507.07064's code): loss 0.2·CE + 0.8·forward KL at T = 1, AdamW at
+    # 3e-4, up to 3 epochs over every training example with early stopping at patience 1. Their effective batch
+    # of 192 is not copied (our batch counts packed rows; --distill-batch-size sets it), nor is their
+    # unshifted KL (ours compares the shifted positions). A profile's time cap (cpu: 4 minutes) still applies.
+    "prunerec": {"alpha": 0.2, "temperature": 1.0, "lr": 3e-4, "epochs": 3.0, "patience": 1, "examples": None},
+}
+"""Named distillation settings (``prunerec prune --distill-preset NAME``): over the profile, under options given."""
+
+
+def with_preset(profile: dict[str, Any] | None, preset: str | None) -> dict[str, Any] | None:
+    """A prune profile (nested dict) with a distillation preset's values over its ``distill`` part."""
+    if preset is None:
+        return profile
+    if preset not in DISTILL_PRESETS:
+        raise ValueError(f"unknown distillation preset {preset!r}; choose one of {sorted(DISTILL_PRESETS)}")
+    merged = dict(profile or {})
+    merged["distill"] = {**merged.get("distill", {}), **DISTILL_PRESETS[preset]}
+    return merged
 
 
 def distillation_loss(

@@ -108,6 +108,13 @@ def window_example(
     return Example(ids, labels)
 
 
+def training_example_count(data: PreparedData, encoder: PromptEncoder, packing: bool, stride: int | None = None) -> int:
+    """How many examples :func:`training_examples` would give without a limit (windows or samples)."""
+    if not packing:
+        return len(data.splits["train"])
+    return len(packed_windows(data, encoder.max_history, stride or encoder.max_history))
+
+
 def training_examples(
     data: PreparedData,
     encoder: PromptEncoder,

@@ -31,7 +31,7 @@ from pruning import distill
 from pruning.calibration import CalibrationConfig, calibration_batches, distillation_examples, teacher_targets
 from pruning.distill import DistillConfig
 from pruning.evaluate import run as evaluate_artifact
-from pruning.examples import split_examples
+from pruning.examples import split_examples, training_example_count
 from pruning.packing import pack
 from pruning.plan import DEFAULT_RATIOS, KeepRatios, Plan, has_attention_bias, plan_for_target, plan_from_ratios
 from pruning.stages import STAGES, SharedData, StageInputs, eval_config
@@ -165,11 +165,13 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
     calibration = calibration_batches(data, encoder, config.calibration, pad_id) if needs_calibration else []
     targets = teacher_targets(teacher, calibration, config.calibration.top_k) if needs_calibration else []
     examples = distillation_examples(data, encoder, config.distill.examples, config.distill.seed)
+    used, available = len(examples), training_example_count(data, encoder, encoder.template.packable)
     if config.distill.pack_tokens:
         examples = pack(examples, config.distill.pack_tokens, config.distill.seed)
     valid = split_examples(data, encoder, "valid", limit=config.distill.valid_examples, seed=config.distill.seed)
     cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature)
-    return SharedData(calibration, targets, examples, valid, pad_id, cache)
+    return SharedData(calibration, targets, examples, valid, pad_id, cache, examples_available=available,
+                      examples_used=used)
 
 
 def summarize(teacher: str, stages: list[Path]) -> list[dict]:

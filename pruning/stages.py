@@ -69,6 +69,10 @@ class SharedData:
     pad_id: int
     cache: distill.TeacherCache
     """Teacher outputs per distillation example, computed on first use and shared by the stages."""
+    examples_available: int = 0
+    """Training examples (packed windows or samples) the split holds; ``examples`` may be a seeded subset."""
+    examples_used: int = 0
+    """Training examples distillation uses (before packing them into rows)."""
 
 
 @dataclass
@@ -191,6 +195,8 @@ class Stage:
         else:
             checkpoint = inputs.output / f".{directory.name}.ckpt"
             student, distilled = distill.run(config.distill, student, inputs.shared.cache, inputs.shared.valid, checkpoint)
+            distilled = {**distilled, "examples_used": inputs.shared.examples_used,
+                         "examples_available": inputs.shared.examples_available}
         manifest = {
             "stage": self.name, "parent": inputs.parent, "teacher": inputs.teacher, **self._lineage(inputs),
             "dataset": inputs.data.summary(), "stage_key": key, "stage_config": self.settings(config, inputs),

@@ -66,6 +66,9 @@ def test_pipeline_counts_match_the_plan_and_artifacts_load(tmp_path, dense, prep
         manifest = read_manifest(path)
         assert manifest["params"] == count_parameters(plan.after(stage), attention_bias=True)
         assert manifest["parent"] and manifest["distillation"]["steps"] == 4
+        # the example count is recorded, never a silent cap: 32 asked for, of the split's windows
+        distilled = manifest["distillation"]
+        assert distilled["examples_available"] > 0 and distilled["examples_used"] == min(32, distilled["examples_available"])
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(paths[-1])
@@ -215,3 +218,40 @@ def test_a_stage_inherits_the_teachers_assistant(tmp_path, dense, prepared):
     assert recommender.assistant is not None and recommender.assist_weight == 2.0
     plain = run(tiny_prune_config(tmp_path / "p", dense, stages=["attn"]), prepared)[0]
     assert "assistant" not in read_manifest(plain) and not (plain / ASSISTANT_DIR).exists()
+
+
+def test_the_prunerec_distillation_preset_sits_between_profile_and_options(tmp_path):
+    from cli.offline import prune_config
+    from pruning.distill import DISTILL_PRESETS, with_preset
+
+    config = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0, "prunerec")
+    assert (config.distill.alpha, config.distill.temperature, config.distill.epochs, config.distill.patience) == (0.2, 1.0, 3.0, 1)
+    assert config.distill.examples is None  # every training example, not the cpu profile's 512
+    assert config.distill.max_minutes == 4.0  # the profile's time cap stays
+    given = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {"distill.alpha": 0.7}, 0, "prunerec")
+    assert given.distill.alpha == 0.7 and given.distill.temperature == 1.0  # an option given wins
+    assert prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0).distill.alpha == 0.5  # no preset: unchanged
+    assert with_preset(None, "prunerec") == {"distill": DISTILL_PRESETS["prunerec"]}
+    with pytest.raises(ValueError, match="unknown distillation preset"):
+        with_preset({}, "d3")
+
+
+def test_distillation_examples_say_when_they_are_capped(tokenizer, prepared, caplog):
+    from llmrec.prompting import PromptEncoder
+    from pruning.calibration import distillation_examples
+    from pruning.examples import training_example_count
+    from recdata.prompts import compact_template
+
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    available = training_example_count(prepared, encoder, True)
+    with caplog.at_level("INFO"):
+        capped = distillation_examples(prepared, encoder, 5, 0)
+    assert len(capped) == 5 and f"distilling on 5 of the {available} training packed windows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        everything = distillation_examples(prepared, encoder, available + 100, 0)
+    assert len(everything) == available and "all of them are used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert len(distillation_examples(prepared, encoder, None, 0)) == available
+    assert "distilling on" not in caplog.text
