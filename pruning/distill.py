@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -60,6 +61,12 @@ class DistillConfig:
     """Evaluations without improvement before stopping (0 = never)."""
     top_k: int = 64
     """Teacher tokens kept per position in the cache."""
+    select_metric: Literal["loss", "ndcg@10"] = "loss"
+    """Model selection and early stopping: the validation recommendation loss, or NDCG@10 of the student on a
+    seeded sample of validation users (the evaluation protocol: constrained beam search, past items excluded;
+    costs a decoding pass per evaluation)."""
+    select_users: int = 64
+    """Validation users of the NDCG@10 check (select_metric ndcg@10)."""
     pack_tokens: int | None = None
     """Concatenate the distillation examples into rows of at most this many tokens (see pruning.packing);
     batch_size then counts rows. None: one example per row."""
@@ -153,18 +160,25 @@ def run(
     valid: list[Example],
     checkpoint_dir: Path,
     example_indices: list[int] | None = None,
+    ranking: Callable[[], float] | None = None,
 ) -> tuple[PreTrainedModel, dict]:
     """Distil ``student`` on the teacher cache's examples; returns the best student and a training record.
 
     A checkpoint of the same configuration in ``checkpoint_dir`` is resumed (another one is ignored); the
-    directory is removed once the best student is restored."""
+    directory is removed once the best student is restored. With ``config.select_metric == 'ndcg@10'``,
+    ``ranking`` (a :class:`pruning.evaluate.RankingCheck` over ``student``) is the validation metric,
+    maximised."""
+    selecting_ndcg = config.select_metric == "ndcg@10"
+    if selecting_ndcg and ranking is None:
+        raise ValueError("select_metric ndcg@10 needs a ranking check of the student")
     device = next(student.parameters()).device
     pad_id = teacher_cache.pad_id
     indices = example_indices if example_indices is not None else list(range(len(teacher_cache.examples)))
     valid_batches = batches(valid, pad_id, config.batch_size)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     engine = Engine(student, optimizer, schedule_of(config), checkpoint_dir=checkpoint_dir, config_key=asdict(config),
-                    on_mismatch="restart", desc="distill", autocast=True)
+                    on_mismatch="restart", desc="distill", autocast=True,
+                    metric="valid_ndcg@10" if selecting_ndcg else "valid_loss", maximize=selecting_ndcg)
 
     def loss_of(chosen: list[int]) -> torch.Tensor:
         teacher = teacher_cache.targets(chosen).to(device)
@@ -174,7 +188,7 @@ def run(
 
     def validate() -> float:
         with engine.mixed_precision():
-            return mean_ce(student, valid_batches)
+            return ranking() if selecting_ndcg and ranking is not None else mean_ce(student, valid_batches)
 
     engine.fit(indices, list, loss_of, validate)
     engine.restore_best(student)

@@ -150,6 +150,18 @@ class Stage:
         """The manifest's ``stage_config``."""
         return {"plan": inputs.plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill)}
 
+    def _ranking_check(self, config: PruneConfig, inputs: StageInputs, student: PreTrainedModel,
+                       tokenizer: PreTrainedTokenizerBase) -> Any:
+        """NDCG@10 of ``student`` on seeded validation users when distillation selects on it (else None)."""
+        if config.distill.select_metric != "ndcg@10":
+            return None
+        from pruning.evaluate import RankingCheck
+
+        manifest = inputs.teacher_manifest
+        return RankingCheck(student, tokenizer, inputs.data, inputs.template, int(manifest["max_history"]),
+                            config.distill.select_users, config.distill.seed, config.num_beams,
+                            max_prompt_tokens=manifest.get("max_prompt_tokens"))
+
     def recovery_skipped(self, config: PruneConfig) -> str | None:
         """Why the stage is not distilled (None: it is)."""
         return "exact transformation: the kept tokens' logits are unchanged" if self.exact else None
@@ -194,7 +206,8 @@ class Stage:
             distilled: dict = {"skipped": skipped}
         else:
             checkpoint = inputs.output / f".{directory.name}.ckpt"
-            student, distilled = distill.run(config.distill, student, inputs.shared.cache, inputs.shared.valid, checkpoint)
+            student, distilled = distill.run(config.distill, student, inputs.shared.cache, inputs.shared.valid, checkpoint,
+                                             ranking=self._ranking_check(config, inputs, student, tokenizer))
             distilled = {**distilled, "examples_used": inputs.shared.examples_used,
                          "examples_available": inputs.shared.examples_available}
         manifest = {

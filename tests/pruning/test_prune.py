@@ -255,3 +255,18 @@ def test_distillation_examples_say_when_they_are_capped(tokenizer, prepared, cap
     with caplog.at_level("INFO"):
         assert len(distillation_examples(prepared, encoder, None, 0)) == available
     assert "distilling on" not in caplog.text
+
+
+def test_distillation_can_select_and_stop_on_validation_ndcg(tmp_path, dense, prepared):
+    """select_metric ndcg@10: the stage's student is checked by the evaluation protocol on seeded validation
+    users at every evaluation, the best by NDCG@10 is kept, and the manifest says so."""
+    settings = distill.DistillConfig(examples=32, max_steps=4, eval_every=2, valid_examples=8, batch_size=8, lr=3e-3,
+                                     select_metric="ndcg@10", select_users=8)
+    paths = run(tiny_prune_config(tmp_path / "run", dense, stages=["attn"], distill=settings), prepared)
+    record = read_manifest(paths[0])["distillation"]
+    assert 0.0 <= record["best_valid_ndcg@10"] <= 1.0
+    history = record["valid_history"]
+    assert len(history) >= 2 and all(0.0 <= h["valid_ndcg@10"] <= 1.0 for h in history)
+    assert record["best_valid_ndcg@10"] == max(h["valid_ndcg@10"] for h in history)
+    with pytest.raises(ValueError, match="ranking check"):
+        distill.run(settings, None, None, [], tmp_path / "ckpt")  # type: ignore[arg-type]
