@@ -1,0 +1,196 @@
+"""The retention curve: one dense model pruned to several sizes, NDCG@10 against non-embedding parameters.
+
+PruneRec (arXiv 2507.07064) reports quality kept against parameters removed; this measures that curve for a
+prunerec artifact. For every target share of non-embedding parameters removed (default 50, 75, 90, 95.5 and
+98%), ``prunerec prune --target T`` (a uniform plan: every kept ratio derived from the one target; the stages
+attn, mlp, depth, each distilled from the dense model with the pruning profile's settings) compresses the
+same dense artifact; the last stage's artifact and the dense one are evaluated on the same seeded test users
+(history excluded, full catalog, 20 beams, the catalog head, the pure LLM: no assistant), with MostPop on those
+users and, when asked, RecBole SASRec. Resumable: finished stages and evaluations are reused.
+
+    python -m bench.retention runs/bench-cpu/0-dense --profile cpu --users 300     # hours on 2 CPU cores
+    python -m bench.retention runs/dense --profile gpu --sasrec-epochs 50           # every user, one GPU
+
+Writes ``report.json`` (``points``: target, removed, non_embedding, NDCG@10, HR@10, retention), ``report.md``
+and ``retention.png`` (NDCG@10 against non-embedding parameters, log scale, with the dense point and the
+SASRec and MostPop lines) to ``bench/results/<profile>/retention``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmrec.artifact import read_manifest
+from recdata.prep import PreparedData
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = [0.5, 0.75, 0.9, 0.955, 0.98]
+
+
+@dataclass
+class RetentionConfig:
+    """One retention-curve run."""
+
+    teacher: str
+    """The dense fine-tuned artifact every point is pruned from (and distilled from)."""
+    profile: str = "cpu"
+    """Pruning profile of every point (calibration and distillation settings): cpu or gpu."""
+    targets: list[float] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Shares of non-embedding parameters to remove, one pruning run each."""
+    stages: list[str] = field(default_factory=lambda: ["attn", "mlp", "depth"])
+    """Stages of every pruning run."""
+    users: int | None = 300
+    """Seeded test users of every evaluation (None = all)."""
+    seed: int = 0
+    sasrec_epochs: int = 0
+    """Most epochs of the RecBole SASRec line (0: no SASRec line)."""
+    prune_overrides: dict[str, Any] = field(default_factory=dict)
+    """PruneConfig values over the profile (dotted paths, e.g. {'distill.max_steps': 4})."""
+    device: str | None = None
+    work: str | None = None
+    """Pruning runs and evaluations [runs/retention-<profile>]."""
+    output: str | None = None
+    """Report directory [bench/results/<profile>/retention]."""
+
+
+def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]:
+    """Prune to every target, evaluate, write the report; returns it."""
+    from bench.run import evaluate_cached
+    from llmrec.configs import merge
+    from pruning.prune import PROFILES, PruneConfig
+    from pruning.prune import run as prune
+
+    if config.profile not in PROFILES:
+        raise ValueError(f"unknown pruning profile {config.profile!r}; choose one of {sorted(PROFILES)}")
+    if not config.targets or any(not 0.0 < t < 1.0 for t in config.targets):
+        raise ValueError(f"targets must lie strictly between 0 and 1, got {config.targets}")
+    work = Path(config.work or f"runs/retention-{config.profile}")
+    output = Path(config.output or f"bench/results/{config.profile}/retention")
+    started = time.perf_counter()
+    dense_eval = evaluate_cached(Path(config.teacher), data, config.users, config.seed, "catalog",
+                                 work / "eval" / "dense.json", config.device)
+    dense_params = read_manifest(config.teacher)["params"]["non_embedding"]
+    dense_ndcg = dense_eval["metrics"]["ndcg@10"]
+    points = []
+    for target in sorted(config.targets):
+        name = f"target-{target:g}"
+        prune_config = merge(PruneConfig, PROFILES[config.profile], {"device": config.device, **config.prune_overrides},
+                             output=str(work / name), teacher=config.teacher, target=target, stages=list(config.stages),
+                             evaluate=False)
+        logger.info("retention: pruning to %.1f%% removed", 100 * target)
+        final = prune(prune_config, data)[-1]
+        evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog", work / "eval" / f"{name}.json",
+                                     config.device)
+        params = read_manifest(final)["params"]["non_embedding"]
+        ndcg = evaluation["metrics"]["ndcg@10"]
+        points.append({"target": target, "artifact": str(final), "non_embedding": params,
+                       "removed": 1 - params / dense_params, "ndcg@10": ndcg, "hr@10": evaluation["metrics"]["hr@10"],
+                       "retention": ndcg / dense_ndcg if dense_ndcg else None})
+    sasrec = None
+    if config.sasrec_epochs:
+        from bench import sasrec as sasrec_bench
+        from pruning.evaluate import sample_users
+
+        sasrec_config = sasrec_bench.SASRecConfig(output=str(work / "sasrec"), epochs=config.sasrec_epochs,
+                                                  device=config.device or "cpu")
+        pairs = sample_users(data.splits["test"], config.users, config.seed)
+        sasrec = sasrec_bench.run(sasrec_config, data, users=pairs)["metrics"]
+    report = {
+        "protocol": {"teacher": config.teacher, "profile": config.profile, "users": dense_eval["protocol"]["users"],
+                     "seed": config.seed, "plan": "uniform plan per target (prunerec prune --target)",
+                     "stages": config.stages, "ranking": "full catalog, 20 beams, history excluded, catalog head, no assistant",
+                     "minutes": round((time.perf_counter() - started) / 60, 1), "config": asdict(config)},
+        "dense": {"non_embedding": dense_params, "ndcg@10": dense_ndcg, "hr@10": dense_eval["metrics"]["hr@10"]},
+        "mostpop": dense_eval["mostpop"],
+        "sasrec": sasrec,
+        "points": points,
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2))
+    (output / "report.md").write_text(markdown(report))
+    plot(report, output / "retention.png")
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The curve as a table."""
+    dense = report["dense"]
+    lines = [f"# Retention curve ({report['protocol']['profile']}, {report['protocol']['users']} users)", "",
+             "| model | non-embedding params | removed | NDCG@10 | HR@10 | retention |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+             f"| dense | {dense['non_embedding']:,} | 0% | {dense['ndcg@10']:.4f} | {dense['hr@10']:.4f} | 1.000 |"]
+    for point in report["points"]:
+        retention = f"{point['retention']:.3f}" if point["retention"] is not None else "–"
+        lines.append(f"| target {point['target']:g} | {point['non_embedding']:,} | {100 * point['removed']:.1f}% | "
+                     f"{point['ndcg@10']:.4f} | {point['hr@10']:.4f} | {retention} |")
+    lines.append(f"| MostPop | | | {report['mostpop']['ndcg@10']:.4f} | {report['mostpop']['hr@10']:.4f} | |")
+    if report.get("sasrec"):
+        lines.append(f"| SASRec (RecBole) | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """NDCG@10 against non-embedding parameters (log x), the dense point, SASRec and MostPop as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 4))
+    xs = [p["non_embedding"] for p in report["points"]] + [report["dense"]["non_embedding"]]
+    ys = [p["ndcg@10"] for p in report["points"]] + [report["dense"]["ndcg@10"]]
+    ax.plot(xs, ys, marker="o", label="prunerec (pruned … dense)")
+    for point in report["points"]:
+        ax.annotate(f"{100 * point['removed']:.1f}%", (point["non_embedding"], point["ndcg@10"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.axhline(report["mostpop"]["ndcg@10"], color="grey", linestyle=":", label="MostPop")
+    if report.get("sasrec"):
+        ax.axhline(report["sasrec"]["ndcg@10"], color="black", linestyle="--", label="SASRec")
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("NDCG@10")
+    ax.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("teacher", help="the dense fine-tuned artifact")
+    parser.add_argument("--profile", default="cpu", help="pruning profile: cpu or gpu")
+    parser.add_argument("--targets", default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
+                        help="comma-separated shares of non-embedding parameters to remove")
+    parser.add_argument("--users", type=int, default=300, help="seeded test users (0 = all)")
+    parser.add_argument("--sasrec-epochs", type=int, default=0, help="most RecBole SASRec epochs (0: no SASRec line)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from recdata.prep import prepare
+    from recdata.sources import read_ml100k
+
+    try:
+        targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--targets must be numbers, got {args.targets!r}")
+    data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
+    config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,
+                             sasrec_epochs=args.sasrec_epochs, device=args.device, work=args.work, output=args.output)
+    try:
+        report = run_retention(config, data)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
