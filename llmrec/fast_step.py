@@ -140,7 +140,7 @@ class LeanDecoder:
                 down_bias=_bias(mlp.down_proj),
             ))
         self.compiled = compiled
-        self.static = compiled if static is None else static or compiled
+        self.static = bool(static) or compiled
         """Fixed shapes per batch: the step index a tensor, attention over the whole preallocated suffix with the
         unfilled slots masked (what a compiled graph needs; eager, slicing the filled part is cheaper)."""
         # torch.compile with symbolic shapes: one graph for every batch size and prompt length (sizes 0 and 1
@@ -166,10 +166,9 @@ class LeanDecoder:
         users = prefix_mask.shape[0]
         reference = keys[0]
         assert reference is not None
-        # (rows, layers, 2, kv, capacity, hd). Eager, the unfilled slots are never read, so the buffer stays
-        # uninitialised (its pages are only committed as the titles grow: a dense batch of 16 users × 20 beams
-        # would otherwise hold hundreds of MB of zeros); the static path multiplies them by masked (zero)
-        # weights, so they must hold finite numbers
+        # (rows, layers, 2, kv, capacity, hd). Eager, the unfilled slots are never read, so the buffer need not
+        # be initialised; the static path multiplies them by masked (zero) weights, so they must hold finite
+        # numbers
         shape = (users * beams, len(self.layers), 2, self.kv_heads, capacity, self.head_dim)
         suffix = reference.new_zeros(shape) if self.static else reference.new_empty(shape)
         # (users, 1, 1, P): 0 where the prompt position is real, -inf on the left padding
