@@ -14,9 +14,10 @@ every evaluation, and a run with the same checkpoint directory resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,11 @@ class DistillConfig:
     """Evaluations without improvement before stopping (0 = never)."""
     top_k: int = 64
     """Teacher tokens kept per position in the cache."""
+    hidden_weight: float = 0.0
+    """Weight β of a hidden-state term added to the loss: over the student's layers, the mean squared error
+    between the student's residual stream after layer l and the teacher's after the layer it came from, in the
+    residual channels the student kept (the surgery's own maps: no projection is learned), at the response
+    positions, divided by the teacher states' mean square. 0 = logits only. Costs a teacher forward per step."""
     select_metric: Literal["loss", "ndcg@10"] = "loss"
     """Model selection and early stopping: the validation recommendation loss, or NDCG@10 of the student on a
     seeded sample of validation users (the evaluation protocol: constrained beam search, past items excluded;
@@ -104,6 +110,55 @@ def distillation_loss(
         return ce
     kl = coarse_kl(teacher, student_logits, temperature).mean()
     return alpha * ce + (1.0 - alpha) * temperature**2 * kl
+
+
+@dataclass
+class TeacherMap:
+    """Where a student's layers and residual channels came from in the teacher (recorded by every stage)."""
+
+    layers: list[int]
+    """Teacher layer index of each student layer."""
+    channels: list[int]
+    """Teacher residual channel of each student channel."""
+
+    @classmethod
+    def identity(cls, model: PreTrainedModel) -> TeacherMap:
+        config = model.config
+        return cls(list(range(config.num_hidden_layers)), list(range(config.hidden_size)))
+
+    def after(self, record: dict) -> TeacherMap:
+        """This map after a stage whose cut record is ``record`` (kept residual channels, removed layers)."""
+        channels = self.channels
+        if "kept_residual_channels" in record:
+            channels = [self.channels[i] for i in record["kept_residual_channels"]]
+        removed = set(record.get("removed_layers", []))
+        return TeacherMap([layer for i, layer in enumerate(self.layers) if i not in removed], channels)
+
+
+@contextlib.contextmanager
+def layer_outputs(model: PreTrainedModel, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the residual stream (B, T, d) after each of ``layers`` of ``model``'s decoder while inside."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for index in sorted(set(layers)):
+        def hook(_module: Any, _inputs: Any, output: Any, index: int = index) -> None:
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        handles.append(model.get_decoder().layers[index].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
+                      channels: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of MSE(student (n, d_s), teacher (n, d_t)[:, channels]) / mean square of that teacher slice."""
+    terms = []
+    for student, teacher in zip(student_states, teacher_states, strict=True):
+        target = teacher.index_select(-1, channels).float()
+        terms.append(torch.nn.functional.mse_loss(student.float(), target) / target.pow(2).mean().clamp_min(1e-6))
+    return torch.stack(terms).mean()
 
 
 class TeacherCache:
@@ -161,6 +216,7 @@ def run(
     checkpoint_dir: Path,
     example_indices: list[int] | None = None,
     ranking: Callable[[], float] | None = None,
+    teacher_map: TeacherMap | None = None,
 ) -> tuple[PreTrainedModel, dict]:
     """Distil ``student`` on the teacher cache's examples; returns the best student and a training record.
 
@@ -171,6 +227,8 @@ def run(
     selecting_ndcg = config.select_metric == "ndcg@10"
     if selecting_ndcg and ranking is None:
         raise ValueError("select_metric ndcg@10 needs a ranking check of the student")
+    if config.hidden_weight > 0 and teacher_map is None:
+        raise ValueError("hidden_weight > 0 needs the student's map to the teacher's layers and channels")
     device = next(student.parameters()).device
     pad_id = teacher_cache.pad_id
     indices = example_indices if example_indices is not None else list(range(len(teacher_cache.examples)))
@@ -180,11 +238,23 @@ def run(
                     on_mismatch="restart", desc="distill", autocast=True,
                     metric="valid_ndcg@10" if selecting_ndcg else "valid_loss", maximize=selecting_ndcg)
 
+    student_layers = list(range(student.config.num_hidden_layers))
+    channels = torch.tensor(teacher_map.channels, device=device) if teacher_map is not None else None
+
     def loss_of(chosen: list[int]) -> torch.Tensor:
         teacher = teacher_cache.targets(chosen).to(device)
         batch = collate_batch([teacher_cache.examples[i] for i in chosen], pad_id).to(device)
-        logits = response_logits(student, batch)
-        return distillation_loss(logits, batch.targets, teacher, config.alpha, config.temperature)
+        if config.hidden_weight <= 0 or teacher_map is None or channels is None:
+            logits = response_logits(student, batch)
+            return distillation_loss(logits, batch.targets, teacher, config.alpha, config.temperature)
+        with layer_outputs(student, student_layers) as mine:
+            logits = response_logits(student, batch)
+        with torch.no_grad(), layer_outputs(teacher_cache.teacher, teacher_map.layers) as theirs:
+            teacher_cache.teacher.model(**batch.model_inputs(), use_cache=False)
+        hidden = hidden_state_loss([batch.response_states(mine[i]) for i in student_layers],
+                                   [batch.response_states(theirs[t]) for t in teacher_map.layers], channels)
+        return (distillation_loss(logits, batch.targets, teacher, config.alpha, config.temperature)
+                + config.hidden_weight * hidden)
 
     def validate() -> float:
         with engine.mixed_precision():

@@ -150,6 +150,15 @@ class Stage:
         """The manifest's ``stage_config``."""
         return {"plan": inputs.plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill)}
 
+    @staticmethod
+    def _parent_map(inputs: StageInputs) -> distill.TeacherMap | None:
+        """Where the parent's layers and channels came from in the teacher (None: an artifact from before
+        stages recorded it)."""
+        if inputs.parent == inputs.teacher:
+            return distill.TeacherMap.identity(inputs.shared.cache.teacher)
+        recorded = read_manifest(inputs.parent).get("teacher_map")
+        return distill.TeacherMap(**recorded) if recorded else None
+
     def _ranking_check(self, config: PruneConfig, inputs: StageInputs, student: PreTrainedModel,
                        tokenizer: PreTrainedTokenizerBase) -> Any:
         """NDCG@10 of ``student`` on seeded validation users when distillation selects on it (else None)."""
@@ -201,13 +210,16 @@ class Stage:
                 raise RuntimeError(f"stage {self.name} produced {shape_of(student)}, the plan says {expected}")
         logger.info("stage %s: %s -> %s params", self.name, before["total"], parameter_counts(student)["total"])
 
+        parent_map = self._parent_map(inputs)
+        teacher_map = parent_map.after(cut.record) if parent_map is not None else None
         skipped = self.recovery_skipped(config)
         if skipped is not None:
             distilled: dict = {"skipped": skipped}
         else:
             checkpoint = inputs.output / f".{directory.name}.ckpt"
             student, distilled = distill.run(config.distill, student, inputs.shared.cache, inputs.shared.valid, checkpoint,
-                                             ranking=self._ranking_check(config, inputs, student, tokenizer))
+                                             ranking=self._ranking_check(config, inputs, student, tokenizer),
+                                             teacher_map=teacher_map)
             distilled = {**distilled, "examples_used": inputs.shared.examples_used,
                          "examples_available": inputs.shared.examples_available}
         manifest = {
@@ -215,6 +227,7 @@ class Stage:
             "dataset": inputs.data.summary(), "stage_key": key, "stage_config": self.settings(config, inputs),
             "calibration_fingerprint": f"{inputs.data.fingerprint}:train:{config.calibration.samples}:{config.calibration.seed}",
             "pruning": cut.record, "distillation": distilled, **cut.manifest,
+            "teacher_map": asdict(teacher_map) if teacher_map is not None else None,
         }
         write_artifact(directory, student, tokenizer, inputs.data.catalog, manifest, cut.extras or None)
         inherit_assistant(Path(inputs.teacher), inputs.teacher_manifest, directory)

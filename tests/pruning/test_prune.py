@@ -270,3 +270,36 @@ def test_distillation_can_select_and_stop_on_validation_ndcg(tmp_path, dense, pr
     assert record["best_valid_ndcg@10"] == max(h["valid_ndcg@10"] for h in history)
     with pytest.raises(ValueError, match="ranking check"):
         distill.run(settings, None, None, [], tmp_path / "ckpt")  # type: ignore[arg-type]
+
+
+def test_teacher_maps_compose_over_stages_and_hidden_state_distillation_runs(tmp_path, dense, prepared):
+    """Each stage records where its layers and residual channels came from in the teacher; with a hidden-state
+    weight every stage distils on that map (the term changes the students), and the term is zero when the
+    student's states are the teacher's kept channels."""
+    base = distill.TeacherMap(layers=[0, 1, 2, 3], channels=list(range(8)))
+    after_attn = base.after({"kept_residual_channels": [0, 2, 5]})
+    assert after_attn.channels == [0, 2, 5] and after_attn.layers == [0, 1, 2, 3]
+    after_depth = after_attn.after({"removed_layers": [1, 3]})
+    assert after_depth == distill.TeacherMap(layers=[0, 2], channels=[0, 2, 5])
+    teacher_states = [torch.randn(6, 8)]
+    channels = torch.tensor([0, 2, 5])
+    assert float(distill.hidden_state_loss([teacher_states[0][:, channels]], teacher_states, channels)) == 0.0
+    assert float(distill.hidden_state_loss([torch.zeros(6, 3)], teacher_states, channels)) == pytest.approx(1.0)
+
+    plain = run(tiny_prune_config(tmp_path / "plain", dense), prepared)
+    settings = distill.DistillConfig(examples=32, max_steps=4, eval_every=2, valid_examples=8, batch_size=8, lr=3e-3,
+                                     hidden_weight=1.0)
+    hidden = run(tiny_prune_config(tmp_path / "hidden", dense, distill=settings), prepared)
+    teacher = shape_of_artifact(dense)
+    maps = [read_manifest(p)["teacher_map"] for p in hidden]
+    for path, recorded in zip(hidden, maps, strict=True):
+        shape = shape_of_artifact(path)
+        assert len(recorded["layers"]) == shape.layers and len(recorded["channels"]) == shape.hidden
+        assert set(recorded["layers"]) <= set(range(teacher.layers)) and set(recorded["channels"]) <= set(range(teacher.hidden))
+    attn_record = read_manifest(hidden[0])["pruning"]
+    assert maps[0]["channels"] == attn_record["kept_residual_channels"]
+    assert maps[2]["channels"] == maps[0]["channels"]  # the mlp and depth stages keep the residual width
+    assert read_manifest(hidden[2])["distillation"]["steps"] == 4
+    a = load_file(str(plain[0] / "model.safetensors"))
+    b = load_file(str(hidden[0] / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the hidden-state term changed the recovered student
