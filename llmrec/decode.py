@@ -307,8 +307,8 @@ def constrained_beam_search(
         prior: (B, num_items) log-probabilities of a text-free recommender (the assistant), normalised over
             the items a row may return.
         prior_weight: w above; 0 ignores the prior.
-        lean: a prebuilt :class:`llmrec.fast_step.LeanDecoder` of ``model`` for ``config.step == 'lean'``
-            (saves packing the weights per call; built here when not given).
+        lean: a prebuilt :class:`llmrec.fast_step.LeanDecoder` of ``model`` for ``config.step`` 'lean' or
+            'compiled' (saves packing the weights per call; built here when not given; ignored for 'stock').
     """
     if config.num_beams < config.top_k:
         raise ValueError(f"num_beams ({config.num_beams}) must be >= top_k ({config.top_k})")
@@ -339,10 +339,10 @@ def constrained_beam_search(
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
     logprobs = logprobs[expand]  # (B*K, V or U)
     next_position = positions[expand, -1] + 1  # (B*K,)
-    if lean is None and config.step != "stock":
-        lean = lean_decoder_for(model, config.step)
-    elif config.step == "stock":
+    if config.step == "stock":
         lean = None
+    elif lean is None:
+        lean = lean_decoder_for(model, config.step)
     if lean is not None:
         beam_cache = lean.start(out.past_key_values, attention.bool(), beams, next_position, trie.max_depth)
     else:
