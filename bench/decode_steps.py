@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=12, help="the benchmark's first N latency users")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", default="lean,stock", help="comma-separated decoding steps")
+    parser.add_argument("--device", default="cpu", help="where the models run (cpu, cuda)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args()
     data = prepare(read_ml100k())
@@ -35,7 +36,7 @@ def main() -> None:
     steps = args.steps.split(",")
     report = {}
     for artifact in args.artifacts:
-        recommender = Recommender.from_artifact(artifact, device="cpu")
+        recommender = Recommender.from_artifact(artifact, device=args.device)
         for step in steps:  # warm-up: packing, allocator
             recommender.recommend(histories[:1], k=10, exclude=histories[:1], batch_size=1, step=step)
         ms: dict[str, list[float]] = {step: [] for step in steps}
@@ -46,7 +47,8 @@ def main() -> None:
                     recommender.recommend([history], k=10, exclude=[history], batch_size=1, step=step)
                 ms[step].append((time.perf_counter() - started) * 1000 / len(histories))
         report[artifact] = {"ms_per_request": {step: round(min(v), 1) for step, v in ms.items()},
-                            "requests": len(histories), "assisted": recommender.uses_assistant(None)}
+                            "requests": len(histories), "assisted": recommender.uses_assistant(None),
+                            "device": str(recommender.device)}
     emit_json(report, Path(args.output) if args.output else None)
 
 

@@ -128,8 +128,9 @@ def _timed(rank: Any, histories: Sequence[Sequence[int]], batch_size: int) -> tu
 
 
 def compare_decoders(recommender: Recommender, histories: Sequence[Sequence[int]], batch_size: int = 16,
-                     generate: bool = True) -> dict[str, Any]:
-    """users/s and agreement of the stock step, the lean step and (when ``generate``) HF ``generate``."""
+                     generate: bool = True, extra_steps: Sequence[str] = ()) -> dict[str, Any]:
+    """users/s and agreement of the stock step, the lean step, each of ``extra_steps`` ('compiled', 'graphs':
+    ``ours_<step>``, with its agreement with the stock step) and (when ``generate``) HF ``generate``."""
 
     def ours(step: str) -> Any:
         return lambda hs: recommender.recommend(hs, k=TOP_K, num_beams=NUM_BEAMS, batch_size=batch_size, head="full",
@@ -145,6 +146,11 @@ def compare_decoders(recommender: Recommender, histories: Sequence[Sequence[int]
         "lean_vs_stock": {**_agreement(lean, stock), "max_score_difference": max(differences, default=0.0)},
         "lean_speedup_vs_stock": lean_rate / stock_rate,
     }
+    for step in extra_steps:
+        lists, rate = _timed(ours(step), histories, batch_size)
+        differences = [abs(x[1] - y[1]) for a, b in zip(lists, stock, strict=True) for x, y in zip(a, b, strict=False)]
+        report["users_per_s"][f"ours_{step}"] = rate
+        report[f"{step}_vs_stock"] = {**_agreement(lists, stock), "max_score_difference": max(differences, default=0.0)}
     if generate:
         reference, generate_rate = _timed(lambda hs: generate_rank(recommender, hs), histories, batch_size)
         report["users_per_s"]["hf_generate"] = generate_rate
@@ -160,6 +166,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-generate", action="store_true", help="skip HF generate (it is the slow one)")
+    parser.add_argument("--extra-steps", default="", help="also time these decoding steps (comma-separated: "
+                        "compiled, graphs)")
     parser.add_argument("--output", default=None, help="JSON file [stdout only]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -174,7 +182,8 @@ def main() -> None:
     reports = {}
     for artifact in args.artifacts:
         recommender = Recommender.from_artifact(artifact, device=args.device)
-        reports[artifact] = compare_decoders(recommender, histories, args.batch_size, generate=not args.no_generate)
+        reports[artifact] = compare_decoders(recommender, histories, args.batch_size, generate=not args.no_generate,
+                                             extra_steps=[s for s in args.extra_steps.split(",") if s])
         logger.info("%s: %s", artifact, json.dumps(reports[artifact]["users_per_s"]))
     emit_json(reports, Path(args.output) if args.output else None)
 

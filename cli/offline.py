@@ -40,7 +40,7 @@ PRUNE_ALIASES: dict[str, str | tuple[str, ...]] = {
 }
 PRUNE_OPTIONS = options_of(PruneConfig, exclude=["output", "teacher", "calibration.seed", "distill.seed", "trsp.seed"],
                            names=PRUNE_RENAMES, aliases=PRUNE_ALIASES, profiles=prune_stage.PROFILES)
-PIPELINE_OPTIONS = options_of(PruneConfig, include=["stages", "target", "eval_users", "depth_method", "device"],
+PIPELINE_OPTIONS = options_of(PruneConfig, include=["stages", "target", "gradual", "eval_users", "depth_method", "device"],
                               profiles=prune_stage.PROFILES)
 
 ASSIST_OPTIONS = options_of(AssistConfig, exclude=["artifact"], profiles=assist_stage.PROFILES)

@@ -226,16 +226,17 @@ class BeamSearchConfig:
     step: str = "lean"
     """How a decoding step runs: 'lean' (:mod:`llmrec.fast_step`: packed weights, a preallocated beam cache,
     fewer and larger operations; falls back to 'stock' for a model it cannot run), 'compiled' (the lean step
-    through torch.compile; the first calls compile) or 'stock' (the model's own forward over
-    :mod:`llmrec.prefix_cache`). Same lists and scores to float tolerance."""
+    through torch.compile; the first calls compile), 'graphs' (the lean step recorded as a CUDA graph per
+    shape and replayed: one launch per step on a GPU; the same buffers run eagerly elsewhere) or 'stock' (the
+    model's own forward over :mod:`llmrec.prefix_cache`). Same lists and scores to float tolerance."""
 
 
 HEADS = ("full", "catalog", "catalog-fullnorm")
-STEPS = ("lean", "compiled", "stock")
+STEPS = ("lean", "compiled", "graphs", "stock")
 
 
 def lean_decoder_for(model: PreTrainedModel, step: str) -> LeanDecoder | None:
-    """A :class:`LeanDecoder` (compiled for 'compiled') when ``step`` asks for one and the model allows it, else
+    """A :class:`LeanDecoder` (compiled for 'compiled', graph-recorded for 'graphs') when ``step`` asks for one and the model allows it, else
     None (the stock step)."""
     if step not in STEPS:
         raise ValueError(f"unknown decoding step {step!r}; choose one of {STEPS}")
@@ -245,7 +246,9 @@ def lean_decoder_for(model: PreTrainedModel, step: str) -> LeanDecoder | None:
     if reason is not None:
         logger.info("decoding with the stock step: %s", reason)
         return None
-    return LeanDecoder(model, compiled=step == "compiled")
+    if step == "graphs" and next(model.parameters()).device.type != "cuda":
+        logger.info("the 'graphs' step records CUDA graphs on a CUDA device only: its workspaces run eagerly here")
+    return LeanDecoder(model, compiled=step == "compiled", graphs=step == "graphs")
 
 
 class NextTokenScorer:
@@ -307,8 +310,8 @@ def constrained_beam_search(
         prior: (B, num_items) log-probabilities of a text-free recommender (the assistant), normalised over
             the items a row may return.
         prior_weight: w above; 0 ignores the prior.
-        lean: a prebuilt :class:`llmrec.fast_step.LeanDecoder` of ``model`` for ``config.step`` 'lean' or
-            'compiled' (saves packing the weights per call; built here when not given; ignored for 'stock').
+        lean: a prebuilt :class:`llmrec.fast_step.LeanDecoder` of ``model`` for ``config.step`` 'lean',
+            'compiled' or 'graphs' (saves packing the weights per call; built here when not given; ignored for 'stock').
     """
     if config.num_beams < config.top_k:
         raise ValueError(f"num_beams ({config.num_beams}) must be >= top_k ({config.top_k})")

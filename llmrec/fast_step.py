@@ -25,6 +25,13 @@ larger operations:
   window is not applied while decoding, as in :mod:`llmrec.prefix_cache`: a prompt plus a title is far
   shorter than the windows of released Mistral / Qwen2 models.)
 
+On a GPU a step of a small model is bound by kernel launches, not arithmetic (SmolLM2's 30 layers launch
+several hundred kernels per token). ``graphs=True`` records the static-shape step once per shape as a CUDA
+graph (:class:`torch.cuda.CUDAGraph`) and replays it: every buffer the step reads or writes lives in a
+workspace kept per shape (users, beams, prompt length rounded up to a bucket, title depth), the prompt's
+keys/values copied in right-aligned at the start of a search, so one launch replaces the step's hundreds.
+Away from CUDA the same workspaces run eagerly (what the tests check on a CPU).
+
 Scores equal the stock forward's to float tolerance (``tests/llmrec/test_fast_step.py`` checks the lists and
 scores of the beam search against the stock path on tiny Llama / Qwen2 / Mistral models and on SmolLM2).
 The prompt pass stays the stock forward: it is one call per batch.
@@ -33,7 +40,8 @@ The prompt pass stays the stock forward: it is one call per batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +51,13 @@ from transformers.cache_utils import Cache
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+PROMPT_BUCKET = 32
+"""Prompt lengths are rounded up to a multiple of this for a graph workspace (fewer shapes, fewer captures)."""
+POSITION_BUCKET = 64
+"""Rotary tables of a graph workspace cover positions up to a multiple of this."""
+GRAPH_WORKSPACES = 4
+"""Graph workspaces (one per shape, each with its captured graph and buffers) kept, least recently used
+dropped first: the suffix buffer of SmolLM2 at 16 users × 20 beams is ~0.6 GB in fp32."""
 
 
 def lean_supported(model: PreTrainedModel) -> str | None:
@@ -103,7 +118,8 @@ class LeanDecoder:
     :meth:`llmrec.recommender.Recommender.refresh` drops it after training changes the weights).
     """
 
-    def __init__(self, model: PreTrainedModel, compiled: bool = False, static: bool | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, compiled: bool = False, static: bool | None = None,
+                 graphs: bool = False) -> None:
         reason = lean_supported(model)
         if reason is not None:
             raise ValueError(f"the lean decoding step cannot run this model: {reason}")
@@ -140,7 +156,10 @@ class LeanDecoder:
                 down_bias=_bias(mlp.down_proj),
             ))
         self.compiled = compiled
-        self.static = bool(static) or compiled
+        self.graphs = graphs
+        """Per-shape workspaces, the step recorded as a CUDA graph on a CUDA device (eager elsewhere)."""
+        self._workspaces: OrderedDict[tuple, _GraphWorkspace] = OrderedDict()
+        self.static = bool(static) or compiled or graphs
         """Fixed shapes per batch: the step index a tensor, attention over the whole preallocated suffix with the
         unfilled slots masked (what a compiled graph needs; eager, slicing the filled part is cheaper)."""
         # torch.compile with symbolic shapes: one graph for every batch size and prompt length (sizes 0 and 1
@@ -166,6 +185,8 @@ class LeanDecoder:
         users = prefix_mask.shape[0]
         reference = keys[0]
         assert reference is not None
+        if self.graphs:
+            return self._start_in_workspace(keys, values, prefix_mask, beams, positions, capacity)  # type: ignore[arg-type]
         # (rows, layers, 2, kv, capacity, hd). Eager, the unfilled slots are never read, so the buffer need not
         # be initialised; the static path multiplies them by masked (zero) weights, so they must hold finite
         # numbers
@@ -191,21 +212,94 @@ class LeanDecoder:
         capacity = cache.suffix.shape[4]
         if step >= capacity:
             raise RuntimeError("beam cache capacity exceeded")
-        x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
-        cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
-        if self.static:
+        workspace = cache.workspace
+        if workspace is not None:
+            workspace.tokens.copy_(tokens)
+            workspace.positions.copy_(positions)
+            workspace.slot.fill_(step)
+            if workspace.on_cuda:
+                if workspace.graph is None:
+                    self._capture(workspace)
+                assert workspace.graph is not None and workspace.output is not None
+                workspace.graph.replay()
+                hidden = workspace.output.clone()  # the next replay overwrites the graph's output
+            else:
+                hidden = self._static_step(workspace.tokens, workspace.positions, workspace.slot, cache)
+        elif self.static:
             # static shapes for the compiled graph: the step is a tensor and attention spans the whole buffer,
             # the unfilled slots masked (a Python int here would be specialised: one compilation per step)
-            slot = torch.full((1,), step, dtype=torch.long, device=x.device)
-            filled = torch.arange(capacity, device=x.device) <= step
-            suffix_bias = torch.zeros(capacity, dtype=x.dtype, device=x.device).masked_fill(~filled, float("-inf"))
-            hidden = self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
-                                  slot, suffix_bias, cache.beams)
+            slot = torch.full((1,), step, dtype=torch.long, device=tokens.device)
+            hidden = self._static_step(tokens, positions, slot, cache)
         else:
+            x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
+            cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
             hidden = self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
                                   step, None, cache.beams)
         cache.length = step + 1
         return hidden
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                     cache: BeamCache) -> torch.Tensor:
+        """The step with every shape fixed by the cache: ``slot`` (1,) is the step index as a tensor."""
+        capacity = cache.suffix.shape[4]
+        x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
+        cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
+        filled = torch.arange(capacity, device=x.device) <= slot
+        suffix_bias = torch.zeros(capacity, dtype=x.dtype, device=x.device).masked_fill(~filled, float("-inf"))
+        return self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
+                            slot, suffix_bias, cache.beams)
+
+    def _start_in_workspace(self, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_mask: torch.Tensor,
+                            beams: int, positions: torch.Tensor, capacity: int) -> BeamCache:
+        """The beam cache in the workspace of this shape (made, and its graph captured, on first use)."""
+        reference = keys[0]
+        users, prompt_len = prefix_mask.shape
+        padded_len = -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET
+        top = int(positions.max()) + capacity
+        table_len = -(-top // POSITION_BUCKET) * POSITION_BUCKET
+        shape = (users, beams, padded_len, capacity, table_len, reference.dtype, reference.device)
+        workspace = self._workspaces.pop(shape, None)
+        if workspace is None:
+            workspace = _GraphWorkspace.allocate(self, reference, users, beams, padded_len, capacity, table_len)
+            while len(self._workspaces) >= GRAPH_WORKSPACES:
+                self._workspaces.popitem(last=False)
+        self._workspaces[shape] = workspace  # most recently used last
+        # the prompt right-aligned in the padded length; the extra (left) positions masked like padding
+        offset = padded_len - prompt_len
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            workspace.prefix_keys[layer][:, :, :offset].zero_()
+            workspace.prefix_keys[layer][:, :, offset:].copy_(k)
+            workspace.prefix_values[layer][:, :, :offset].zero_()
+            workspace.prefix_values[layer][:, :, offset:].copy_(v)
+        workspace.prefix_bias.fill_(float("-inf"))
+        workspace.prefix_bias[..., offset:].masked_fill_(prefix_mask[:, None, None, :], 0.0)
+        workspace.suffix.zero_()  # the static step multiplies unfilled slots by masked weights: finite numbers
+        cos, sin = self.rotary(reference, torch.arange(top, device=reference.device)[None])
+        workspace.cos[:top].copy_(cos[0])
+        workspace.sin[:top].copy_(sin[0])
+        return BeamCache(prefix_keys=workspace.prefix_keys, prefix_values=workspace.prefix_values,
+                         prefix_bias=workspace.prefix_bias, suffix=workspace.suffix, beams=beams, cos=workspace.cos,
+                         sin=workspace.sin, workspace=workspace)
+
+    def _capture(self, workspace: _GraphWorkspace) -> None:
+        """Record the workspace's step as a CUDA graph (its buffers are the graph's inputs and output)."""
+        cache = BeamCache(prefix_keys=workspace.prefix_keys, prefix_values=workspace.prefix_values,
+                          prefix_bias=workspace.prefix_bias, suffix=workspace.suffix, beams=workspace.beams,
+                          cos=workspace.cos, sin=workspace.sin)
+        device = workspace.suffix.device
+        # warm-up on a side stream (cuBLAS handles, allocator) as torch.cuda.graph requires; it writes the same
+        # k/v at the same slot as the replay that follows, so it changes nothing
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._static_step(workspace.tokens, workspace.positions, workspace.slot, cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            workspace.output = self._static_step(workspace.tokens, workspace.positions, workspace.slot, cache)
+        workspace.graph = graph
+        logger.debug("captured a decoding-step graph for %d rows, prompt %d, depth %d", workspace.tokens.shape[0],
+                     workspace.prefix_bias.shape[-1], workspace.suffix.shape[4])
 
     def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, suffix: torch.Tensor,
                     prefix_keys: list[torch.Tensor], prefix_values: list[torch.Tensor], prefix_bias: torch.Tensor,
@@ -285,6 +379,8 @@ class BeamCache:
     sin: torch.Tensor
     length: int = 0
     """Tokens generated so far (filled suffix positions)."""
+    workspace: _GraphWorkspace | None = None
+    """The graph workspace whose buffers these are (``LeanDecoder(graphs=True)``), else None."""
 
     def reorder(self, parent: torch.Tensor) -> None:
         """Row r continues row ``parent[r]`` (always a beam of the same user, so the prompt part stays)."""
@@ -293,3 +389,53 @@ class BeamCache:
         for layer in range(self.suffix.shape[1]) if self.length else ():
             filled = self.suffix[:, layer, :, :, : self.length]
             filled.copy_(filled.index_select(0, parent))
+
+
+@dataclass
+class _GraphWorkspace:
+    """Every buffer one shape's graph-recorded step reads or writes; their addresses never change."""
+
+    beams: int
+    prefix_keys: list[torch.Tensor]
+    """Per layer (users, kv_heads, padded prompt, hd), the prompt right-aligned."""
+    prefix_values: list[torch.Tensor]
+    prefix_bias: torch.Tensor
+    """(users, 1, 1, padded prompt): 0 on real prompt positions, -inf elsewhere."""
+    suffix: torch.Tensor
+    """(rows, layers, 2, kv_heads, capacity, hd)."""
+    cos: torch.Tensor
+    """(table length, hd)."""
+    sin: torch.Tensor
+    tokens: torch.Tensor
+    """(rows,) the step's input tokens."""
+    positions: torch.Tensor
+    """(rows,) their position ids."""
+    slot: torch.Tensor
+    """(1,) the step index."""
+    on_cuda: bool
+    graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
+    output: torch.Tensor | None = field(default=None, repr=False)
+    """(rows, d): the graph's output buffer."""
+
+    @classmethod
+    def allocate(cls, decoder: LeanDecoder, reference: torch.Tensor, users: int, beams: int, padded_len: int,
+                 capacity: int, table_len: int) -> _GraphWorkspace:
+        rows, layers = users * beams, len(decoder.layers)
+        kv, hd = decoder.kv_heads, decoder.head_dim
+
+        def zeros(*shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype or reference.dtype, device=reference.device)
+
+        return cls(
+            beams=beams,
+            prefix_keys=[zeros(users, kv, padded_len, hd) for _ in range(layers)],
+            prefix_values=[zeros(users, kv, padded_len, hd) for _ in range(layers)],
+            prefix_bias=zeros(users, 1, 1, padded_len),
+            suffix=zeros(rows, layers, 2, kv, capacity, hd),
+            cos=zeros(table_len, hd),
+            sin=zeros(table_len, hd),
+            tokens=zeros(rows, dtype=torch.long),
+            positions=zeros(rows, dtype=torch.long),
+            slot=zeros(1, dtype=torch.long),
+            on_cuda=reference.device.type == "cuda",
+        )

@@ -92,7 +92,7 @@ class Recommender:
         return self._scorers[head]
 
     def lean_decoder(self, step: str) -> LeanDecoder | None:
-        """The packed decoding step for ``step`` ('lean', 'compiled'; None for 'stock' or a model it cannot run),
+        """The packed decoding step for ``step`` ('lean', 'compiled', 'graphs'; None for 'stock' or a model it cannot run),
         built once."""
         if step not in self._lean:
             self._lean[step] = lean_decoder_for(self.model, step)
@@ -155,7 +155,7 @@ class Recommender:
             assist: mix the assistant's item probabilities into the scores (D3); None: when the artifact
                 carries an assistant. Scores are then log P_LLM(item) + w × log P_assistant(item).
             step: how beam search runs a decoding step: 'lean' (:mod:`llmrec.fast_step`), 'compiled' (the lean
-                step through torch.compile) or 'stock' (the model's own forward); the same lists and scores to
+                step through torch.compile), 'graphs' (the lean step replayed as a CUDA graph) or 'stock' (the model's own forward); the same lists and scores to
                 float tolerance.
         """
         if search not in ("beam", "exact"):

@@ -58,9 +58,9 @@ class EvalConfig:
     assist: bool | None = None
     """Mix the artifact's assistant into the scores (D3's assisted decoding, `prunerec assist`): None = when
     the artifact carries one (as the service does), False = the pure LLM, True = require one."""
-    step: Literal["lean", "compiled", "stock"] = "lean"
+    step: Literal["lean", "compiled", "graphs", "stock"] = "lean"
     """How beam search runs a decoding step: 'lean' (packed weights, a preallocated beam cache; llmrec.fast_step),
-    'compiled' (the lean step through torch.compile) or 'stock' (the model's own forward). Same lists and scores
+    'compiled' (the lean step through torch.compile), 'graphs' (replayed as a CUDA graph) or 'stock' (the model's own forward). Same lists and scores
     to float tolerance."""
 
 

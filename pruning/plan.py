@@ -124,6 +124,44 @@ def plan_for_target(source: Shape, removed: float, attention_bias: bool = False)
     raise ValueError(f"no plan removes {removed:.1%} of the non-embedding parameters")
 
 
+GRADUAL_STAGES = ("attn", "mlp", "depth")
+
+
+def gradual_plans(plan: Plan, stage: str, steps: int) -> list[Plan]:
+    """Plans that take ``stage`` from its input shape to ``plan``'s in ``steps`` cuts (gradual pruning).
+
+    Each dimension the stage cuts shrinks geometrically (the k-th of n cuts keeps start × (end/start)^(k/n),
+    rounded as the plan rounds: the residual and MLP widths to multiples of 8), the last cut lands exactly on
+    the plan. Plan k's target is the shape after cut k: the earlier stages' dimensions at the plan's, the
+    later ones at the source's. One step, or a stage that is not a width or depth cut, gives ``[plan]``.
+    """
+    if steps < 1:
+        raise ValueError(f"gradual steps must be >= 1, got {steps}")
+    if steps == 1 or stage not in GRADUAL_STAGES:
+        return [plan]
+    previous = GRADUAL_STAGES.index(stage) - 1
+    start = plan.after(GRADUAL_STAGES[previous]) if previous >= 0 else plan.source
+    end = plan.after(stage)
+
+    def towards(first: int, last: int, k: int, multiple: int = 1) -> int:
+        if k == steps or first == last:
+            return last
+        return max(last, min(first, _round_to(first * (last / first) ** (k / steps), multiple, multiple)))
+
+    plans = []
+    for k in range(1, steps + 1):
+        if stage == "attn":
+            kv = towards(start.kv_heads, end.kv_heads, k)
+            per_group = towards(start.groups, end.groups, k)
+            target = replace(start, kv_heads=kv, heads=kv * per_group, hidden=towards(start.hidden, end.hidden, k, 8))
+        elif stage == "mlp":
+            target = replace(start, intermediate=towards(start.intermediate, end.intermediate, k, 8))
+        else:
+            target = replace(start, layers=towards(start.layers, end.layers, k))
+        plans.append(Plan(plan.source, target, plan.ratios, plan.attention_bias))
+    return plans
+
+
 def has_attention_bias(config: object) -> bool:
     return bool(getattr(config, "attention_bias", False)) or getattr(config, "model_type", "") == "qwen2"
 

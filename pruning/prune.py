@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,15 @@ from pruning.distill import DistillConfig
 from pruning.evaluate import run as evaluate_artifact
 from pruning.examples import split_examples, training_example_count
 from pruning.packing import pack
-from pruning.plan import DEFAULT_RATIOS, KeepRatios, Plan, has_attention_bias, plan_for_target, plan_from_ratios
+from pruning.plan import (
+    DEFAULT_RATIOS,
+    KeepRatios,
+    Plan,
+    gradual_plans,
+    has_attention_bias,
+    plan_for_target,
+    plan_from_ratios,
+)
 from pruning.stages import STAGES, SharedData, StageInputs, eval_config
 from pruning.surgery import shape_of
 from pruning.trsp import TRSPConfig
@@ -74,6 +82,11 @@ class PruneConfig:
     """Depth stage: greedy removal by calibration loss (PruneRec), TRSP gates, or ELDeR (TRSP with λ1 = 0)."""
     trsp: TRSPConfig = field(default_factory=TRSPConfig)
     """Settings of the trsp/elder depth methods."""
+    gradual: int = 1
+    """Cuts per width/depth stage (gradual pruning): 2 reaches each stage's part of the plan in two smaller
+    cuts, each distilled (widths and depth shrink geometrically), artifacts numbered in order (1-attn, 2-attn,
+    3-mlp, ...). The stage's distillation budget (steps, minutes, epochs) is split evenly over its cuts, so
+    the total equals the one-cut path's."""
     device: str | None = None
     """Where the teacher, the students, importance scoring and distillation run: cpu or cuda (default: cuda
     when available). Weights stay fp32 (on CUDA, matmuls use TF32)."""
@@ -142,14 +155,30 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
                          teacher_manifest=manifest, template=template, data=data, plan=plan, device=device, shared=shared,
                          output=output)
     written: list[Path] = []
-    for number, name in enumerate(config.stages, start=1):
-        inputs.number = number
-        artifact = STAGES[name].run(config, inputs)
+    cuts = [(name, step_plan, len(plans)) for name in config.stages
+            for plans in [gradual_plans(plan, name, config.gradual)] for step_plan in plans]
+    for number, (name, step_plan, steps) in enumerate(cuts, start=1):
+        inputs.number, inputs.plan = number, step_plan
+        artifact = STAGES[name].run(split_budget(config, steps), inputs)
         inputs.parent, inputs.student, inputs.tokenizer = str(artifact.path), artifact.model, artifact.tokenizer
         written.append(artifact.path)
     summary = summarize(config.teacher, written)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return written
+
+
+def split_budget(config: PruneConfig, cuts: int) -> PruneConfig:
+    """``config`` with its per-stage distillation budget divided over a stage's ``cuts`` (gradual pruning)."""
+    if cuts == 1:
+        return config
+    budget = config.distill
+    split = replace(
+        budget,
+        max_steps=max(1, budget.max_steps // cuts) if budget.max_steps is not None else None,
+        max_minutes=budget.max_minutes / cuts if budget.max_minutes is not None else None,
+        epochs=budget.epochs / cuts,
+    )
+    return replace(config, distill=split)
 
 
 def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedModel, tokenizer: Any,

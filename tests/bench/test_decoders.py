@@ -53,3 +53,10 @@ def test_compare_decoders_reports_rates_and_agreement(recommender, prepared):
     assert 0.0 < report["generate_vs"]["ours_lean"]["top10_overlap"] <= 1.0
     assert report["lean_speedup_vs_generate"] > 0
     assert "hf_generate" not in compare_decoders(recommender, histories(prepared, 2), batch_size=2, generate=False)["users_per_s"]
+
+
+def test_compare_decoders_times_extra_steps_against_the_stock_step(recommender, prepared):
+    report = compare_decoders(recommender, histories(prepared, 3), batch_size=2, generate=False, extra_steps=["graphs"])
+    assert set(report["users_per_s"]) == {"ours_stock", "ours_lean", "ours_graphs"}
+    assert report["graphs_vs_stock"]["identical_lists"] == 1.0
+    assert report["graphs_vs_stock"]["max_score_difference"] < 1e-3

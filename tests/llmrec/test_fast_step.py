@@ -144,6 +144,59 @@ def test_the_compiled_step_equals_the_stock_step_on_cuda(tokenizer, prepared):
                      recommender.recommend(chunk, step="stock", **kwargs))
 
 
+def test_graph_workspaces_equal_the_stock_step_and_are_reused_per_shape(tokenizer, prepared, monkeypatch):
+    """The 'graphs' step's per-shape workspaces (prompt right-aligned in a bucketed length, stale contents of an
+    earlier search overwritten), eager on the CPU: batches of 1, 3, 2 users, the 3 again, and 1 give the stock
+    lists; a shape seen before reuses its workspace, and the least recently used one is dropped past the
+    limit."""
+    import llmrec.fast_step as fast_step
+
+    monkeypatch.setattr(fast_step, "GRAPH_WORKSPACES", 2)
+    model = tiny_llama(len(tokenizer))
+    recommender = Recommender(model, tokenizer, prepared.catalog, compact_template())
+    graphs = lean_decoder_for(model, "graphs")
+    assert graphs is not None and graphs.graphs and graphs.static
+    hs = histories(prepared, 10)
+    seen = []
+    for chunk in (hs[:1], hs[1:4], hs[4:6], hs[1:4], hs[9:]):
+        prompts = [recommender.prompt_ids(h) for h in chunk]
+        config = BeamSearchConfig(num_beams=6, top_k=5, step="graphs")
+        lean = constrained_beam_search(model, prompts, recommender.trie, config, recommender.pad_id, excluded=chunk,
+                                       lean=graphs)
+        stock = constrained_beam_search(model, prompts, recommender.trie, BeamSearchConfig(num_beams=6, top_k=5, step="stock"),
+                                        recommender.pad_id, excluded=chunk)
+        _assert_same(lean, stock)
+        shape = next(reversed(graphs._workspaces))  # the one this search used
+        assert shape[0] == len(chunk) and shape[2] % fast_step.PROMPT_BUCKET == 0
+        assert shape[2] >= max(len(p) for p in prompts)
+        seen.append(graphs._workspaces[shape])
+        assert len(graphs._workspaces) <= 2
+    assert seen[3] is seen[1]  # the same 3 users again: the same buffers (still cached: 2 kept)
+    assert seen[2] is not seen[1]
+    assert all(not w.on_cuda and w.graph is None for w in seen)
+
+
+def test_the_graphs_step_through_the_recommender_equals_stock(tokenizer, prepared):
+    recommender = Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, d3_template())
+    hs = histories(prepared, 5)
+    kwargs = dict(k=5, num_beams=6, batch_size=2, exclude=hs)
+    _assert_same(recommender.recommend(hs, step="graphs", **kwargs), recommender.recommend(hs, step="stock", **kwargs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_graph_recorded_step_equals_the_stock_step_on_cuda(tokenizer, prepared):
+    model = tiny_llama(len(tokenizer)).to("cuda")
+    recommender = Recommender(model, tokenizer, prepared.catalog, compact_template())
+    hs = histories(prepared, 7)
+    for chunk in (hs[:1], hs[1:4], hs[4:], hs[:1]):
+        kwargs = dict(k=5, num_beams=6, batch_size=len(chunk), exclude=chunk)
+        _assert_same(recommender.recommend(chunk, step="graphs", **kwargs),
+                     recommender.recommend(chunk, step="stock", **kwargs))
+    graphs = recommender.lean_decoder("graphs")
+    assert graphs is not None
+    assert all(w.on_cuda and w.graph is not None for w in graphs._workspaces.values())
+
+
 def test_unsupported_models_fall_back_to_the_stock_step(tokenizer, caplog):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
     assert "model type" in (lean_supported(gpt2) or "")

@@ -12,7 +12,7 @@ from llmrec.prompting import PromptEncoder
 from pruning import distill
 from pruning.calibration import CalibrationConfig, batches, calibration_batches, mean_kl, teacher_targets
 from pruning.examples import split_examples
-from pruning.plan import DEFAULT_RATIOS, KeepRatios, plan_for_target, plan_from_ratios
+from pruning.plan import DEFAULT_RATIOS, KeepRatios, gradual_plans, plan_for_target, plan_from_ratios
 from pruning.prune import PruneConfig, run
 from pruning.surgery import Shape, count_parameters, shape_of, slice_mlp
 from pruning.train import TrainConfig
@@ -303,3 +303,35 @@ def test_teacher_maps_compose_over_stages_and_hidden_state_distillation_runs(tmp
     a = load_file(str(plain[0] / "model.safetensors"))
     b = load_file(str(hidden[0] / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the hidden-state term changed the recovered student
+
+
+def test_gradual_plans_shrink_geometrically_and_land_on_the_plan():
+    plan = plan_from_ratios(SMOLLM2, DEFAULT_RATIOS)
+    attn = gradual_plans(plan, "attn", 2)
+    assert [(p.target.kv_heads, p.target.heads, p.target.hidden) for p in attn] == [(2, 6, 408), (1, 3, 288)]
+    assert attn[0].target.intermediate == SMOLLM2.intermediate and attn[0].target.layers == SMOLLM2.layers
+    assert [p.target.intermediate for p in gradual_plans(plan, "mlp", 2)] == [768, 384]
+    depth = gradual_plans(plan, "depth", 3)
+    assert [p.target.layers for p in depth] == [21, 14, 10]
+    assert depth[-1].target == plan.target and depth[-1].removed_fraction == plan.removed_fraction
+    removed = [p.removed_fraction for stage in ("attn", "mlp", "depth") for p in gradual_plans(plan, stage, 2)]
+    assert removed == sorted(removed) and len(set(removed)) == 6
+    assert gradual_plans(plan, "vocab", 2) == [plan] and gradual_plans(plan, "mlp", 1) == [plan]
+    with pytest.raises(ValueError, match="gradual"):
+        gradual_plans(plan, "attn", 0)
+
+
+def test_gradual_pruning_reaches_the_same_shape_in_more_distilled_cuts(tmp_path, dense, prepared):
+    """gradual=2: six artifacts, each smaller than the last, the last of the one-cut path's shape; every cut
+    distilled with half of the stage's steps (equal total), the teacher map composed over all six cuts."""
+    paths = run(tiny_prune_config(tmp_path / "gradual", dense, gradual=2), prepared)
+    assert [p.name for p in paths] == ["1-attn", "2-attn", "3-mlp", "4-mlp", "5-depth", "6-depth"]
+    sizes = [read_manifest(p)["params"]["non_embedding"] for p in paths]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 6
+    ratios = KeepRatios(kv_groups=0.5, heads_per_group=1.0, hidden=0.5, mlp=0.5, layers=0.5)
+    assert shape_of_artifact(paths[-1]) == plan_from_ratios(shape_of_artifact(dense), ratios, True).target
+    assert [read_manifest(p)["distillation"]["steps"] for p in paths] == [2] * 6
+    assert read_manifest(paths[1])["stage_config"]["distill"]["max_steps"] == 2
+    final_map = read_manifest(paths[-1])["teacher_map"]
+    final_shape = shape_of_artifact(paths[-1])
+    assert len(final_map["layers"]) == final_shape.layers and len(final_map["channels"]) == final_shape.hidden
