@@ -55,10 +55,12 @@ class Settings(BaseSettings):
     search: Literal["beam", "exact"] = "beam"
     """How a list is made: 'beam' (constrained beam search with num_beams) or 'exact' (every catalog title
     scored exactly, one user at a time: minutes per request on a CPU; for a GPU)."""
-    decode_step: Literal["lean", "compiled", "graphs", "stock"] = "lean"
-    """How beam search runs a decoding step: 'lean' (packed weights, a preallocated beam cache, fewer and larger
-    operations; llmrec.fast_step), 'compiled' (the lean step through torch.compile, compiled during the warm-up
-    at start), 'graphs' (the lean step recorded once per shape as a CUDA graph and replayed; for a GPU) or 'stock' (the model's own forward). Same lists and scores to float tolerance."""
+    decode_step: Literal["auto", "lean", "compiled", "graphs", "stock"] = "auto"
+    """How beam search runs a decoding step: 'auto' ('graphs' on a CUDA device, else 'lean'), 'lean' (packed
+    weights, a preallocated beam cache, fewer and larger operations; llmrec.fast_step), 'compiled' (the lean
+    step through torch.compile, compiled during the warm-up at start), 'graphs' (the lean step recorded once
+    per shape as a CUDA graph and replayed; for a GPU) or 'stock' (the model's own forward). Same lists and
+    scores to float tolerance."""
     assist: bool | None = None
     """D3's assisted decoding (`prunerec assist`): None mixes in an arm's assistant when its artifact carries
     one, False serves the pure LLM, True refuses to load an arm without one."""

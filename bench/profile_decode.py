@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("artifact")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--head", default="catalog")
-    parser.add_argument("--step", default="lean", choices=["lean", "compiled", "graphs", "stock"], help="decoding step")
+    parser.add_argument("--step", default="auto", choices=["auto", "lean", "compiled", "graphs", "stock"], help="decoding step")
     parser.add_argument("--no-assist", action="store_true", help="rank without the artifact's assistant")
     args = parser.parse_args()
 

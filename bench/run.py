@@ -280,13 +280,16 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
 
 
 def _decoders(artifact: Path, data: PreparedData, pairs: np.ndarray, config: BenchConfig) -> dict[str, Any]:
-    """bench.decoders on one artifact: the lean and stock steps and HF generate, same users and batch size."""
+    """bench.decoders on one artifact: the lean and stock steps (and the graphs step on CUDA) and HF generate, same
+    users and batch size."""
     from bench.decoders import compare_decoders
     from llmrec.recommender import Recommender
 
     recommender = Recommender.from_artifact(artifact, device=config.device)
     histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
-    return compare_decoders(recommender, histories, batch_size=config.serve_batch_size)
+    # on a GPU the recorded step is the default ('auto'): time it beside the lean and stock steps
+    extra = ["graphs"] if recommender.device.type == "cuda" else []
+    return compare_decoders(recommender, histories, batch_size=config.serve_batch_size, extra_steps=extra)
 
 
 def sample_check(data: PreparedData, pairs: np.ndarray) -> dict[str, float]:

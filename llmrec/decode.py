@@ -223,8 +223,9 @@ class BeamSearchConfig:
     """'full': log-softmax over the whole vocabulary (exact item probabilities). 'catalog': the LM head only
     over the tokens catalog titles use, normalised over them (cheaper; changes the scores). 'catalog-fullnorm':
     the catalog rows for the scores but normalised over the full vocabulary (same lists as 'full'; a check)."""
-    step: str = "lean"
-    """How a decoding step runs: 'lean' (:mod:`llmrec.fast_step`: packed weights, a preallocated beam cache,
+    step: str = "auto"
+    """How a decoding step runs: 'auto' ('graphs' on a CUDA device, 'lean' elsewhere: the fastest measured on
+    each, README "Constrained top-k decoding"), 'lean' (:mod:`llmrec.fast_step`: packed weights, a preallocated beam cache,
     fewer and larger operations; falls back to 'stock' for a model it cannot run), 'compiled' (the lean step
     through torch.compile; the first calls compile), 'graphs' (the lean step recorded as a CUDA graph per
     shape and replayed: one launch per step on a GPU; the same buffers run eagerly elsewhere) or 'stock' (the
@@ -232,7 +233,7 @@ class BeamSearchConfig:
 
 
 HEADS = ("full", "catalog", "catalog-fullnorm")
-STEPS = ("lean", "compiled", "graphs", "stock")
+STEPS = ("auto", "lean", "compiled", "graphs", "stock")
 
 
 def lean_decoder_for(model: PreTrainedModel, step: str) -> LeanDecoder | None:
@@ -240,6 +241,8 @@ def lean_decoder_for(model: PreTrainedModel, step: str) -> LeanDecoder | None:
     None (the stock step)."""
     if step not in STEPS:
         raise ValueError(f"unknown decoding step {step!r}; choose one of {STEPS}")
+    if step == "auto":
+        step = "graphs" if next(model.parameters()).device.type == "cuda" else "lean"
     if step == "stock":
         return None
     reason = lean_supported(model)

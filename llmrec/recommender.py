@@ -92,7 +92,7 @@ class Recommender:
         return self._scorers[head]
 
     def lean_decoder(self, step: str) -> LeanDecoder | None:
-        """The packed decoding step for ``step`` ('lean', 'compiled', 'graphs'; None for 'stock' or a model it cannot run),
+        """The packed decoding step for ``step`` ('auto', 'lean', 'compiled', 'graphs'; None for 'stock' or a model it cannot run),
         built once."""
         if step not in self._lean:
             self._lean[step] = lean_decoder_for(self.model, step)
@@ -137,7 +137,7 @@ class Recommender:
         head: str = "catalog",
         search: str = "beam",
         assist: bool | None = None,
-        step: str = "lean",
+        step: str = "auto",
     ) -> list[list[tuple[int, float]]]:
         """For each history, the top-k (catalog index, score) pairs, best first.
 
@@ -154,7 +154,8 @@ class Recommender:
                 exactly, :mod:`llmrec.exact`; one user at a time).
             assist: mix the assistant's item probabilities into the scores (D3); None: when the artifact
                 carries an assistant. Scores are then log P_LLM(item) + w × log P_assistant(item).
-            step: how beam search runs a decoding step: 'lean' (:mod:`llmrec.fast_step`), 'compiled' (the lean
+            step: how beam search runs a decoding step: 'auto' ('graphs' on CUDA, else 'lean'), 'lean'
+                (:mod:`llmrec.fast_step`), 'compiled' (the lean
                 step through torch.compile), 'graphs' (the lean step replayed as a CUDA graph) or 'stock' (the model's own forward); the same lists and scores to
                 float tolerance.
         """

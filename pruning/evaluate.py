@@ -58,10 +58,11 @@ class EvalConfig:
     assist: bool | None = None
     """Mix the artifact's assistant into the scores (D3's assisted decoding, `prunerec assist`): None = when
     the artifact carries one (as the service does), False = the pure LLM, True = require one."""
-    step: Literal["lean", "compiled", "graphs", "stock"] = "lean"
-    """How beam search runs a decoding step: 'lean' (packed weights, a preallocated beam cache; llmrec.fast_step),
-    'compiled' (the lean step through torch.compile), 'graphs' (replayed as a CUDA graph) or 'stock' (the model's own forward). Same lists and scores
-    to float tolerance."""
+    step: Literal["auto", "lean", "compiled", "graphs", "stock"] = "auto"
+    """How beam search runs a decoding step: 'auto' ('graphs' on a CUDA device, else 'lean'), 'lean' (packed
+    weights, a preallocated beam cache; llmrec.fast_step), 'compiled' (the lean step through torch.compile),
+    'graphs' (replayed as a CUDA graph) or 'stock' (the model's own forward). Same lists and scores to float
+    tolerance."""
 
 
 def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
@@ -84,7 +85,7 @@ def mostpop_metrics(data: PreparedData, pairs: np.ndarray, exclude_history: bool
 def rank_users(recommender: Recommender, data: PreparedData, pairs: np.ndarray, num_beams: int, batch_size: int,
                exclude_history: bool, head: str, progress: bool = False,
                search: str = "beam", assist: bool | None = None,
-               step: str = "lean") -> tuple[list[list[int]], list[int | None]]:
+               step: str = "auto") -> tuple[list[list[int]], list[int | None]]:
     """Each sample's ranked list (catalog indices, best first) and the rank of its target in it (None: absent)."""
     histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
     targets = [data.target(int(u), int(p)) for u, p in pairs]

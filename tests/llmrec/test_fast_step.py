@@ -195,6 +195,8 @@ def test_the_graph_recorded_step_equals_the_stock_step_on_cuda(tokenizer, prepar
     graphs = recommender.lean_decoder("graphs")
     assert graphs is not None
     assert all(w.on_cuda and w.graph is not None for w in graphs._workspaces.values())
+    auto = lean_decoder_for(model, "auto")  # on CUDA the default records graphs
+    assert auto is not None and auto.graphs
 
 
 def test_unsupported_models_fall_back_to_the_stock_step(tokenizer, caplog):
@@ -206,6 +208,8 @@ def test_unsupported_models_fall_back_to_the_stock_step(tokenizer, caplog):
         assert lean_decoder_for(gpt2, "lean") is None
     assert "stock step" in caplog.text
     assert lean_decoder_for(tiny_llama(len(tokenizer)), "stock") is None
+    auto = lean_decoder_for(tiny_llama(len(tokenizer)), "auto")  # on a CPU: the eager lean step, not the graphs
+    assert auto is not None and not auto.graphs and not auto.static and not auto.compiled
     with pytest.raises(ValueError, match="unknown decoding step"):
         lean_decoder_for(gpt2, "fast")
 
