@@ -180,6 +180,9 @@ def markdown(report: dict) -> str:
                      entry.get("lean_speedup_vs_generate"), entry["lean_vs_stock"]["identical_lists"],
                      vs.get("top10_overlap"), vs.get("identical_lists")]
             lines.append(f"| {name} | " + " | ".join(_fmt(c, 2) if isinstance(c, float) else _fmt(c) for c in cells) + " |")
+        recorded = {name: e["users_per_s"]["ours_graphs"] for name, e in decoders.items() if "ours_graphs" in e["users_per_s"]}
+        if recorded:  # on CUDA the default step records the lean step as a CUDA graph
+            lines += ["", "The graphs step (CUDA), users/s: " + ", ".join(f"{n} {_fmt(r, 2)}" for n, r in recorded.items())]
     if report.get("ratios"):
         lines += ["", "## Ratios (pruned vs dense; the LLM rows vs SASRec)", ""] + [f"- {k}: {_fmt(v, 3)}" for k, v in report["ratios"].items()]
     if report.get("paired_test"):
@@ -267,6 +270,9 @@ def write_report(report: dict, directory: Path, pair: tuple[str, str] = ("dense"
     for name, entry in (report.get("decoders") or {}).items():  # our decoder against the papers' way (HF generate)
         if entry.get("lean_speedup_vs_generate"):
             report["ratios"][f"{name}_lean_vs_generate_users_per_s"] = entry["lean_speedup_vs_generate"]
+        rates = entry.get("users_per_s", {})
+        if rates.get("ours_graphs") and rates.get("hf_generate"):  # on CUDA: the recorded step, the default there
+            report["ratios"][f"{name}_graphs_vs_generate_users_per_s"] = rates["ours_graphs"] / rates["hf_generate"]
     (directory / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (directory / "report.md").write_text(markdown(report))
     return [directory / "report.json", directory / "report.md", *plots(report, directory)]
