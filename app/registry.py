@@ -100,6 +100,10 @@ class Registry:
         if self.settings.warmup:
             decode = self._decoder(arm.recommender)
             decode([[0]], 1, [[]])
+            # a full history too: the 'graphs' step records a graph per shape (prompt length in buckets), and
+            # a one-request batch of a full history is the shape the first users at concurrency 1 bring
+            full = list(range(min(arm.recommender.max_history, len(arm.recommender.catalog))))
+            decode([full], 1, [[]])
             if self.settings.decode_step == "compiled":
                 # torch.compile specialises sizes 0 and 1: a second batch of two users with prompts of other
                 # lengths makes it compile the graph for symbolic shapes now, not on a user's request

@@ -102,20 +102,26 @@ def test_an_arm_serves_its_assistant_unless_told_not_to(arms, tmp_path, prepared
 
 
 def test_the_decoding_step_setting_reaches_the_search_and_keeps_the_lists(arms):
-    """PRUNEREC_DECODE_STEP: the lean step (default, built at the warm-up) and the stock one serve the same
-    lists; an unknown value is refused by the settings."""
+    """PRUNEREC_DECODE_STEP: the lean step (what 'auto' is on a CPU), the graphs step (its workspaces, eager
+    here) and the stock one serve the same lists; the warm-up builds the packed step and, for graphs, the
+    workspaces of a one-user request with a short and with a full history; an unknown value is refused."""
     import pydantic
 
+    assert Settings(models={"a": str(arms["pruned"])}).decode_step == "auto"
     lists = {}
-    for step in ("lean", "stock"):
+    for step in ("lean", "graphs", "stock"):
         registry = Registry(Settings(models={"a": str(arms["pruned"])}, warmup=True, decode_step=step))
         try:
             arm = registry.executor("a").submit(registry.load, "a").result()
-            # the warm-up built the packed step for 'lean' and none for 'stock'
-            assert (arm.recommender._lean.get(step) is not None) == (step == "lean")
+            # the warm-up built the packed step for 'lean' and 'graphs' and none for 'stock'
+            assert (arm.recommender._lean.get(step) is not None) == (step != "stock")
+            if step == "graphs":
+                shapes = list(arm.recommender._lean[step]._workspaces)
+                assert [shape[0] for shape in shapes] == [1, 1] and shapes[0][2] < shapes[1][2]
             lists[step] = registry.decode_fn("a")([[0, 1, 2], [3]], 5, [[0, 1, 2], [3]])
         finally:
             registry.shutdown()
     assert [[i for i, _ in r] for r in lists["lean"]] == [[i for i, _ in r] for r in lists["stock"]]
+    assert [[i for i, _ in r] for r in lists["graphs"]] == [[i for i, _ in r] for r in lists["stock"]]
     with pytest.raises(pydantic.ValidationError):
         Settings(models={"a": str(arms["pruned"])}, decode_step="fast")
