@@ -10,6 +10,7 @@ users and, when asked, RecBole SASRec. Resumable: finished stages and evaluation
 
     python -m bench.retention runs/bench-cpu/0-dense --profile cpu --users 300     # hours on 2 CPU cores
     python -m bench.retention runs/dense --profile gpu --sasrec-epochs 50           # every user, one GPU
+    python -m bench.retention runs/dense --profile gpu --users 0 --distill-minutes 0.5   # sized to a short lease
 
 Writes ``report.json`` (``points``: target, removed, non_embedding, NDCG@10, HR@10, retention), ``report.md``
 and ``retention.png`` (NDCG@10 against non-embedding parameters, log scale, with the dense point and the
@@ -51,6 +52,8 @@ class RetentionConfig:
     seed: int = 0
     sasrec_epochs: int = 0
     """Most epochs of the RecBole SASRec line (0: no SASRec line)."""
+    distill_preset: str | None = None
+    """Distillation preset over the profile (``prunerec prune --distill-preset``), under the overrides."""
     prune_overrides: dict[str, Any] = field(default_factory=dict)
     """PruneConfig values over the profile (dotted paths, e.g. {'distill.max_steps': 4})."""
     device: str | None = None
@@ -64,11 +67,13 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     """Prune to every target, evaluate, write the report; returns it."""
     from bench.run import evaluate_cached
     from llmrec.configs import merge
+    from pruning.distill import with_preset
     from pruning.prune import PROFILES, PruneConfig
     from pruning.prune import run as prune
 
     if config.profile not in PROFILES:
         raise ValueError(f"unknown pruning profile {config.profile!r}; choose one of {sorted(PROFILES)}")
+    with_preset(None, config.distill_preset)  # an unknown preset is refused before any work
     if not config.targets or any(not 0.0 < t < 1.0 for t in config.targets):
         raise ValueError(f"targets must lie strictly between 0 and 1, got {config.targets}")
     work = Path(config.work or f"runs/retention-{config.profile}")
@@ -81,7 +86,8 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     points = []
     for target in sorted(config.targets):
         name = f"target-{target:g}"
-        prune_config = merge(PruneConfig, PROFILES[config.profile], {"device": config.device, **config.prune_overrides},
+        prune_config = merge(PruneConfig, with_preset(PROFILES[config.profile], config.distill_preset),
+                             {"device": config.device, **config.prune_overrides},
                              output=str(work / name), teacher=config.teacher, target=target, stages=list(config.stages),
                              evaluate=False)
         logger.info("retention: pruning to %.1f%% removed", 100 * target)
@@ -169,6 +175,12 @@ def main() -> None:
                         help="comma-separated shares of non-embedding parameters to remove")
     parser.add_argument("--users", type=int, default=300, help="seeded test users (0 = all)")
     parser.add_argument("--sasrec-epochs", type=int, default=0, help="most RecBole SASRec epochs (0: no SASRec line)")
+    parser.add_argument("--distill-minutes", type=float, default=None,
+                        help="most minutes of distillation per stage (sizes the run to a GPU lease; [the profile's])")
+    parser.add_argument("--distill-steps", type=int, default=None, help="most distillation steps per stage")
+    parser.add_argument("--distill-examples", type=int, default=None,
+                        help="seeded subset of training examples to distil on ([the profile's])")
+    parser.add_argument("--distill-preset", default=None, help="distillation preset over the profile (prunerec)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
     parser.add_argument("--work", default=None)
@@ -183,8 +195,16 @@ def main() -> None:
     except ValueError:
         parser.error(f"--targets must be numbers, got {args.targets!r}")
     data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
+    overrides: dict[str, Any] = {}
+    if args.distill_minutes is not None:
+        overrides["distill.max_minutes"] = args.distill_minutes
+    if args.distill_steps is not None:
+        overrides["distill.max_steps"] = args.distill_steps
+    if args.distill_examples is not None:
+        overrides["distill.examples"] = args.distill_examples
     config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,
-                             sasrec_epochs=args.sasrec_epochs, device=args.device, work=args.work, output=args.output)
+                             sasrec_epochs=args.sasrec_epochs, distill_preset=args.distill_preset,
+                             prune_overrides=overrides, device=args.device, work=args.work, output=args.output)
     try:
         report = run_retention(config, data)
     except ValueError as exc:

@@ -10,6 +10,7 @@ import pytest
 from helpers import save_model_dir, tiny_qwen2
 
 from bench.retention import RetentionConfig, run_retention
+from llmrec.artifact import read_manifest
 from pruning.train import TrainConfig
 from pruning.train import run as train
 
@@ -27,7 +28,7 @@ def dense(tmp_path_factory, tokenizer, prepared):
 
 def test_retention_curve_prunes_evaluates_and_plots(tmp_path, dense, prepared):
     config = RetentionConfig(teacher=str(dense), profile="cpu", targets=[0.75, 0.5], users=None, prune_overrides=TINY,
-                             work=str(tmp_path / "work"), output=str(tmp_path / "out"))
+                             distill_preset="prunerec", work=str(tmp_path / "work"), output=str(tmp_path / "out"))
     report = run_retention(config, prepared)
     points = report["points"]
     assert [p["target"] for p in points] == [0.5, 0.75]  # sorted
@@ -37,6 +38,8 @@ def test_retention_curve_prunes_evaluates_and_plots(tmp_path, dense, prepared):
         assert point["retention"] == pytest.approx(point["ndcg@10"] / report["dense"]["ndcg@10"]) if report["dense"]["ndcg@10"] else True
     assert report["protocol"]["users"] == len(prepared.splits["test"]) and report["sasrec"] is None
     assert 0.0 <= report["mostpop"]["ndcg@10"] <= 1.0
+    distilled = read_manifest(points[0]["artifact"])["stage_config"]["distill"]
+    assert distilled["alpha"] == 0.2 and distilled["max_steps"] == 2  # the preset, under the overrides
     for name in ("report.json", "report.md", "retention.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| target 0.75 |" in (tmp_path / "out" / "report.md").read_text()
@@ -50,3 +53,5 @@ def test_retention_refuses_bad_targets_and_profiles(tmp_path, prepared):
         run_retention(RetentionConfig(teacher=str(tmp_path), targets=[1.2]), prepared)
     with pytest.raises(ValueError, match="unknown pruning profile"):
         run_retention(RetentionConfig(teacher=str(tmp_path), profile="tpu"), prepared)
+    with pytest.raises(ValueError, match="unknown distillation preset"):
+        run_retention(RetentionConfig(teacher=str(tmp_path), distill_preset="fast"), prepared)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The retention curve (issue 17) sized to a short GPU lease (~10 minutes on one H100/H200 after setup): a dense
+# model fine-tuned with the gpu profile under a time cap, pruned to each target with the gpu profile's
+# calibration and a per-stage distillation cap, every test user evaluated (pure LLM), with MostPop and RecBole
+# SASRec lines. Shorter budgets than `python -m bench.retention --profile gpu` (25 minutes): the report records
+# every setting, so the figures say what they were measured with.
+# usage (on the GPU machine, after ../shared/gpu/README.md's setup):  bash bench/gpu_retention.sh OUT_DIR
+# Knobs (environment): WORK (/tmp/prunerec-gpu-retention), TRAIN_MINUTES (3), TARGETS (0.5,0.9,0.955),
+# DISTILL_MINUTES (0.3 per stage), DISTILL_EXAMPLES (5000), PRESET (none; prunerec for PruneRec's loss),
+# SASREC_EPOCHS (50). Over 10 minutes in all: start it with setsid nohup and poll (../shared/gpu/README.md).
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_retention.sh OUT_DIR}
+work=${WORK:-/tmp/prunerec-gpu-retention}
+mkdir -p "$out" "$work"
+log() { echo "== $(date +%T) $*"; }
+if [ ! -f "$work/dense/prunerec.json" ]; then
+  log train
+  python3 -m cli.main train --profile gpu --max-minutes "${TRAIN_MINUTES:-3}" --output "$work/dense" || exit 1
+fi
+log retention
+preset=()
+[ -n "${PRESET:-}" ] && preset=(--distill-preset "$PRESET")
+python3 -m bench.retention "$work/dense" --profile gpu --users 0 --targets "${TARGETS:-0.5,0.9,0.955}" \
+  --distill-minutes "${DISTILL_MINUTES:-0.3}" --distill-examples "${DISTILL_EXAMPLES:-5000}" "${preset[@]}" --sasrec-epochs "${SASREC_EPOCHS:-50}" \
+  --work "$work/retention" --output "$out/retention" || log retention FAILED
+log done
