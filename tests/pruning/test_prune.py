@@ -335,3 +335,15 @@ def test_gradual_pruning_reaches_the_same_shape_in_more_distilled_cuts(tmp_path,
     final_map = read_manifest(paths[-1])["teacher_map"]
     final_shape = shape_of_artifact(paths[-1])
     assert len(final_map["layers"]) == final_shape.layers and len(final_map["channels"]) == final_shape.hidden
+
+
+def test_a_gradual_stage_splits_its_distillation_budget_over_its_cuts(tmp_path):
+    from pruning.prune import split_budget
+
+    config = tiny_prune_config(tmp_path, tmp_path, distill=distill.DistillConfig(max_steps=5, max_minutes=3.0, epochs=2.0))
+    assert split_budget(config, 1) is config
+    halves = split_budget(config, 2).distill
+    assert (halves.max_steps, halves.max_minutes, halves.epochs) == (2, 1.5, 1.0)
+    unbounded = tiny_prune_config(tmp_path, tmp_path, distill=distill.DistillConfig(max_steps=None, max_minutes=None))
+    assert split_budget(unbounded, 3).distill.max_steps is None and split_budget(unbounded, 3).distill.max_minutes is None
+    assert split_budget(config, 9).distill.max_steps == 1  # never zero steps
