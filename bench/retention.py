@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--distill-examples", type=int, default=None,
                         help="seeded subset of training examples to distil on ([the profile's])")
     parser.add_argument("--distill-preset", default=None, help="distillation preset over the profile (prunerec)")
+    parser.add_argument("--gradual", type=int, default=None, help="cuts per width/depth stage (prunerec prune --gradual)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
     parser.add_argument("--work", default=None)
@@ -202,6 +203,8 @@ def main() -> None:
         overrides["distill.max_steps"] = args.distill_steps
     if args.distill_examples is not None:
         overrides["distill.examples"] = args.distill_examples
+    if args.gradual is not None:
+        overrides["gradual"] = args.gradual
     config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,
                              sasrec_epochs=args.sasrec_epochs, distill_preset=args.distill_preset,
                              prune_overrides=overrides, device=args.device, work=args.work, output=args.output)
