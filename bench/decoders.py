@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=16, help="seeded test users (the benchmark's first N)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype [bf16 on CUDA, fp32 on a CPU]")
     parser.add_argument("--no-generate", action="store_true", help="skip HF generate (it is the slow one)")
     parser.add_argument("--extra-steps", default="", help="also time these decoding steps (comma-separated: "
                         "compiled, graphs)")
@@ -181,7 +183,8 @@ def main() -> None:
     histories = [data.history(int(u), int(p)).tolist() for u, p in pairs]
     reports = {}
     for artifact in args.artifacts:
-        recommender = Recommender.from_artifact(artifact, device=args.device)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        recommender = Recommender.from_artifact(artifact, device=args.device, dtype=dtype)
         reports[artifact] = compare_decoders(recommender, histories, args.batch_size, generate=not args.no_generate,
                                              extra_steps=[s for s in args.extra_steps.split(",") if s])
         logger.info("%s: %s", artifact, json.dumps(reports[artifact]["users_per_s"]))

@@ -5,7 +5,8 @@
 # for quality figures), then
 #   - the CUDA-only tests of the decoding steps (compiled, graph-recorded) against the stock step,
 #   - one request at a time (the service at concurrency 1): ms per top-10 request, lean / graphs / stock,
-#   - batches: users/s of ours (stock, lean, graphs) against HF generate, with their top-10 agreement,
+#   - batches: users/s of ours (stock, lean, graphs) against HF generate, with their top-10 agreement
+#     (in the CUDA default bf16, then in fp32),
 #   - the served arms over HTTP at concurrency 1 and 16 (speedup_p50, throughput_gain),
 #   - the compiled step against the recorded one on the pruned model (under a time limit: compiling is slow).
 # usage (on the GPU machine, after ../shared/gpu/README.md's setup):  bash bench/gpu_decoding.sh OUT_DIR
@@ -39,10 +40,18 @@ python3 -m bench.decode_steps "$dense" "$pruned" --device "$device" --requests "
 log decoders
 python3 -m bench.decoders "$dense" "$pruned" --device "$device" --users "${USERS:-64}" --batch-size "${BATCH:-64}" \
   --extra-steps graphs --output "$out/decoders.json" || log decoders FAILED
+log decoders-fp32
+# the same in fp32: bf16 rounding turns near-ties of the search into different lists; fp32 shows the decoders agree
+python3 -m bench.decoders "$dense" "$pruned" --device "$device" --users "${USERS:-64}" --batch-size "${BATCH:-64}" \
+  --extra-steps graphs --dtype float32 --output "$out/decoders_fp32.json" || log decoders-fp32 FAILED
 log serving
 # through the real service (its default step: graphs on CUDA), the two arms side by side
 python3 -m bench.serve_latency --arm "dense=$dense" --arm "pruned=$pruned" --requests "${REQUESTS:-32}" \
-  --concurrency 1 --concurrency 16 --output "$out/serve_latency.json" || log serving FAILED
+  --concurrency 1 --concurrency 16 --output "$out/serve_latency.json" || log decoders-fp32
+# the same in fp32: bf16 rounding turns near-ties of the search into different lists; fp32 shows the decoders agree
+python3 -m bench.decoders "$dense" "$pruned" --device "$device" --users "${USERS:-64}" --batch-size "${BATCH:-64}" \
+  --extra-steps graphs --dtype float32 --output "$out/decoders_fp32.json" || log decoders-fp32 FAILED
+log serving FAILED
 if [ "$device" = cuda ]; then
   # last, under a time limit: compiling the step (torch.compile) against recording it, on the pruned model
   log compiled
