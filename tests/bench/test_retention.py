@@ -39,7 +39,7 @@ def test_retention_curve_prunes_evaluates_and_plots(tmp_path, dense, prepared):
     assert report["protocol"]["users"] == len(prepared.splits["test"]) and report["sasrec"] is None
     assert 0.0 <= report["mostpop"]["ndcg@10"] <= 1.0
     distilled = read_manifest(points[0]["artifact"])["stage_config"]["distill"]
-    assert distilled["alpha"] == 0.2 and distilled["max_steps"] == 2  # the preset, under the overrides
+    assert (distilled["epochs"], distilled["patience"]) == (3.0, 1) and distilled["max_steps"] == 2  # the preset, under the overrides
     for name in ("report.json", "report.md", "retention.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| target 0.75 |" in (tmp_path / "out" / "report.md").read_text()

@@ -230,7 +230,8 @@ def test_the_prunerec_distillation_preset_sits_between_profile_and_options(tmp_p
     assert config.distill.max_minutes == 4.0  # the profile's time cap stays
     given = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {"distill.alpha": 0.7}, 0, "prunerec")
     assert given.distill.alpha == 0.7 and given.distill.temperature == 1.0  # an option given wins
-    assert prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0).distill.alpha == 0.5  # no preset: unchanged
+    plain = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0).distill  # no preset: the profile's budget
+    assert (plain.alpha, plain.temperature) == (0.2, 1.0) and (plain.epochs, plain.patience, plain.examples) != (3.0, 1, None)
     assert with_preset(None, "prunerec") == {"distill": DISTILL_PRESETS["prunerec"]}
     with pytest.raises(ValueError, match="unknown distillation preset"):
         with_preset({}, "d3")
