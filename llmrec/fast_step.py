@@ -277,15 +277,11 @@ class LeanDecoder:
         cos, sin = self.rotary(reference, torch.arange(top, device=reference.device)[None])
         workspace.cos[:top].copy_(cos[0])
         workspace.sin[:top].copy_(sin[0])
-        return BeamCache(prefix_keys=workspace.prefix_keys, prefix_values=workspace.prefix_values,
-                         prefix_bias=workspace.prefix_bias, suffix=workspace.suffix, beams=beams, cos=workspace.cos,
-                         sin=workspace.sin, workspace=workspace)
+        return workspace.beam_cache()
 
     def _capture(self, workspace: _GraphWorkspace) -> None:
         """Record the workspace's step as a CUDA graph (its buffers are the graph's inputs and output)."""
-        cache = BeamCache(prefix_keys=workspace.prefix_keys, prefix_values=workspace.prefix_values,
-                          prefix_bias=workspace.prefix_bias, suffix=workspace.suffix, beams=workspace.beams,
-                          cos=workspace.cos, sin=workspace.sin)
+        cache = workspace.beam_cache()
         device = workspace.suffix.device
         # warm-up on a side stream (cuBLAS handles, allocator) as torch.cuda.graph requires; it writes the same
         # k/v at the same slot as the replay that follows, so it changes nothing
@@ -416,6 +412,11 @@ class _GraphWorkspace:
     graph: torch.cuda.CUDAGraph | None = field(default=None, repr=False)
     output: torch.Tensor | None = field(default=None, repr=False)
     """(rows, d): the graph's output buffer."""
+
+    def beam_cache(self) -> BeamCache:
+        """A search's beam cache over these buffers (the step finds the workspace through it)."""
+        return BeamCache(prefix_keys=self.prefix_keys, prefix_values=self.prefix_values, prefix_bias=self.prefix_bias,
+                         suffix=self.suffix, beams=self.beams, cos=self.cos, sin=self.sin, workspace=self)
 
     @classmethod
     def allocate(cls, decoder: LeanDecoder, reference: torch.Tensor, users: int, beams: int, padded_len: int,
