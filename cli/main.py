@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import socket
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -216,8 +217,6 @@ def serve(
     is bound first (a taken port fails at once); the models then load in the background while /healthz
     answers and /readyz says 503 until every arm is in. If loading fails, the server exits with 1.
     """
-    import socket
-
     import uvicorn
     from pydantic import ValidationError
 
@@ -251,10 +250,7 @@ def serve(
         if not Path(path, "prunerec.json").is_file():
             fail(f"arm {name}: {path} is not a prunerec artifact")
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock = listening_socket(host, port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     load_failed: list[BaseException] = []
@@ -291,6 +287,24 @@ def vocab_check(
         typer.echo(f"{problem['title']}: needs pruned tokens {problem['missing_tokens'] or '(a pruned BPE intermediate)'}")
     typer.secho(str(VocabularyCoverageError(problems)), fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The service's socket, bound (a taken port fails here, before any model loads)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio disables Nagle's algorithm only on sockets that say they are TCP, and the
+    # accepted connections inherit this one's; with Nagle on, a kept-alive connection's response (headers and
+    # body written apart) waited for the client's delayed ACK: ~40 ms added to every request after the first
+    # (measured: /healthz 44 ms on a reused connection, 1 ms on a new one)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def run_cli() -> None:  # console-script entry point

@@ -199,3 +199,42 @@ def test_artifacts_are_readable_by_others(tmp_path, tokenizer, prepared):
     finally:
         os.umask(old)
     assert stat.S_IMODE(artifact.stat().st_mode) == 0o755
+
+
+def test_the_service_socket_disables_nagle_on_accepted_connections():
+    """A kept-alive connection's responses must not wait for the client's delayed ACK (that added ~40 ms to every
+    request after the first): the listening socket says it is TCP, so asyncio (uvicorn's loop) sets TCP_NODELAY
+    on each accepted connection; a taken port fails at bind."""
+    import asyncio
+    import socket
+
+    from cli.main import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(OSError):
+            listening_socket("127.0.0.1", taken.getsockname()[1]).close()
+    finally:
+        taken.close()
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_made(self, transport):  # type: ignore[override]
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Protocol, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay())
