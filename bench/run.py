@@ -39,7 +39,7 @@ import pandas as pd
 
 from bench.harness import LoadCheck, load_check, request_payloads, serve_and_measure
 from bench.report import macs_per_token, model_entry, paired_test, per_user_ndcg, write_report
-from llmrec.artifact import read_manifest
+from llmrec.artifact import artifact_identity, read_manifest
 from llmrec.configs import merge
 from recdata.prep import PreparedData
 
@@ -128,17 +128,24 @@ def bench_config(profile: str, **given: Any) -> BenchConfig:
 
 def evaluate_cached(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
                     device: str | None, search: str = "beam", assist: bool | None = False) -> dict:
-    """Evaluate (or reuse an evaluation with the same protocol written to ``output``)."""
+    """Evaluate (or reuse an evaluation written to ``output`` with the same protocol, of the same build of the
+    artifact: a stage rebuilt at the same path since is evaluated again)."""
     from pruning.evaluate import EvalConfig
     from pruning.evaluate import run as evaluate
 
+    identity = artifact_identity(artifact, assistant=assist is not False)
     if output.is_file():
-        cached = json.loads(output.read_text())["config"]
+        stored = json.loads(output.read_text())
+        cached = stored["config"]
         if ((cached["users"], cached["seed"], cached["head"], cached.get("search", "beam"), cached.get("assist", False))
-                == (users, seed, head, search, assist)):
-            return json.loads(output.read_text())
-    return evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, head=head, output=str(output),
-                               batch_size=16, device=device, search=search, assist=assist), data)  # type: ignore[arg-type]
+                == (users, seed, head, search, assist) and stored.get("artifact_identity") == identity):
+            return stored
+        logger.info("evaluating %s again: %s holds another protocol or build", artifact, output)
+    result = evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, head=head, output=str(output),
+                                 batch_size=16, device=device, search=search, assist=assist), data)  # type: ignore[arg-type]
+    result["artifact_identity"] = identity
+    output.write_text(json.dumps(result, indent=2))
+    return result
 
 
 class PhaseClock:
@@ -233,7 +240,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     payloads = request_payloads(data, pairs[: config.latency_requests])
     with clock.phase("serve"):
         for name in ("dense", "pruned", "pruned+vocab"):
-            key = {"artifact": str(named[name]), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
+            key = {"artifact": str(named[name]), "identity": artifact_identity(named[name], assistant=True), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
                    "users": config.users, "seed": config.seed, "device": config.device, "batch": config.serve_batch_size,
                    "assist_weight": (read_manifest(named[name]).get("assistant") or {}).get("weight")}
             models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
@@ -244,7 +251,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     if config.decoder_users:
         with clock.phase("decoders"):
             decoders = {name: _cached(work / "decoders" / f"{name}.json",
-                                      {"artifact": str(named[name]), "users": config.decoder_users, "seed": config.seed,
+                                      {"artifact": str(named[name]), "identity": artifact_identity(named[name]),
+                                       "users": config.decoder_users, "seed": config.seed,
                                        "device": config.device, "batch": config.serve_batch_size},
                                       lambda name=name: _decoders(named[name], data, pairs[: config.decoder_users], config))
                         for name in ("dense", "pruned")}
@@ -253,7 +261,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
         check = LoadCheck(seconds=config.load_seconds, deadline_ms=config.load_deadline_ms)
         arms = {"dense": str(named["dense"]), "pruned": str(named["pruned"])}
         with clock.phase("load check"):
-            load = _cached(work / "serving" / "load.json", {"arms": arms, "check": asdict(check), "head": config.head,
+            identities = {name: artifact_identity(path, assistant=True) for name, path in arms.items()}
+            load = _cached(work / "serving" / "load.json", {"arms": arms, "identities": identities, "check": asdict(check), "head": config.head,
                                                             "device": config.device, "users": config.users},
                            lambda: load_check(arms, request_payloads(data, pairs), check, config.head, device=config.device))
     sampled = len(pairs) < len(data.splits["test"])

@@ -163,6 +163,21 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def artifact_identity(directory: str | Path, assistant: bool = False) -> dict[str, Any]:
+    """What tells one build of an artifact from another written later at the same path: its creation time and,
+    with ``assistant``, its assistant's weight and training. Results cached by artifact path (the benchmark's
+    evaluations and serving figures) carry it, so a rebuilt artifact is measured again, never reported from a
+    stale cache. The manifest's ``metrics``, which evaluations add, are not part of it."""
+    manifest = read_manifest(directory)
+    # the manifest's time has whole seconds; the weight files' (size, mtime in ns) tell apart two builds in one
+    weights = {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in sorted(Path(directory).glob("*.safetensors"))}
+    identity: dict[str, Any] = {"created": manifest.get("created"), "weights": weights}
+    if assistant:
+        entry = manifest.get("assistant") or {}
+        identity["assistant"] = {key: entry.get(key) for key in ("weight", "training", "config")} if entry else None
+    return json.loads(json.dumps(identity, default=str))
+
+
 def update_manifest(directory: str | Path, **fields: Any) -> dict[str, Any]:
     """Merge fields into an artifact's manifest (atomic replace of the one file)."""
     directory = Path(directory)

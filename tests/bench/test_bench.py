@@ -78,6 +78,25 @@ def test_compare_command_end_to_end(tmp_path, tokenizer, prepared):
     assert "Paired test on per-user NDCG@10" in result.output
 
 
+def test_cached_evaluation_is_redone_for_a_rebuilt_artifact(tmp_path, tokenizer, prepared):
+    """The benchmark caches evaluations by artifact path; an artifact rebuilt at that path (a stage recomputed
+    because its configuration changed) must be evaluated again, not reported from the old build's file."""
+    from bench.run import evaluate_cached
+
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    artifact = write_artifact(tmp_path / "a", tiny_llama(len(tokenizer), seed=0), tokenizer, prepared.catalog, manifest)
+    output = tmp_path / "eval" / "a.json"
+    first = evaluate_cached(artifact, prepared, 5, 0, "catalog", output, None)
+    output.write_text(json.dumps({**first, "marker": "cached"}))  # tells a reuse from a recomputation
+    assert evaluate_cached(artifact, prepared, 5, 0, "catalog", output, None)["marker"] == "cached"
+    write_artifact(tmp_path / "a", tiny_llama(len(tokenizer), seed=1), tokenizer, prepared.catalog, manifest)
+    again = evaluate_cached(artifact, prepared, 5, 0, "catalog", output, None)
+    assert "marker" not in again and again["artifact_identity"] != first["artifact_identity"]
+    assert json.loads(output.read_text())["artifact_identity"] == again["artifact_identity"]
+    # another protocol on the same build is evaluated again too
+    assert evaluate_cached(artifact, prepared, 6, 0, "catalog", output, None)["config"]["users"] == 6
+
+
 def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     from helpers import save_model_dir
 
