@@ -28,8 +28,9 @@ larger operations:
 On a GPU a step of a small model is bound by kernel launches, not arithmetic (SmolLM2's 30 layers launch
 several hundred kernels per token). ``graphs=True`` records the static-shape step once per shape as a CUDA
 graph (:class:`torch.cuda.CUDAGraph`) and replays it: every buffer the step reads or writes lives in a
-workspace kept per shape (users, beams, prompt length rounded up to a bucket, title depth), the prompt's
-keys/values copied in right-aligned at the start of a search, so one launch replaces the step's hundreds.
+workspace kept per shape (users rounded up to a power of two, beams, prompt length rounded up to a bucket,
+title depth), the prompt's keys/values copied in right-aligned at the start of a search (a padded batch's
+dummy users attend to zeros and their rows are ignored), so one launch replaces the step's hundreds.
 Away from CUDA the same workspaces run eagerly (what the tests check on a CPU).
 
 Scores equal the stock forward's to float tolerance (``tests/llmrec/test_fast_step.py`` checks the lists and
@@ -55,6 +56,10 @@ PROMPT_BUCKET = 32
 """Prompt lengths are rounded up to a multiple of this for a graph workspace (fewer shapes, fewer captures)."""
 POSITION_BUCKET = 64
 """Rotary tables of a graph workspace cover positions up to a multiple of this."""
+USER_BUCKET = 16
+"""A graph workspace holds the batch's users rounded up to the next power of two up to this, and to a multiple of
+it above: a service at mixed concurrency (1, 3, 5, 6, ... users a batch) then records a few shapes, not one per
+batch size. The extra users are dummies whose rows are computed and ignored."""
 GRAPH_WORKSPACES = 4
 """Graph workspaces (one per shape, each with its captured graph and buffers) kept, least recently used
 dropped first: the suffix buffer of SmolLM2 at 16 users × 20 beams is ~0.6 GB in fp32."""
@@ -109,6 +114,15 @@ def _cat_bias(modules: list[torch.nn.Linear], scales: list[float]) -> torch.Tens
     parts = [(b if b is not None else m.weight.new_zeros(m.weight.shape[0])) * s
              for b, m, s in zip(biases, modules, scales, strict=True)]
     return torch.cat(parts)
+
+
+def user_bucket(users: int) -> int:
+    """Users of the graph workspace that serves a batch of ``users`` (see :data:`USER_BUCKET`)."""
+    if users < 1:
+        raise ValueError(f"users must be positive, got {users}")
+    if users <= USER_BUCKET:
+        return 1 << (users - 1).bit_length()
+    return -(-users // USER_BUCKET) * USER_BUCKET
 
 
 class LeanDecoder:
@@ -214,17 +228,18 @@ class LeanDecoder:
             raise RuntimeError("beam cache capacity exceeded")
         workspace = cache.workspace
         if workspace is not None:
-            workspace.tokens.copy_(tokens)
-            workspace.positions.copy_(positions)
+            rows = tokens.shape[0]  # the real rows; a dummy user's rows keep the token and position set at start
+            workspace.tokens[:rows].copy_(tokens)
+            workspace.positions[:rows].copy_(positions)
             workspace.slot.fill_(step)
             if workspace.on_cuda:
                 if workspace.graph is None:
                     self._capture(workspace)
                 assert workspace.graph is not None and workspace.output is not None
                 workspace.graph.replay()
-                hidden = workspace.output.clone()  # the next replay overwrites the graph's output
+                hidden = workspace.output[:rows].clone()  # the next replay overwrites the graph's output
             else:
-                hidden = self._static_step(workspace.tokens, workspace.positions, workspace.slot, cache)
+                hidden = self._static_step(workspace.tokens, workspace.positions, workspace.slot, cache)[:rows]
         elif self.static:
             # static shapes for the compiled graph: the step is a tensor and attention spans the whole buffer,
             # the unfilled slots masked (a Python int here would be specialised: one compilation per step)
@@ -251,29 +266,36 @@ class LeanDecoder:
 
     def _start_in_workspace(self, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_mask: torch.Tensor,
                             beams: int, positions: torch.Tensor, capacity: int) -> BeamCache:
-        """The beam cache in the workspace of this shape (made, and its graph captured, on first use)."""
+        """The beam cache in the workspace of this shape (made, and its graph captured, on first use): the users
+        rounded up by :func:`user_bucket`, the prompt length to a multiple of :data:`PROMPT_BUCKET`."""
         reference = keys[0]
         users, prompt_len = prefix_mask.shape
+        bucket = user_bucket(users)
         padded_len = -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET
         top = int(positions.max()) + capacity
         table_len = -(-top // POSITION_BUCKET) * POSITION_BUCKET
-        shape = (users, beams, padded_len, capacity, table_len, reference.dtype, reference.device)
+        shape = (bucket, beams, padded_len, capacity, table_len, reference.dtype, reference.device)
         workspace = self._workspaces.pop(shape, None)
         if workspace is None:
-            workspace = _GraphWorkspace.allocate(self, reference, users, beams, padded_len, capacity, table_len)
+            workspace = _GraphWorkspace.allocate(self, reference, bucket, beams, padded_len, capacity, table_len)
             while len(self._workspaces) >= GRAPH_WORKSPACES:
                 self._workspaces.popitem(last=False)
         self._workspaces[shape] = workspace  # most recently used last
-        # the prompt right-aligned in the padded length; the extra (left) positions masked like padding
+        # the prompt right-aligned in the padded length; the extra (left) positions masked like padding. Dummy
+        # users attend to zero keys and values, unmasked, so their rows stay finite
         offset = padded_len - prompt_len
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            workspace.prefix_keys[layer][:, :, :offset].zero_()
-            workspace.prefix_keys[layer][:, :, offset:].copy_(k)
-            workspace.prefix_values[layer][:, :, :offset].zero_()
-            workspace.prefix_values[layer][:, :, offset:].copy_(v)
+            for buffer, real in ((workspace.prefix_keys[layer], k), (workspace.prefix_values[layer], v)):
+                buffer[:users, :, :offset].zero_()
+                buffer[:users, :, offset:].copy_(real)
+                buffer[users:].zero_()
         workspace.prefix_bias.fill_(float("-inf"))
-        workspace.prefix_bias[..., offset:].masked_fill_(prefix_mask[:, None, None, :], 0.0)
+        workspace.prefix_bias[:users, ..., offset:].masked_fill_(prefix_mask[:, None, None, :], 0.0)
+        workspace.prefix_bias[users:].zero_()
         workspace.suffix.zero_()  # the static step multiplies unfilled slots by masked weights: finite numbers
+        real_rows = users * beams
+        workspace.tokens[real_rows:].zero_()  # a dummy row's input: token 0 at position 0, every step
+        workspace.positions[real_rows:].zero_()
         cos, sin = self.rotary(reference, torch.arange(top, device=reference.device)[None])
         workspace.cos[:top].copy_(cos[0])
         workspace.sin[:top].copy_(sin[0])
@@ -379,11 +401,13 @@ class BeamCache:
     """The graph workspace whose buffers these are (``LeanDecoder(graphs=True)``), else None."""
 
     def reorder(self, parent: torch.Tensor) -> None:
-        """Row r continues row ``parent[r]`` (always a beam of the same user, so the prompt part stays)."""
+        """Row r continues row ``parent[r]`` (always a beam of the same user, so the prompt part stays); ``parent``
+        covers the real rows, the first ones (a graph workspace's dummy rows after them are left alone)."""
+        rows = parent.shape[0]
         # one layer at a time: the copy index_select makes is then one layer's, not the whole buffer's (for
         # SmolLM2 at 16 users × 20 beams a whole-buffer copy added ~370 MB to the peak)
         for layer in range(self.suffix.shape[1]) if self.length else ():
-            filled = self.suffix[:, layer, :, :, : self.length]
+            filled = self.suffix[:rows, layer, :, :, : self.length]
             filled.copy_(filled.index_select(0, parent))
 
 

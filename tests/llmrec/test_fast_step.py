@@ -146,9 +146,9 @@ def test_the_compiled_step_equals_the_stock_step_on_cuda(tokenizer, prepared):
 
 def test_graph_workspaces_equal_the_stock_step_and_are_reused_per_shape(tokenizer, prepared, monkeypatch):
     """The 'graphs' step's per-shape workspaces (prompt right-aligned in a bucketed length, stale contents of an
-    earlier search overwritten), eager on the CPU: batches of 1, 3, 2 users, the 3 again, and 1 give the stock
-    lists; a shape seen before reuses its workspace, and the least recently used one is dropped past the
-    limit."""
+    earlier search overwritten), eager on the CPU: batches of 1, 3, 2 users, the 3 again, 4 and 1 give the stock
+    lists; a shape seen before reuses its workspace — the 4 users the 3 users' one, whose fourth user was a
+    dummy —, and the least recently used one is dropped past the limit."""
     import llmrec.fast_step as fast_step
 
     monkeypatch.setattr(fast_step, "GRAPH_WORKSPACES", 2)
@@ -158,7 +158,9 @@ def test_graph_workspaces_equal_the_stock_step_and_are_reused_per_shape(tokenize
     assert graphs is not None and graphs.graphs and graphs.static
     hs = histories(prepared, 10)
     seen = []
-    for chunk in (hs[:1], hs[1:4], hs[4:6], hs[1:4], hs[9:]):
+    # the 4-user batch: the 3 users and a fourth whose prompt is no longer, so only the user count differs
+    four = [*hs[1:4], min(hs, key=lambda h: len(recommender.prompt_ids(h)))]
+    for chunk in (hs[:1], hs[1:4], hs[4:6], hs[1:4], four, hs[9:]):
         prompts = [recommender.prompt_ids(h) for h in chunk]
         config = BeamSearchConfig(num_beams=6, top_k=5, step="graphs")
         lean = constrained_beam_search(model, prompts, recommender.trie, config, recommender.pad_id, excluded=chunk,
@@ -167,13 +169,22 @@ def test_graph_workspaces_equal_the_stock_step_and_are_reused_per_shape(tokenize
                                         recommender.pad_id, excluded=chunk)
         _assert_same(lean, stock)
         shape = next(reversed(graphs._workspaces))  # the one this search used
-        assert shape[0] == len(chunk) and shape[2] % fast_step.PROMPT_BUCKET == 0
+        assert shape[0] == {1: 1, 2: 2, 3: 4, 4: 4}[len(chunk)] and shape[2] % fast_step.PROMPT_BUCKET == 0
         assert shape[2] >= max(len(p) for p in prompts)
         seen.append(graphs._workspaces[shape])
         assert len(graphs._workspaces) <= 2
     assert seen[3] is seen[1]  # the same 3 users again: the same buffers (still cached: 2 kept)
+    assert seen[4] is seen[1]  # 4 users: the workspace the 3 used with a dummy user
     assert seen[2] is not seen[1]
     assert all(not w.on_cuda and w.graph is None for w in seen)
+
+
+def test_user_buckets():
+    from llmrec.fast_step import user_bucket
+
+    assert [user_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 48, 64]
+    with pytest.raises(ValueError):
+        user_bucket(0)
 
 
 def test_the_graphs_step_through_the_recommender_equals_stock(tokenizer, prepared):
