@@ -86,7 +86,7 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # PruneRec's released recipe (arXiv 2507.07064's code): loss 0.2·CE + 0.8·forward KL at T = 1, AdamW at
     # 3e-4, up to 3 epochs over every training example with early stopping at patience 1. Their effective batch
     # of 192 is not copied (our batch counts packed rows; --distill-batch-size sets it), nor is their
-    # unshifted KL (ours compares the shifted positions). A profile's time cap (cpu: 4 minutes) still applies.
+    # unshifted KL (ours compares the shifted positions). A profile's safety stop in minutes (cpu: 12 per stage) still applies.
     "prunerec": {"alpha": 0.2, "temperature": 1.0, "lr": 3e-4, "epochs": 3.0, "patience": 1, "examples": None},
 }
 """Named distillation settings (``prunerec prune --distill-preset NAME``): over the profile, under options given."""

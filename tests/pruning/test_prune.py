@@ -227,7 +227,7 @@ def test_the_prunerec_distillation_preset_sits_between_profile_and_options(tmp_p
     config = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0, "prunerec")
     assert (config.distill.alpha, config.distill.temperature, config.distill.epochs, config.distill.patience) == (0.2, 1.0, 3.0, 1)
     assert config.distill.examples is None  # every training example, not the cpu profile's 512
-    assert config.distill.max_minutes == 4.0  # the profile's time cap stays
+    assert config.distill.max_minutes == 12.0  # the profile's safety stop stays
     given = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {"distill.alpha": 0.7}, 0, "prunerec")
     assert given.distill.alpha == 0.7 and given.distill.temperature == 1.0  # an option given wins
     plain = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0).distill  # no preset: the profile's budget
