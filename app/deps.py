@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated
 
+import torch
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -47,6 +48,10 @@ class State:
                 self.settings.max_wait_ms,
                 self.settings.max_queue,
                 on_batch=lambda n: self.telemetry.batch_size.labels(arm, version()).observe(n),
+                parallel=self.settings.parallel_batches,
+                # with one batch at a time the model thread keeps the threads set at start
+                threads=self.registry.thread_budget if self.settings.parallel_batches > 1 else None,
+                set_threads=torch.set_num_threads,
             )
         return self.batchers[arm]
 

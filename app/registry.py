@@ -4,7 +4,9 @@ threads that every model operation (loading, warm-up, reloads, decoding) runs on
 Threads: with ``model_threads="per-arm"`` (the default) each arm has its own thread, so that a small arm
 never waits behind a big arm's batch, and the cores are split between the arms' torch pools (two pools of
 every core each made decoding about 1.7x slower on 2 cores); with ``"shared"`` every arm uses one thread and
-their batches take turns.
+their batches take turns. ``parallel_batches`` gives each per-arm executor that many threads, so that many
+batches of the arm decode at once (:class:`app.batching.MicroBatcher` shares the arm's torch threads between
+them).
 """
 
 from __future__ import annotations
@@ -64,8 +66,12 @@ class Registry:
         self.arms: dict[str, Arm] = {}
         self._lock = threading.Lock()
         names = list(settings.models) if settings.model_threads == "per-arm" else ["shared"]
-        self._executors = {name: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}") for name in names}
+        workers = settings.parallel_batches if settings.model_threads == "per-arm" else 1
+        self._executors = {name: ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"model-{name}")
+                           for name in names}
         threads = settings.threads_per_model_thread()
+        self.thread_budget = threads or torch.get_num_threads()
+        """torch threads of an arm (shared by its parallel batches)."""
         if threads:
             for executor in self._executors.values():
                 executor.submit(torch.set_num_threads, threads).result()
@@ -97,6 +103,8 @@ class Registry:
         path = self.settings.models[name]
         logger.info("loading arm %s from %s", name, path)
         arm = self._load(name, path)
+        if self.settings.parallel_batches > 1 and arm.recommender.device.type == "cuda":
+            raise ValueError("parallel_batches > 1 is for CPU serving; on CUDA keep 1 (batches share one stream)")
         if self.settings.warmup:
             decode = self._decoder(arm.recommender)
             decode([[0]], 1, [[]])

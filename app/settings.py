@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     share the cores); 'shared': every arm decodes on one model thread, batches of the arms taking turns. On 2
     cores with a dense and a pruned arm loaded by 8 clients each, the pruned arm's p50 was 968 ms per-arm vs
     7,825 ms shared (bench/serve_arms.py; the README's "Arms side by side")."""
+    parallel_batches: int = Field(default=1, ge=1)
+    """Batches of one arm that may decode at once (per-arm model threads, CPU): the waiting requests are split
+    evenly over the free slots, each batch on its own model thread with its part of the arm's torch threads; a
+    batch that finds every slot free gets all of them. Small models gain (app.batching); on CUDA it must stay 1
+    (one stream; the graphs step's buffers are per shape, not per thread)."""
     num_beams: int = Field(default=20, ge=1)
     """Beams per request (the list a request gets is the top-k of this search)."""
     head: Literal["full", "catalog", "catalog-fullnorm"] = "catalog"
@@ -93,6 +98,8 @@ class Settings(BaseSettings):
         unknown = (set(self.weights) | ({self.shadow} if self.shadow else set())) - set(self.models)
         if unknown:
             raise ValueError(f"weights/shadow name arms without a model: {sorted(unknown)}")
+        if self.parallel_batches > 1 and self.model_threads == "shared":
+            raise ValueError("parallel_batches > 1 needs model_threads 'per-arm' (a shared model thread is one batch at a time)")
         if self.request_timeout_ms > self.max_deadline_ms:
             raise ValueError("request_timeout_ms must not exceed max_deadline_ms")
         if self.models:

@@ -161,3 +161,93 @@ def test_batch_timer_predicts_from_size():
         timer.record(size, seconds)
     timer.samples.popleft()
     assert timer.predict(10) == pytest.approx(2.4, rel=1e-6) and timer.predict(1) == pytest.approx(0.6, rel=1e-6)
+
+
+def test_parallel_batches_split_the_waiting_requests_and_the_threads():
+    """parallel=2 with 2 threads: 8 waiting requests become two batches of 4 decoding at the same time on two
+    executor threads with 1 torch thread each (the decoder blocks until both are in); a lone request later gets
+    both threads; the lists are those of the one-batch path."""
+    started = threading.Barrier(2, timeout=5)
+    applied: list[tuple[str, int]] = []
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-par")
+
+    class Together(FakeDecoder):
+        def __call__(self, histories, k, excludes):
+            if len(histories) > 1:
+                started.wait()  # raises BrokenBarrierError unless the two batches run at once
+            return super().__call__(histories, k, excludes)
+
+    decoder = Together()
+
+    async def scenario():
+        batcher = MicroBatcher(lambda: decoder, pool, max_batch_size=16, max_wait_ms=50, parallel=2, threads=2,
+                               set_threads=lambda n: applied.append((threading.current_thread().name, n)))
+        loop = asyncio.get_running_loop()
+        jobs = [batcher.submit([i], 2, [], loop.time() + 10) for i in range(8)]
+        results = await asyncio.gather(*(j.future for j in jobs))
+        alone = await batcher.submit([42], 2, [], loop.time() + 10).future
+        await batcher.stop()
+        return results, alone, batcher
+
+    try:
+        results, alone, batcher = run(scenario())
+    finally:
+        pool.shutdown(wait=True)
+    assert sorted(len(b) for b in decoder.batches) == [1, 4, 4]
+    assert len(decoder.threads) == 2  # the two batches ran on the two executor threads
+    assert sorted(n for _, n in applied[:2]) == [1, 1] and applied[2][1] == 2  # the lone batch: both threads
+    assert results == [FakeDecoder()([[i]], 2, [[]])[0] for i in range(8)]
+    assert alone == FakeDecoder()([[42]], 2, [[]])[0]
+    assert batcher.stats.batches == 3 and not batcher.busy
+
+
+def test_a_batch_holding_every_thread_keeps_the_next_one_waiting():
+    """parallel=2, 2 threads: a lone request takes both threads, so a request arriving during it waits for it
+    (no thread is free) instead of oversubscribing the cores; then it runs with both."""
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-par")
+    decoder = FakeDecoder()
+    decoder.release.clear()
+    applied: list[int] = []
+
+    async def scenario():
+        batcher = MicroBatcher(lambda: decoder, pool, max_batch_size=16, max_wait_ms=0, parallel=2, threads=2,
+                               set_threads=applied.append)
+        loop = asyncio.get_running_loop()
+        first = batcher.submit([1], 1, [], loop.time() + 10)
+        while not batcher.busy:
+            await asyncio.sleep(0.01)
+        second = batcher.submit([2], 1, [], loop.time() + 10)
+        await asyncio.sleep(0.1)
+        waited = batcher.queued  # still queued while the first batch holds both threads
+        decoder.release.set()
+        await asyncio.gather(first.future, second.future)
+        await batcher.stop()
+        return waited
+
+    try:
+        waited = run(scenario())
+    finally:
+        pool.shutdown(wait=True)
+    assert waited == 1 and applied == [2, 2] and [len(b) for b in decoder.batches] == [1, 1]
+
+
+def test_parallel_batches_need_per_arm_model_threads():
+    import pydantic
+
+    from app.settings import Settings
+
+    with pytest.raises(pydantic.ValidationError, match="per-arm"):
+        Settings(models={"a": "x"}, parallel_batches=2, model_threads="shared")
+    assert Settings(models={"a": "x"}, parallel_batches=2).parallel_batches == 2
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda: FakeDecoder(), None, 4, 0, parallel=0)  # type: ignore[arg-type]
+
+
+def test_the_wait_estimate_spreads_queued_batches_over_the_parallel_slots():
+    async def estimate(parallel):
+        batcher = MicroBatcher(lambda: FakeDecoder(), None, max_batch_size=2, max_wait_ms=0, parallel=parallel)  # type: ignore[arg-type]
+        batcher.timer.record(1, 1.0)  # a batch takes 1 s per request
+        return batcher.estimated_wait(extra=5)  # batches of 2, 2, 1
+
+    assert run(estimate(1)) == pytest.approx(5.0)  # one after the other
+    assert run(estimate(2)) == pytest.approx(3.0)  # 2 and 2 at once, then the 1 on the first free slot
