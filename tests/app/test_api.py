@@ -174,6 +174,21 @@ def test_torch_threads_setting_applies_to_the_model_thread(arms):
         Settings(models=arms, torch_threads=0)
 
 
+def test_parallel_batches_serve_the_lists_of_one_batch_at_a_time(arms):
+    """PRUNEREC_PARALLEL_BATCHES=2 through the app: concurrent requests get the lists the one-batch service gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"user_id": f"u{i}", "history": [f"i{i + 1}", f"i{i + 2}"], "k": 3} for i in range(6)]
+    answers = {}
+    for parallel in (1, 2):
+        settings = Settings(models={"pruned": arms["pruned"]}, parallel_batches=parallel, max_wait_ms=20)
+        with serving(create_app(settings)) as client, ThreadPoolExecutor(max_workers=6) as pool:
+            responses = list(pool.map(lambda body: client.post("/v1/recommend", json=body), bodies))
+            assert all(r.status_code == 200 for r in responses)
+            answers[parallel] = [[item["item_id"] for item in r.json()["items"]] for r in responses]
+    assert answers[2] == answers[1]
+
+
 def test_duplicate_feedback_counts_once_and_the_report_keeps_answering(client):
     served = client.post("/v1/recommend", json={"user_id": "dup", "history": ["i2"], "k": 3}).json()
     item = served["items"][0]["item_id"]

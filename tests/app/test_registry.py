@@ -43,9 +43,16 @@ def test_model_threads_shared_or_per_arm(arms):
         # the cores are split between the arms' torch pools (two full pools on 2 cores decoded ~1.7x slower)
         expected = max(1, (os.cpu_count() or 1) // 2)
         assert {per_arm.executor(arm).submit(torch.get_num_threads).result() for arm in arms} == {expected}
+        assert per_arm.thread_budget == expected
     finally:
         shared.shutdown()
         per_arm.shutdown()
+    parallel = Registry(Settings(models={"pruned": arms["pruned"]}, parallel_batches=2))
+    try:  # two model threads for the arm, sharing its threads (all of torch's, one arm)
+        assert parallel.executor("pruned")._max_workers == 2
+        assert parallel.thread_budget == torch.get_num_threads()
+    finally:
+        parallel.shutdown()
 
 
 def test_model_version_names_stage_and_creation_time():
