@@ -232,6 +232,8 @@ def test_the_prunerec_distillation_preset_sits_between_profile_and_options(tmp_p
     assert given.distill.alpha == 0.7 and given.distill.temperature == 1.0  # an option given wins
     plain = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0).distill  # no preset: the profile's budget
     assert (plain.alpha, plain.temperature) == (0.2, 1.0) and (plain.epochs, plain.patience, plain.examples) != (3.0, 1, None)
+    # the cpu profile's rate (from its sweep) under the preset's own 3e-4 when the preset is asked for
+    assert plain.lr == 1e-3 and config.distill.lr == 3e-4 and plain.max_steps is None and plain.examples == 512
     assert with_preset(None, "prunerec") == {"distill": DISTILL_PRESETS["prunerec"]}
     with pytest.raises(ValueError, match="unknown distillation preset"):
         with_preset({}, "d3")
