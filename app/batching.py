@@ -4,11 +4,14 @@ A worker per arm takes the waiting requests (up to ``max_batch_size``, gathering
 ``max_wait_ms`` after the first) and decodes them in one constrained beam search on the executor it is
 given. With ``parallel`` > 1, up to that many batches of the arm decode at once, each on its own executor
 thread with its part of the arm's torch threads: the waiting requests are split evenly over the free slots,
-and a batch that finds every slot free has all the threads (a lone request is as fast as before). Small models
-gain from it on a CPU: their matrices are too small for several cores to share one well (the pruned
-benchmark model: 16 users in one batch on 2 threads 16.0 users/s, two batches of 8 on 1 thread each 21.1). Every request gets exactly the list it would get alone: lists are computed with the largest k in
-the batch and cut to each request's k, and the top-k of a search with a fixed number of beams is a prefix
-of its top-(k + j) (the search's stopping rule only adds later, lower-scored items).
+and a batch that finds every slot free has all the threads (a lone request is as fast as before). In process
+two half batches on one thread each beat one batch on two threads (the benchmark's pruned model, 16 users:
+about 23 against 18-21 users/s, `bench.parallel_batches`); through the service on 2 cores the gain did not
+stand out of the noise, so the service's default is 1.
+
+Every request gets exactly the list it would get alone: lists are computed with the largest k in the batch
+and cut to each request's k, and the top-k of a search with a fixed number of beams is a prefix of its
+top-(k + j) (the search's stopping rule only adds later, lower-scored items).
 
 Admission control (so that overload means fast 503s, not minutes of queueing):
 
@@ -130,7 +133,7 @@ class MicroBatcher:
         self.stats = BatcherStats()
         self.timer = BatchTimer()
         """Every batch's time; the per-thread-count timers below are preferred once they have samples."""
-        self._timers: dict[int | None, BatchTimer] = {}
+        self._timers: dict[int, BatchTimer] = {}
         # batches being decoded: id -> (torch threads, predicted end in event-loop time)
         self._running: dict[int, tuple[int | None, float]] = {}
         self._ids = itertools.count()
@@ -145,7 +148,7 @@ class MicroBatcher:
         return bool(self._running)
 
     def _predict(self, size: int, threads: int | None) -> float:
-        timer = self._timers.get(threads)
+        timer = self._timers.get(threads) if threads is not None else None
         return (timer if timer is not None and timer.ready else self.timer).predict(size)
 
     def _share(self, batches: int) -> int | None:
@@ -322,7 +325,8 @@ class MicroBatcher:
             self._arrived.set()  # a slot is free: the worker may start the next batch
         seconds = loop.time() - started
         self.timer.record(len(batch), seconds)
-        self._timers.setdefault(threads, BatchTimer()).record(len(batch), seconds)
+        if threads is not None:  # batches on fewer threads take longer: timed apart
+            self._timers.setdefault(threads, BatchTimer()).record(len(batch), seconds)
         self.stats.batches += 1
         self.stats.decoded += len(batch)
         for job, ranked in zip(batch, results, strict=True):
