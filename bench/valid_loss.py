@@ -16,14 +16,10 @@ import argparse
 from pathlib import Path
 
 from bench.harness import emit_json
-from llmrec.artifact import read_manifest
-from llmrec.item_tokens import token_map
-from llmrec.model import load_model
-from llmrec.prompting import PromptEncoder
+from llmrec.recommender import Recommender
 from pruning.calibration import batches, mean_ce
 from pruning.examples import split_examples
 from recdata.prep import prepare
-from recdata.prompts import PromptTemplate
 from recdata.sources import read_ml100k
 
 
@@ -37,12 +33,9 @@ def main() -> None:
     data = prepare(read_ml100k())
     report = {}
     for artifact in args.artifacts:
-        manifest = read_manifest(artifact)
-        loaded = load_model(artifact, device="cpu")
-        encoder = PromptEncoder(loaded.tokenizer, PromptTemplate.from_dict(manifest["template"]), int(manifest["max_history"]),
-                                manifest.get("max_prompt_tokens"), token_map(loaded.model, data.catalog.titles))
-        examples = split_examples(data, encoder, args.split)
-        loss = mean_ce(loaded.model, batches(examples, int(loaded.tokenizer.pad_token_id), args.batch_size))
+        recommender = Recommender.from_artifact(artifact, device="cpu")  # the artifact's own prompt encoder
+        examples = split_examples(data, recommender.encoder, args.split)
+        loss = mean_ce(recommender.model, batches(examples, recommender.pad_id, args.batch_size))
         report[artifact] = {"mean_ce": round(loss, 4), "users": len(examples), "split": args.split}
     emit_json(report, Path(args.output) if args.output else None)
 
