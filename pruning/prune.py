@@ -69,6 +69,12 @@ class PruneConfig:
     ratios: KeepRatios = field(default_factory=lambda: DEFAULT_RATIOS)
     """Per-stage keep ratios (used when target is None)."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    reconstruct: bool = True
+    """Refit the layers that read a cut dimension (o_proj after heads, q/k/v/gate/up after residual width,
+    down_proj after MLP channels) by least squares on the calibration tokens before distilling
+    (:mod:`pruning.reconstruct`; past the paper, which leaves all of the repair to distillation)."""
+    reconstruct_ridge: float = 1e-3
+    """Ridge of the reconstruction's solve, relative to the mean variance of the kept inputs."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: bool = True
     """Evaluate every stage's artifact (and the teacher) after it is written."""

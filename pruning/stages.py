@@ -7,8 +7,9 @@ distillation from the dense teacher, write ``<output>/<n>-<stage>`` and evaluate
 pipeline (:mod:`pruning.prune`) dispatches from :data:`STAGES` without knowing any stage by name.
 
 - ``attn`` (§3.3): KV groups / query heads by ablation KL against the teacher, then residual width by
-  activation energy;
-- ``mlp`` (§3.3): the top channels of every layer by |down_proj input| × column norm;
+  activation energy; the readers of each cut refit by least squares (:mod:`pruning.reconstruct`, past the
+  paper; ``reconstruct = False`` for the paper's plain cut);
+- ``mlp`` (§3.3): the top channels of every layer by |down_proj input| × column norm, ``down_proj`` refit;
 - ``depth`` (§3.4): greedy removal of whole layers by the calibration loss, or TRSP / ELDeR
   (:mod:`pruning.trsp`, arXiv 2505.18232) as ``depth_method``;
 - ``vocab`` (past the paper): embedding, LM head and tokenizer cut to the template and the catalog titles;
@@ -31,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmrec.artifact import is_artifact, parameter_counts, read_manifest, write_artifact
 from llmrec.model import load_model
-from pruning import distill, importance
+from pruning import distill, importance, reconstruct
 from pruning.calibration import Batch, TeacherTargets
 from pruning.evaluate import EvalConfig
 from pruning.evaluate import run as evaluate_artifact
@@ -143,12 +144,18 @@ class Stage:
 
     def key(self, config: PruneConfig, inputs: StageInputs) -> dict:
         """What the stage's artifact must agree on to be reused by a later run."""
-        return {"stage": self.name, "teacher": str(Path(inputs.teacher).resolve()), "plan": inputs.plan.to_dict(),
-                "calibration": asdict(config.calibration), "distill": asdict(config.distill), "stages": config.stages}
+        key = {"stage": self.name, "teacher": str(Path(inputs.teacher).resolve()), "plan": inputs.plan.to_dict(),
+               "calibration": asdict(config.calibration), "distill": asdict(config.distill), "stages": config.stages}
+        # in every stage's key, since a later stage's parent depends on it; absent when off, so that runs from
+        # before reconstruction existed still resume
+        if config.reconstruct:
+            key["reconstruct"] = {"ridge": config.reconstruct_ridge}
+        return key
 
     def settings(self, config: PruneConfig, inputs: StageInputs) -> dict:
         """The manifest's ``stage_config``."""
-        return {"plan": inputs.plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill)}
+        return {"plan": inputs.plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill),
+                "reconstruct": {"ridge": config.reconstruct_ridge} if config.reconstruct else None}
 
     @staticmethod
     def _parent_map(inputs: StageInputs) -> distill.TeacherMap | None:
@@ -307,14 +314,21 @@ class AttentionStage(Stage):
                         heads += members
                 keep_kv.append(groups)
                 keep_q.append(heads)
+            head_fits = reconstruct.head_moments(student, calibration, keep_q) if config.reconstruct else None
             student = slice_heads(student, keep_kv, keep_q)
+            if head_fits is not None:
+                reconstruct.refit_heads(student, head_fits, config.reconstruct_ridge)
             record["kept_kv_groups"], record["kept_heads"] = keep_kv, keep_q
             record["head_importance"] = {k: v.tolist() for k, v in scores.items()}
         if goal.hidden < shape.hidden:
             energy = importance.residual_importance(student, calibration)
             keep = energy.topk(goal.hidden).indices.sort().values
+            residual_fits = reconstruct.residual_moments(student, calibration, keep) if config.reconstruct else None
             student = slice_residual(student, keep)
+            if residual_fits is not None:
+                reconstruct.refit_residual(student, residual_fits, config.reconstruct_ridge)
             record["kept_residual_channels"] = keep.tolist()
+        record["reconstructed"] = config.reconstruct
         return Cut(student, record)
 
 
@@ -327,9 +341,14 @@ class MlpStage(Stage):
         shape, goal = shape_of(student), inputs.plan.target
         if goal.intermediate >= shape.intermediate:
             return Cut(student, {})
-        scores = importance.mlp_importance(student, inputs.shared.calibration)
+        calibration = inputs.shared.calibration
+        scores = importance.mlp_importance(student, calibration)
         keep = [row.topk(goal.intermediate).indices.sort().values.tolist() for row in scores]
-        return Cut(slice_mlp(student, keep), {"kept_channels_per_layer": goal.intermediate})
+        fits = reconstruct.mlp_moments(student, calibration, keep) if config.reconstruct else None
+        cut = slice_mlp(student, keep)
+        if fits is not None:
+            reconstruct.refit_mlp(cut, fits, config.reconstruct_ridge)
+        return Cut(cut, {"kept_channels_per_layer": goal.intermediate, "reconstructed": config.reconstruct})
 
 
 class DepthStage(Stage):

@@ -350,3 +350,16 @@ def test_a_gradual_stage_splits_its_distillation_budget_over_its_cuts(tmp_path):
     unbounded = tiny_prune_config(tmp_path, tmp_path, distill=distill.DistillConfig(max_steps=None, max_minutes=None))
     assert split_budget(unbounded, 3).distill.max_steps is None and split_budget(unbounded, 3).distill.max_minutes is None
     assert split_budget(config, 9).distill.max_steps == 1  # never zero steps
+
+
+def test_reconstruction_lowers_the_cut_students_loss_and_keys_the_stages(tmp_path, dense, prepared):
+    runs = {}
+    for reconstruct in (False, True):
+        config = tiny_prune_config(tmp_path / "run", dense, stages=["attn", "mlp"], reconstruct=reconstruct)
+        runs[reconstruct] = [read_manifest(p) for p in run(config, prepared)]
+    for plain, refit in zip(runs[False], runs[True], strict=True):
+        assert "reconstruct" not in plain["stage_key"] and refit["stage_key"]["reconstruct"] == {"ridge": 1e-3}
+        assert plain["pruning"]["reconstructed"] is False and refit["pruning"]["reconstructed"] is True
+        # the same directory was cut again, not reused: the refit student starts from a lower validation loss
+        start = [m["distillation"]["valid_history"][0]["valid_loss"] for m in (plain, refit)]
+        assert start[1] < start[0]

@@ -1,0 +1,143 @@
+"""Least-squares reconstruction after a cut: the closed form, and every reader's error below the plain slice's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_llama, tiny_qwen2
+
+from pruning import reconstruct
+from pruning.calibration import Batch
+from pruning.surgery import head_rows, shape_of, slice_heads, slice_mlp, slice_residual
+
+
+def test_refit_restores_a_removed_input_that_the_kept_ones_determine():
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.randn(500, 6, generator=generator, dtype=torch.float64)
+    removed = kept @ torch.randn(6, 3, generator=generator, dtype=torch.float64)  # linear in the kept inputs
+    full = torch.cat([kept, removed], dim=1)
+    weight = torch.randn(4, 9, generator=generator, dtype=torch.float64)
+    moments = reconstruct.Moments(full.T @ kept / 500, kept.T @ kept / 500)
+    refit = reconstruct.refit(weight, moments, ridge=1e-9)
+    assert refit.shape == (4, 6)
+    assert torch.allclose(kept @ refit.T, full @ weight.T, atol=1e-5)
+    # the plain slice loses what the removed inputs carried
+    assert not torch.allclose(kept @ weight[:, :6].T, full @ weight.T, atol=1e-1)
+
+
+def batches(vocab: int, count: int = 3) -> list[Batch]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(2, vocab, (4, 12), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, 9:] = 0  # right padding, left out of the moments
+        ids[0, 9:] = 0
+        out.append(Batch(ids, mask, torch.full_like(ids, -100)))
+    return out
+
+
+@pytest.fixture(params=["llama-tied", "qwen2-untied-bias"])
+def model(request, tokenizer):
+    vocab = len(tokenizer)
+    return tiny_llama(vocab, layers=3) if request.param == "llama-tied" else tiny_qwen2(vocab, tie=False, layers=3)
+
+
+def reader_inputs(model, calibration, modules, pre: bool):
+    """Per module, its input (pre=True) or output at the real tokens, over the calibration batches."""
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+    mask = {}
+
+    def hook_for(i):
+        def hook(_m, args, output):
+            tensor = args[0] if pre else output
+            captured[i].append(tensor[mask["m"]].detach().double())
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    with torch.no_grad():
+        for batch in calibration:
+            mask["m"] = batch.attention_mask.bool()
+            model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    for h in handles:
+        h.remove()
+    return [torch.cat(c) for c in captured]
+
+
+def error(weight_before, x, weight_after, x_after):
+    return float((x @ weight_before.detach().double().T - x_after @ weight_after.detach().double().T).pow(2).mean())
+
+
+def check(weight_before, x, plain_weight, refit_weight, x_after):
+    """The refit reader reaches the least-squares optimum over the calibration tokens (solved here directly),
+    well below the plain slice."""
+    target = x @ weight_before.detach().double().T
+    best = torch.linalg.lstsq(x_after, target).solution.T
+    optimum = error(weight_before, x, best, x_after)
+    refit_error = error(weight_before, x, refit_weight, x_after)
+    assert refit_error <= optimum * 1.01 + 1e-9
+    assert refit_error < 0.9 * error(weight_before, x, plain_weight, x_after)
+
+
+def test_head_and_mlp_refits_beat_the_plain_slice(model, tokenizer):
+    calibration = batches(len(tokenizer))
+    shape = shape_of(model)
+    keep_kv = [[layer % shape.kv_heads] for layer in range(shape.layers)]
+    keep_q = [list(range(g[0] * shape.groups, (g[0] + 1) * shape.groups)) for g in keep_kv]
+    o_inputs = reader_inputs(model, calibration, [layer.self_attn.o_proj for layer in model.model.layers], pre=True)
+    plain = slice_heads(model, keep_kv, keep_q)
+    refit = slice_heads(model, keep_kv, keep_q)
+    reconstruct.refit_heads(refit, reconstruct.head_moments(model, calibration, keep_q), ridge=1e-6)
+    for layer in range(shape.layers):
+        x = o_inputs[layer]
+        x_kept = x[:, head_rows(keep_q[layer], shape.head_dim)]
+        check(model.model.layers[layer].self_attn.o_proj.weight, x, plain.model.layers[layer].self_attn.o_proj.weight,
+              refit.model.layers[layer].self_attn.o_proj.weight, x_kept)
+
+    keep = [list(range(0, shape.intermediate, 3))[: shape.intermediate // 3] for _ in range(shape.layers)]
+    down_inputs = reader_inputs(model, calibration, [layer.mlp.down_proj for layer in model.model.layers], pre=True)
+    plain = slice_mlp(model, keep)
+    refit = slice_mlp(model, keep)
+    reconstruct.refit_mlp(refit, reconstruct.mlp_moments(model, calibration, keep), ridge=1e-6)
+    for layer in range(shape.layers):
+        x = down_inputs[layer]
+        check(model.model.layers[layer].mlp.down_proj.weight, x, plain.model.layers[layer].mlp.down_proj.weight,
+              refit.model.layers[layer].mlp.down_proj.weight, x[:, keep[layer]])
+
+
+def test_residual_refit_beats_the_plain_slice_for_every_reader(model, tokenizer):
+    calibration = batches(len(tokenizer))
+    shape = shape_of(model)
+    keep = torch.arange(0, shape.hidden, 2)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # norm weights away from their initial ones, so that the refit must carry them
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    norms = [norm for layer in model.model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    tied = model.config.tie_word_embeddings
+    if not tied:
+        norms.append(model.model.norm)
+    norm_inputs = reader_inputs(model, calibration, norms, pre=True)
+    norm_outputs = reader_inputs(model, calibration, norms, pre=False)
+    plain = slice_residual(model, keep)
+    refit = slice_residual(model, keep)
+    reconstruct.refit_residual(refit, reconstruct.residual_moments(model, calibration, keep), ridge=1e-6)
+
+    def sites(m):
+        out = []
+        for layer in m.model.layers:
+            out.append((layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]))
+            out.append((layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]))
+        if not tied:
+            out.append((m.model.norm, [m.lm_head]))
+        return out
+
+    for site, (before, after_plain, after_refit) in enumerate(zip(sites(model), sites(plain), sites(refit), strict=True)):
+        # what the sliced model's own norm gives on the kept channels of the same stream
+        with torch.no_grad():
+            x_after = after_plain[0](norm_inputs[site][:, keep].float()).double()
+        for reader, plain_reader, refit_reader in zip(before[1], after_plain[1], after_refit[1], strict=True):
+            check(reader.weight, norm_outputs[site], plain_reader.weight, refit_reader.weight, x_after)
+    if tied:  # a tied head stays tied to the (sliced) embedding
+        assert refit.lm_head.weight.data_ptr() == refit.model.embed_tokens.weight.data_ptr()
