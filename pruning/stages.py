@@ -10,8 +10,9 @@ pipeline (:mod:`pruning.prune`) dispatches from :data:`STAGES` without knowing a
   activation energy; the readers of each cut refit by least squares (:mod:`pruning.reconstruct`, past the
   paper; ``reconstruct = False`` for the paper's plain cut);
 - ``mlp`` (§3.3): the top channels of every layer by |down_proj input| × column norm, ``down_proj`` refit;
-- ``depth`` (§3.4): greedy removal of whole layers by the calibration loss, or TRSP / ELDeR
-  (:mod:`pruning.trsp`, arXiv 2505.18232) as ``depth_method``;
+- ``depth`` (§3.4): greedy removal of whole layers by the calibration loss (each kept layer's ``down_proj``
+  then refit to write what the removed layers after it wrote), or TRSP / ELDeR (:mod:`pruning.trsp`, arXiv
+  2505.18232) as ``depth_method``;
 - ``vocab`` (past the paper): embedding, LM head and tokenizer cut to the template and the catalog titles;
   exact (the kept tokens' logits are unchanged), so it needs no calibration data and no distillation.
 
@@ -149,13 +150,13 @@ class Stage:
         # in every stage's key, since a later stage's parent depends on it; absent when off, so that runs from
         # before reconstruction existed still resume
         if config.reconstruct:
-            key["reconstruct"] = {"ridge": config.reconstruct_ridge}
+            key["reconstruct"] = reconstruction_key(config)
         return key
 
     def settings(self, config: PruneConfig, inputs: StageInputs) -> dict:
         """The manifest's ``stage_config``."""
         return {"plan": inputs.plan.to_dict(), "calibration": asdict(config.calibration), "distill": asdict(config.distill),
-                "reconstruct": {"ridge": config.reconstruct_ridge} if config.reconstruct else None}
+                "reconstruct": reconstruction_key(config) if config.reconstruct else None}
 
     @staticmethod
     def _parent_map(inputs: StageInputs) -> distill.TeacherMap | None:
@@ -262,6 +263,11 @@ def inherit_assistant(teacher: Path, teacher_manifest: dict, directory: Path) ->
 
     shutil.copytree(teacher / ASSISTANT_DIR, directory / ASSISTANT_DIR, dirs_exist_ok=True)
     update_manifest(directory, assistant={**entry, "training": {"inherited": str(teacher)}, "valid_ndcg@10_by_weight": {}})
+
+
+def reconstruction_key(config: PruneConfig) -> dict:
+    """What reconstruction did: its ridge and the cuts it refits (a run from before a cut was added is redone)."""
+    return {"ridge": config.reconstruct_ridge, "refits": ["heads", "residual", "mlp", "depth"]}
 
 
 def same_key(saved: dict | None, key: dict) -> bool:
@@ -383,12 +389,19 @@ class DepthStage(Stage):
         remove = shape.layers - goal.layers
         if config.depth_method != "greedy":
             shared = inputs.shared
-            smaller, record = trsp_depth(student, shared.examples, shared.valid, shared.pad_id, remove, trsp_settings(config))
-            return Cut(smaller, record)
+            smaller, trsp_record = trsp_depth(student, shared.examples, shared.valid, shared.pad_id, remove,
+                                              trsp_settings(config))
+            return Cut(smaller, trsp_record)
         if remove <= 0:
             return Cut(student, {})
-        removed, losses = importance.greedy_layer_removal(student, inputs.shared.calibration, remove)
-        return Cut(drop_layers(student, removed), {"removed_layers": removed, "calibration_loss_after_each": losses})
+        calibration = inputs.shared.calibration
+        removed, losses = importance.greedy_layer_removal(student, calibration, remove)
+        child = drop_layers(student, removed)
+        record: dict = {"removed_layers": removed, "calibration_loss_after_each": losses, "reconstructed": config.reconstruct}
+        if config.reconstruct:
+            kept = [layer for layer in range(shape.layers) if layer not in set(removed)]
+            record["reconstruction"] = reconstruct.refit_depth(student, child, kept, calibration, config.reconstruct_ridge)
+        return Cut(child, record)
 
 
 class VocabStage(Stage):

@@ -358,7 +358,7 @@ def test_reconstruction_lowers_the_cut_students_loss_and_keys_the_stages(tmp_pat
         config = tiny_prune_config(tmp_path / "run", dense, stages=["attn", "mlp"], reconstruct=reconstruct)
         runs[reconstruct] = [read_manifest(p) for p in run(config, prepared)]
     for plain, refit in zip(runs[False], runs[True], strict=True):
-        assert "reconstruct" not in plain["stage_key"] and refit["stage_key"]["reconstruct"] == {"ridge": 1e-3}
+        assert "reconstruct" not in plain["stage_key"] and refit["stage_key"]["reconstruct"]["ridge"] == 1e-3
         assert plain["pruning"]["reconstructed"] is False and refit["pruning"]["reconstructed"] is True
         # the same directory was cut again, not reused: the refit student starts from a lower validation loss
         start = [m["distillation"]["valid_history"][0]["valid_loss"] for m in (plain, refit)]

@@ -141,3 +141,29 @@ def test_residual_refit_beats_the_plain_slice_for_every_reader(model, tokenizer)
             check(reader.weight, norm_outputs[site], plain_reader.weight, refit_reader.weight, x_after)
     if tied:  # a tied head stays tied to the (sliced) embedding
         assert refit.lm_head.weight.data_ptr() == refit.model.embed_tokens.weight.data_ptr()
+
+
+def final_streams(model, calibration):
+    """The stream entering the final norm at the real tokens, over the calibration batches."""
+    return reader_inputs(model, calibration, [model.model.norm], pre=True)[0]
+
+
+def test_depth_refit_writes_the_dropped_layers_contribution(model, tokenizer):
+    from pruning.surgery import drop_layers
+
+    calibration = batches(len(tokenizer), count=6)
+    removed = [1]
+    plain = drop_layers(model, removed)
+    refit = drop_layers(model, removed)
+    record = reconstruct.refit_depth(model, refit, [0, 2], calibration, ridge=1e-6)
+    assert [r["parent_layer"] for r in record] == [0, 2]
+    # layer 0 of the child must now write what the parent's layers 0 and 1 wrote together
+    assert record[0]["applied"] and record[0]["stream_error_after"] < 0.5 * record[0]["stream_error_before"]
+    parent_stream = final_streams(model, calibration)
+    plain_error = float((final_streams(plain, calibration) - parent_stream).pow(2).sum(-1).mean())
+    refit_error = float((final_streams(refit, calibration) - parent_stream).pow(2).sum(-1).mean())
+    assert refit_error < plain_error
+    # the last layer's error, measured here on the refit child, is the one the moments predicted
+    assert refit_error == pytest.approx(record[-1]["stream_error_after"], rel=1e-3)
+    with pytest.raises(ValueError, match="kept layers"):
+        reconstruct.refit_depth(model, refit, [0], calibration, ridge=1e-6)
