@@ -182,6 +182,8 @@ def main() -> None:
                         help="seeded subset of training examples to distil on ([the profile's])")
     parser.add_argument("--distill-preset", default=None, help="distillation preset over the profile (prunerec)")
     parser.add_argument("--gradual", type=int, default=None, help="cuts per width/depth stage (prunerec prune --gradual)")
+    parser.add_argument("--no-reconstruct", action="store_true",
+                        help="the paper's plain cut: no least-squares refit after each cut (prunerec prune --no-reconstruct)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
     parser.add_argument("--work", default=None)
@@ -205,6 +207,8 @@ def main() -> None:
         overrides["distill.examples"] = args.distill_examples
     if args.gradual is not None:
         overrides["gradual"] = args.gradual
+    if args.no_reconstruct:
+        overrides["reconstruct"] = False
     config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,
                              sasrec_epochs=args.sasrec_epochs, distill_preset=args.distill_preset,
                              prune_overrides=overrides, device=args.device, work=args.work, output=args.output)
