@@ -138,3 +138,8 @@ def teacher_forced_score(rec: Recommender, history: list[int], item: int) -> flo
 
 def histories(prepared, n=6):
     return [prepared.history(int(u), int(p)).tolist() for u, p in prepared.splits["test"][:n]]
+
+
+TINY_PRUNE = {"calibration.samples": 8, "calibration.batch_size": 8, "distill.examples": 16, "distill.max_steps": 2,
+              "distill.eval_every": 2, "distill.valid_examples": 8, "distill.batch_size": 8}
+"""PruneConfig overrides (dotted paths) over a profile: seconds per pruning run of a tiny model."""

@@ -6,27 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import save_model_dir, tiny_qwen2
+from helpers import TINY_PRUNE
 
 from bench.reconstruction import ReconstructionConfig, run_ablation
 from llmrec.artifact import read_manifest
-from pruning.train import TrainConfig
-from pruning.train import run as train
-
-TINY = {"calibration.samples": 8, "calibration.batch_size": 8, "distill.examples": 16, "distill.max_steps": 2,
-        "distill.eval_every": 2, "distill.valid_examples": 8, "distill.batch_size": 8}
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory, tokenizer, prepared):
-    root = tmp_path_factory.mktemp("dense")
-    base = save_model_dir(root / "base", tiny_qwen2(len(tokenizer), layers=4), tokenizer)
-    return train(TrainConfig(output=str(root / "dense"), model=str(base), max_steps=4, eval_every=4, lr=3e-3, epochs=20.0,
-                             valid_examples=8, warmup_steps=0, patience=0), prepared)
-
-
-def test_reconstruction_ablation_prunes_both_arms_alike_but_for_the_refit(tmp_path, dense, prepared):
-    config = ReconstructionConfig(teacher=str(dense), profile="cpu", users=None, prune_overrides=TINY,
+def test_reconstruction_ablation_prunes_both_arms_alike_but_for_the_refit(tmp_path, tiny_dense, prepared):
+    config = ReconstructionConfig(teacher=str(tiny_dense), profile="cpu", users=None, prune_overrides=TINY_PRUNE,
                                   work=str(tmp_path / "work"), output=str(tmp_path / "out"))
     report = run_ablation(config, prepared)
     plain, refit = report["arms"]["plain"], report["arms"]["reconstruct"]
@@ -44,4 +31,4 @@ def test_reconstruction_ablation_prunes_both_arms_alike_but_for_the_refit(tmp_pa
     assert again["arms"] == report["arms"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["arms"] == report["arms"]
     with pytest.raises(ValueError, match="unknown pruning profile"):
-        run_ablation(ReconstructionConfig(teacher=str(dense), profile="tpu"), prepared)
+        run_ablation(ReconstructionConfig(teacher=str(tiny_dense), profile="tpu"), prepared)
