@@ -118,13 +118,16 @@ def collect(model: PreTrainedModel, calibration: list[Batch], taps: Sequence[tup
     return moments
 
 
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(gram + ridge·mean(diag gram)·I)⁻¹ rhs, for a symmetric (k, k) gram matrix and a (k, m) right-hand side."""
+    scale = ridge * gram.diagonal().mean().clamp(min=1e-12)
+    return torch.linalg.solve(gram + scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), rhs)
+
+
 def refit(weight: torch.Tensor, moments: Moments, ridge: float) -> torch.Tensor:
     """(out, n) weight over the inputs before the cut -> (out, k) over the inputs after it, in its dtype."""
-    kept = moments.kept
-    regularised = kept + ridge * kept.diagonal().mean().clamp(min=1e-12) * torch.eye(kept.shape[0], dtype=kept.dtype,
-                                                                                      device=kept.device)
     # W' = W C K⁻¹  <=>  W'ᵀ = K⁻¹ Cᵀ Wᵀ (K symmetric)
-    solved = torch.linalg.solve(regularised, moments.cross.T @ weight.detach().to(kept.dtype).T)
+    solved = _ridge_solve(moments.kept, moments.cross.T @ weight.detach().to(moments.kept.dtype).T, ridge)
     return solved.T.to(weight.dtype)
 
 
@@ -302,9 +305,7 @@ def refit_depth(parent: PreTrainedModel, child: PreTrainedModel, kept: Sequence[
         assert cross is not None and kept_moment is not None
         if count == 0:
             raise ValueError("reconstruction needs calibration tokens; the calibration set is empty")
-        regularised = kept_moment + ridge * kept_moment.diagonal().mean().clamp(min=1e-12) * torch.eye(
-            kept_moment.shape[0], dtype=kept_moment.dtype, device=kept_moment.device)
-        solved = torch.linalg.solve(regularised, cross).T  # (d, I)
+        solved = _ridge_solve(kept_moment, cross, ridge).T  # (d, I)
         error_before = residual_before / count
         change = _squared_error_part(solved, cross, kept_moment) - _squared_error_part(weight, cross, kept_moment)
         error_after = error_before + change / count
