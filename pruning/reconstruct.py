@@ -141,24 +141,35 @@ def _copy(linear: nn.Linear, weight: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _column_fits(model: PreTrainedModel, calibration: list[Batch], readers: list[nn.Linear],
+                 columns: list[torch.Tensor], what: str) -> list[ReaderFit]:
+    """Per layer, one reader whose input keeps ``columns[layer]``: its weight and the moments of its input
+    against the kept columns (model before the cut)."""
+
+    def split_for(layer: int) -> Split:
+        return lambda args, _output: (args[0], args[0][:, columns[layer]])
+
+    moments = collect(model, calibration, [(r, split_for(i)) for i, r in enumerate(readers)],
+                      f"reconstruction moments ({what})")
+    return [ReaderFit(r.weight.detach().clone(), m) for r, m in zip(readers, moments, strict=True)]
+
+
+def _refit_all(readers: list[nn.Linear], fits: list[ReaderFit], ridge: float) -> None:
+    for reader, fit in zip(readers, fits, strict=True):
+        _copy(reader, fit.solve(ridge))
+
+
 def head_moments(model: PreTrainedModel, calibration: list[Batch], keep_q: Sequence[Sequence[int]]) -> list[ReaderFit]:
     """Per layer, ``o_proj`` with the moments of its input against its kept heads' rows (model before the cut)."""
     head_dim = shape_of(model).head_dim
     device = next(model.parameters()).device
     rows = [head_rows(sorted(int(h) for h in heads), head_dim).to(device) for heads in keep_q]
-
-    def split_for(layer: int) -> Split:
-        return lambda args, _output: (args[0], args[0][:, rows[layer]])
-
-    readers = [layer.self_attn.o_proj for layer in model.model.layers]
-    moments = collect(model, calibration, [(o, split_for(i)) for i, o in enumerate(readers)], "reconstruction moments (heads)")
-    return [ReaderFit(o.weight.detach().clone(), m) for o, m in zip(readers, moments, strict=True)]
+    return _column_fits(model, calibration, [layer.self_attn.o_proj for layer in model.model.layers], rows, "heads")
 
 
 def refit_heads(model: PreTrainedModel, fits: list[ReaderFit], ridge: float) -> None:
     """Refit every ``o_proj`` of the cut model in place."""
-    for layer, fit in zip(model.model.layers, fits, strict=True):
-        _copy(layer.self_attn.o_proj, fit.solve(ridge))
+    _refit_all([layer.self_attn.o_proj for layer in model.model.layers], fits, ridge)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,8 +222,7 @@ def refit_residual(model: PreTrainedModel, fits: list[list[ReaderFit]], ridge: f
     if len(sites) != len(fits):
         raise ValueError(f"fits for {len(fits)} norms, the model has {len(sites)}: not the model they were gathered on")
     for (_norm, readers), site_fits in zip(sites, fits, strict=True):
-        for reader, fit in zip(readers, site_fits, strict=True):
-            _copy(reader, fit.solve(ridge))
+        _refit_all(readers, site_fits, ridge)
     if model.config.tie_word_embeddings:
         logger.info("reconstruction: the LM head is tied to the embedding, so the final norm's reader is not refit")
 
@@ -226,19 +236,12 @@ def mlp_moments(model: PreTrainedModel, calibration: list[Batch], keep: Sequence
     """Per layer, ``down_proj`` with the moments of its input against its kept channels (model before the cut)."""
     device = next(model.parameters()).device
     indices = [torch.as_tensor(sorted(int(c) for c in channels), dtype=torch.long, device=device) for channels in keep]
-
-    def split_for(layer: int) -> Split:
-        return lambda args, _output: (args[0], args[0][:, indices[layer]])
-
-    readers = [layer.mlp.down_proj for layer in model.model.layers]
-    moments = collect(model, calibration, [(d, split_for(i)) for i, d in enumerate(readers)], "reconstruction moments (mlp)")
-    return [ReaderFit(d.weight.detach().clone(), m) for d, m in zip(readers, moments, strict=True)]
+    return _column_fits(model, calibration, [layer.mlp.down_proj for layer in model.model.layers], indices, "mlp")
 
 
 def refit_mlp(model: PreTrainedModel, fits: list[ReaderFit], ridge: float) -> None:
     """Refit every ``down_proj`` of the cut model in place."""
-    for layer, fit in zip(model.model.layers, fits, strict=True):
-        _copy(layer.mlp.down_proj, fit.solve(ridge))
+    _refit_all([layer.mlp.down_proj for layer in model.model.layers], fits, ridge)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -399,7 +399,8 @@ class DepthStage(Stage):
         child = drop_layers(student, removed)
         record: dict = {"removed_layers": removed, "calibration_loss_after_each": losses, "reconstructed": config.reconstruct}
         if config.reconstruct:
-            kept = [layer for layer in range(shape.layers) if layer not in set(removed)]
+            dropped = set(removed)
+            kept = [layer for layer in range(shape.layers) if layer not in dropped]
             record["reconstruction"] = reconstruct.refit_depth(student, child, kept, calibration, config.reconstruct_ridge)
         return Cut(child, record)
 
