@@ -266,8 +266,23 @@ def inherit_assistant(teacher: Path, teacher_manifest: dict, directory: Path) ->
 
 
 def reconstruction_key(config: PruneConfig) -> dict:
-    """What reconstruction did: its ridge and the cuts it refits (a run from before a cut was added is redone)."""
-    return {"ridge": config.reconstruct_ridge, "refits": ["heads", "residual", "mlp", "depth"]}
+    """What reconstruction did: its ridge and the cuts it refits (a run from before a cut was added is redone);
+    ``sequential`` only when on, so that earlier runs keep their keys."""
+    key: dict = {"ridge": config.reconstruct_ridge, "refits": ["heads", "residual", "mlp", "depth"]}
+    if config.reconstruct_sequential:
+        key["sequential"] = True
+    return key
+
+
+def sequential_refit(config: PruneConfig, parent: PreTrainedModel, child: PreTrainedModel,
+                     correspondence: reconstruct.Correspondence, inputs: StageInputs) -> list[dict] | None:
+    """The sequential refit of a stage's cut child when the config asks for it (its record, else None)."""
+    if not (config.reconstruct and config.reconstruct_sequential):
+        return None
+    record = reconstruct.refit_sequential(parent, child, correspondence, inputs.shared.calibration,
+                                          config.reconstruct_ridge)
+    logger.info("sequential reconstruction: stream error after the last layer %.4g", record[-1]["stream_error_after"])
+    return record
 
 
 def same_key(saved: dict | None, key: dict) -> bool:
@@ -295,6 +310,8 @@ class AttentionStage(Stage):
     def cut(self, config: PruneConfig, student: PreTrainedModel, inputs: StageInputs) -> Cut:
         shape, goal = shape_of(student), inputs.plan.target
         calibration, targets = inputs.shared.calibration, inputs.shared.targets
+        parent = student
+        correspondence = reconstruct.Correspondence(layers=list(range(shape.layers)))
         record: dict = {}
         per_group = goal.heads // goal.kv_heads
         if goal.kv_heads < shape.kv_heads or per_group < shape.groups:
@@ -325,6 +342,7 @@ class AttentionStage(Stage):
             if head_fits is not None:
                 reconstruct.refit_heads(student, head_fits, config.reconstruct_ridge)
             record["kept_kv_groups"], record["kept_heads"] = keep_kv, keep_q
+            correspondence.kv_heads, correspondence.heads = keep_kv, keep_q
             record["head_importance"] = {k: v.tolist() for k, v in scores.items()}
         if goal.hidden < shape.hidden:
             energy = importance.residual_importance(student, calibration)
@@ -333,8 +351,10 @@ class AttentionStage(Stage):
             student = slice_residual(student, keep)
             if residual_fits is not None:
                 reconstruct.refit_residual(student, residual_fits, config.reconstruct_ridge)
-            record["kept_residual_channels"] = keep.tolist()
+            record["kept_residual_channels"] = correspondence.residual = keep.tolist()
         record["reconstructed"] = config.reconstruct
+        if student is not parent:
+            record["sequential_reconstruction"] = sequential_refit(config, parent, student, correspondence, inputs)
         return Cut(student, record)
 
 
@@ -354,7 +374,9 @@ class MlpStage(Stage):
         cut = slice_mlp(student, keep)
         if fits is not None:
             reconstruct.refit_mlp(cut, fits, config.reconstruct_ridge)
-        return Cut(cut, {"kept_channels_per_layer": goal.intermediate, "reconstructed": config.reconstruct})
+        correspondence = reconstruct.Correspondence(layers=list(range(shape.layers)), mlp=keep)
+        return Cut(cut, {"kept_channels_per_layer": goal.intermediate, "reconstructed": config.reconstruct,
+                         "sequential_reconstruction": sequential_refit(config, student, cut, correspondence, inputs)})
 
 
 class DepthStage(Stage):
@@ -398,9 +420,12 @@ class DepthStage(Stage):
         removed, losses = importance.greedy_layer_removal(student, calibration, remove)
         child = drop_layers(student, removed)
         record: dict = {"removed_layers": removed, "calibration_loss_after_each": losses, "reconstructed": config.reconstruct}
-        if config.reconstruct:
-            dropped = set(removed)
-            kept = [layer for layer in range(shape.layers) if layer not in dropped]
+        dropped = set(removed)
+        kept = [layer for layer in range(shape.layers) if layer not in dropped]
+        if config.reconstruct and config.reconstruct_sequential:  # contains the down_proj refit below
+            record["sequential_reconstruction"] = sequential_refit(config, student, child,
+                                                                   reconstruct.Correspondence(layers=kept), inputs)
+        elif config.reconstruct:
             record["reconstruction"] = reconstruct.refit_depth(student, child, kept, calibration, config.reconstruct_ridge)
         return Cut(child, record)
 

@@ -363,3 +363,24 @@ def test_reconstruction_lowers_the_cut_students_loss_and_keys_the_stages(tmp_pat
         # the same directory was cut again, not reused: the refit student starts from a lower validation loss
         start = [m["distillation"]["valid_history"][0]["valid_loss"] for m in (plain, refit)]
         assert start[1] < start[0]
+
+
+def test_sequential_reconstruction_refits_every_stage_and_keys_it(tmp_path, dense, prepared):
+    config = tiny_prune_config(tmp_path / "run", dense, reconstruct_sequential=True)
+    paths = run(config, prepared)
+    manifests = [read_manifest(p) for p in paths]
+    for path, manifest in zip(paths, manifests, strict=True):
+        assert manifest["stage_key"]["reconstruct"]["sequential"] is True
+        record = manifest["pruning"]["sequential_reconstruction"]
+        assert [r["layer"] for r in record] == list(range(shape_of_artifact(path).layers))
+        assert set(record[0]["refits"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    depth = manifests[-1]["pruning"]
+    kept = [layer for layer in range(4) if layer not in depth["removed_layers"]]
+    # the depth stage's record maps each child layer to the parent layer it came from, and the sequential
+    # refit replaces the depth-only down_proj refit
+    assert [r["parent_layer"] for r in depth["sequential_reconstruction"]] == kept and "reconstruction" not in depth
+    # without it, nothing is recorded and the key is the earlier one (earlier runs resume)
+    plain = tiny_prune_config(tmp_path / "plain", dense, stages=["attn"])
+    manifest = read_manifest(run(plain, prepared)[0])
+    assert "sequential" not in manifest["stage_key"]["reconstruct"]
+    assert manifest["pruning"].get("sequential_reconstruction") is None
