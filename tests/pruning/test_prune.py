@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import save_model_dir, tiny_llama, tiny_qwen2
@@ -352,6 +354,21 @@ def test_a_gradual_stage_splits_its_distillation_budget_over_its_cuts(tmp_path):
     assert split_budget(config, 9).distill.max_steps == 1  # never zero steps
 
 
+def test_stage_budget_scales_each_stages_distillation(tmp_path):
+    from pruning.prune import scale_budget, stage_scales
+
+    config = tiny_prune_config(tmp_path, tmp_path, distill=distill.DistillConfig(max_steps=64, max_minutes=4.0, epochs=1.0))
+    assert stage_scales(config) == {"attn": 1.0, "mlp": 1.0, "depth": 1.0}
+    leaning = replace(config, stage_budget=[0.5, 0.5, 2.0])
+    assert stage_scales(leaning) == {"attn": 0.5, "mlp": 0.5, "depth": 2.0}
+    doubled = scale_budget(config, 2.0).distill
+    assert (doubled.max_steps, doubled.max_minutes, doubled.epochs) == (128, 8.0, 2.0)
+    assert scale_budget(config, 1 / 128).distill.max_steps == 1  # never zero steps
+    for wrong in ([1.0, 1.0], [1.0, 0.0, 1.0]):
+        with pytest.raises(ValueError, match="one positive multiplier per stage"):
+            stage_scales(replace(config, stage_budget=wrong))
+
+
 def test_reconstruction_lowers_the_cut_students_loss_and_keys_the_stages(tmp_path, dense, prepared):
     runs = {}
     for reconstruct in (False, True):
@@ -384,3 +401,10 @@ def test_sequential_reconstruction_refits_every_stage_and_keys_it(tmp_path, dens
     manifest = read_manifest(run(plain, prepared)[0])
     assert "sequential" not in manifest["stage_key"]["reconstruct"]
     assert manifest["pruning"].get("sequential_reconstruction") is None
+
+
+def test_the_pipeline_gives_each_stage_its_share_of_the_budget(tmp_path, dense, prepared):
+    config = tiny_prune_config(tmp_path / "run", dense, stage_budget=[0.5, 1.0, 2.0])
+    manifests = [read_manifest(p) for p in run(config, prepared)]
+    assert [m["distillation"]["steps"] for m in manifests] == [2, 4, 8]
+    assert [m["stage_config"]["distill"]["max_steps"] for m in manifests] == [2, 4, 8]
