@@ -201,13 +201,14 @@ def stage_scales(config: PruneConfig) -> dict[str, float]:
 
 
 def scale_budget(config: PruneConfig, factor: float) -> PruneConfig:
-    """``config`` with its distillation budget (steps, minutes, epochs) multiplied by ``factor``."""
+    """``config`` with its distillation budget (steps, minutes, epochs) multiplied by ``factor`` (steps rounded
+    down, at least one)."""
     if factor == 1.0:
         return config
     budget = config.distill
     scaled = replace(
         budget,
-        max_steps=max(1, round(budget.max_steps * factor)) if budget.max_steps is not None else None,
+        max_steps=max(1, int(budget.max_steps * factor + 1e-9)) if budget.max_steps is not None else None,
         max_minutes=budget.max_minutes * factor if budget.max_minutes is not None else None,
         epochs=budget.epochs * factor,
     )
@@ -216,16 +217,7 @@ def scale_budget(config: PruneConfig, factor: float) -> PruneConfig:
 
 def split_budget(config: PruneConfig, cuts: int) -> PruneConfig:
     """``config`` with its per-stage distillation budget divided over a stage's ``cuts`` (gradual pruning)."""
-    if cuts == 1:
-        return config
-    budget = config.distill
-    split = replace(
-        budget,
-        max_steps=max(1, budget.max_steps // cuts) if budget.max_steps is not None else None,
-        max_minutes=budget.max_minutes / cuts if budget.max_minutes is not None else None,
-        epochs=budget.epochs / cuts,
-    )
-    return replace(config, distill=split)
+    return scale_budget(config, 1 / cuts)
 
 
 def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedModel, tokenizer: Any,
