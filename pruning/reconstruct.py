@@ -440,8 +440,6 @@ class _Fit:
     def apply(self, linear: nn.Linear, ridge: float) -> dict:
         """Refit ``linear``'s weight (solved on every token) if the solve on the first half lowers the error on
         the second; returns that held-out error before and after."""
-        if len(self.cross) < 2:
-            raise ValueError("reconstruction needs calibration tokens; the calibration set is empty")
         weight = linear.weight.detach().double()
         trial = _ridge_solve(self.gram[0], self.cross[0], ridge).T  # (out, k)
         before, after = self._error(weight, 1), self._error(trial, 1)
@@ -518,6 +516,9 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
     parent_streams = _layer_inputs(parent, calibration)
     child_streams = _layer_inputs(child, calibration)
     masks = [batch.attention_mask.bool().to(device) for batch in calibration]
+    tokens = sum(int(mask.sum()) for mask in masks)
+    if tokens == 0:
+        raise ValueError("reconstruction needs calibration tokens; the calibration set is empty")
     position = 0  # the parent layer the parent streams have reached
     record = []
     for j, layer in enumerate(tqdm(child.model.layers, desc="reconstruction (sequential)", leave=False)):
@@ -559,7 +560,6 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
 
         child_streams = [(_run_layer(layer, h, kw), kw) for h, kw in child_streams]
         error = sum(float((h[masks[i]].double() - targets[i]["after"]).pow(2).sum()) for i, (h, _kw) in enumerate(child_streams))
-        tokens = sum(int(mask.sum()) for mask in masks)
         record.append({"layer": j, "parent_layer": int(layers[j]), "refits": fits,
                        "stream_error_after": round(error / tokens, 6)})
     return record

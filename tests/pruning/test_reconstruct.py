@@ -228,3 +228,5 @@ def test_sequential_refit_leaves_a_layer_the_calibration_tokens_cannot_determine
     down = record[0]["refits"]["down"]
     assert not down["applied"] and down["held_out_after"] > down["held_out_before"]
     assert torch.equal(refit.model.layers[0].mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight)
+    with pytest.raises(ValueError, match="calibration tokens"):
+        reconstruct.refit_sequential(model, cut(), correspondence, [], ridge=1e-9)
