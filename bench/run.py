@@ -239,11 +239,9 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                          "metrics": evaluations["dense"]["mostpop"]}
     payloads = request_payloads(data, pairs[: config.latency_requests])
     with clock.phase("serve"):
-        for name in ("dense", "pruned", "pruned+vocab"):
-            key = {"artifact": str(named[name]), "identity": artifact_identity(named[name], assistant=True), "head": config.head, "requests": len(payloads), "levels": config.concurrency,
-                   "users": config.users, "seed": config.seed, "device": config.device, "batch": config.serve_batch_size,
-                   "assist_weight": (read_manifest(named[name]).get("assistant") or {}).get("weight")}
-            models[name]["serving"] = _cached(work / "serving" / f"{name}.json", key, lambda name=name: serve_and_measure(
+        keys = serving_keys({name: named[name] for name in SERVED_ARMS}, config, len(payloads))
+        for name in SERVED_ARMS:
+            models[name]["serving"] = _cached(work / "serving" / f"{name}.json", keys[name], lambda name=name: serve_and_measure(
                 name, str(named[name]), payloads, config.concurrency, config.head, max_batch_size=config.serve_batch_size,
                 device=config.device))
             models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
@@ -315,6 +313,23 @@ def sample_check(data: PreparedData, pairs: np.ndarray) -> dict[str, float]:
     return {"mostpop_ndcg@10_sample": sample["ndcg@10"], "mostpop_ndcg@10_all_users": whole["ndcg@10"],
             "mostpop_hr@10_sample": sample["hr@10"], "mostpop_hr@10_all_users": whole["hr@10"],
             "all_users": len(every)}
+
+
+SERVED_ARMS = ("dense", "pruned", "pruned+vocab")
+"""The arms served over HTTP; their latency ratios (speedup_p50, throughput_gain) compare them."""
+
+
+def serving_keys(arms: dict[str, Path], config: BenchConfig, requests: int) -> dict[str, dict]:
+    """Per served arm, what its cached serving figures must agree on. Every key holds every arm's build, so that
+    a rebuilt arm has all of them served again: the ratios compare arms served side by side in one run, never a
+    fresh figure with one an earlier run measured under another load (which gave 7.4× where side by side gave
+    9.2×, 2026-11-26)."""
+    identities = {name: artifact_identity(path, assistant=True) for name, path in arms.items()}
+    shared = {"head": config.head, "requests": requests, "levels": config.concurrency, "users": config.users,
+              "seed": config.seed, "device": config.device, "batch": config.serve_batch_size, "served_together": identities}
+    return {name: {"artifact": str(path), "identity": identities[name],
+                   "assist_weight": (read_manifest(path).get("assistant") or {}).get("weight"), **shared}
+            for name, path in arms.items()}
 
 
 def _cached(path: Path, key: dict, compute: Any) -> Any:

@@ -199,3 +199,20 @@ def test_sample_check_sets_the_sample_beside_every_user(prepared):
     check = sample_check(prepared, few)
     assert check["mostpop_ndcg@10_all_users"] == whole["mostpop_ndcg@10_all_users"]
     assert check["mostpop_ndcg@10_sample"] == mostpop_metrics(prepared, few, True, [10], 20)[0]["ndcg@10"]
+
+
+def test_a_rebuilt_arm_has_every_arm_served_again(tmp_path, tokenizer, prepared):
+    """Serving figures are cached per arm; the ratios compare arms, so a rebuilt pruned artifact must not be
+    compared with a dense figure served in an earlier run."""
+    from bench.run import bench_config, serving_keys
+
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    arms = {name: write_artifact(tmp_path / name, tiny_llama(len(tokenizer), seed=seed), tokenizer, prepared.catalog, manifest)
+            for seed, name in enumerate(("dense", "pruned"))}
+    config = bench_config("cpu")
+    before = serving_keys(arms, config, 24)
+    assert serving_keys(arms, config, 24) == before  # nothing rebuilt: every cached figure stands
+    write_artifact(tmp_path / "pruned", tiny_llama(len(tokenizer), seed=2), tokenizer, prepared.catalog, manifest)
+    after = serving_keys(arms, config, 24)
+    assert after["dense"]["identity"] == before["dense"]["identity"]  # dense itself did not change ...
+    assert after["dense"] != before["dense"] and after["pruned"] != before["pruned"]  # ... yet both are served again
