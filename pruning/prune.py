@@ -80,7 +80,8 @@ class PruneConfig:
     on the stream the cut model itself produces, toward the parent's projections and stream
     (:func:`pruning.reconstruct.refit_sequential`); only with ``reconstruct``. Replaces the depth stage's
     down_proj refit. Off: on the cpu profile its attn-stage cut starts lower (CE 3.70 against 3.99) but
-    distils worse (3.29 against 2.00 after 40 steps; README, `prunerec prune`)."""
+    distils worse at lr 1e-3 (3.29 against 2.00 after 40 steps) and no better at 3e-4 (1.63 against 1.60 after
+    64; README, `prunerec prune`)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: bool = True
     """Evaluate every stage's artifact (and the teacher) after it is written."""
