@@ -415,11 +415,8 @@ class _Fit:
         self.target_square = [0.0, 0.0]
         self.count = [0, 0]
 
-    def add(self, inputs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Rows of ``inputs`` (N, k) and ``target`` (N, out); ``weight`` (N,) weighs each token's squared error."""
-        if weight is not None:
-            root = weight.sqrt()[:, None]
-            inputs, target = inputs * root, target * root
+    def add(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
+        """Rows of ``inputs`` (N, k) and ``target`` (N, out), alternately to the two halves."""
         for half in (0, 1):
             a, t = inputs[half::2], target[half::2]
             cross, gram = a.T @ t, a.T @ a
