@@ -2,7 +2,8 @@
 
     python -m bench.profile_decode runs/bench-cpu/3-depth --requests 24
 
-Prints ms per request in the decoder's forward passes, the linear layers, attention, the next-token head and
+``--batch-size 16`` profiles calls of 16 users, as the service batches concurrent requests. Prints ms per
+request in the decoder's forward passes, the linear layers, attention, the next-token head and
 the beam search's bookkeeping (the README's latency profile of the pruned model came from this).
 """
 
@@ -23,6 +24,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact")
     parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="users per call (the service batches up to 16 concurrent requests into one call)")
     parser.add_argument("--head", default="catalog")
     parser.add_argument("--step", default="auto", choices=["auto", "lean", "compiled", "graphs", "stock"], help="decoding step")
     parser.add_argument("--no-assist", action="store_true", help="rank without the artifact's assistant")
@@ -32,14 +35,16 @@ def main() -> None:
     pairs = sample_users(data.splits["test"], 300, 0)[: args.requests]  # the benchmark's latency users
     histories = [data.history(int(u), int(p)).tolist()[-10:] for u, p in pairs]
     recommender = Recommender.from_artifact(args.artifact, device="cpu")
-    options = dict(k=10, batch_size=1, head=args.head, step=args.step, assist=False if args.no_assist else None)
-    recommender.recommend([histories[0]], exclude=[histories[0]], **options)  # warm-up
+    size = args.batch_size
+    options = dict(k=10, batch_size=size, head=args.head, step=args.step, assist=False if args.no_assist else None)
+    calls = [histories[start : start + size] for start in range(0, len(histories), size)]
+    recommender.recommend(calls[0], exclude=calls[0], **options)  # warm-up
 
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
-    for history in histories:
-        recommender.recommend([history], exclude=[history], **options)
+    for call in calls:
+        recommender.recommend(call, exclude=call, **options)
     profile.disable()
     per_request = (time.perf_counter() - started) * 1000 / len(histories)
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
@@ -64,7 +69,8 @@ def main() -> None:
         "grouped top-k": cumulative_ms("grouped_topk"),
         "cache reordering": cumulative_ms("reorder_cache", "prefix_cache") + cumulative_ms("reorder", "fast_step"),
     }
-    print(f"{per_request:.1f} ms per request (profiled), {len(histories)} requests, head={args.head}, step={args.step}")
+    print(f"{per_request:.1f} ms per request (profiled), {len(histories)} requests in calls of {size}, head={args.head}, "
+          f"step={args.step}")
     for name, ms in parts.items():
         print(f"{name:45s} {ms:7.1f} ms  {100 * ms / per_request:5.1f}%")
 

@@ -75,6 +75,12 @@ class PruneConfig:
     (:mod:`pruning.reconstruct`; past the paper, which leaves all of the repair to distillation)."""
     reconstruct_ridge: float = 1e-3
     """Ridge of the reconstruction's solve, relative to the mean variance of the kept inputs."""
+    reconstruct_samples: int | None = None
+    """Training samples the reconstruction's moments are gathered on (a seeded set drawn like the calibration
+    set, with its seed); None: the calibration set itself. Importance scoring runs one ablation pass per KV
+    group and one forward per layer-removal trial over the calibration set, the moments one pass: more tokens
+    for the refits alone are cheap, and the wide readers (the attn stage's down_proj has 1,536 inputs) need
+    more tokens than a small calibration set holds."""
     reconstruct_sequential: bool = False
     """After a stage's cut (and its per-cut refits), refit every linear layer of the cut model layer by layer
     on the stream the cut model itself produces, toward the parent's projections and stream
@@ -233,6 +239,14 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
     pad_id = int(tokenizer.pad_token_id)
     calibration = calibration_batches(data, encoder, config.calibration, pad_id) if needs_calibration else []
     targets = teacher_targets(teacher, calibration, config.calibration.top_k) if needs_calibration else []
+    reconstruction = calibration
+    if needs_calibration and config.reconstruct and config.reconstruct_samples is not None:
+        if config.reconstruct_samples < 1:
+            raise ValueError(f"reconstruct_samples must be positive, got {config.reconstruct_samples}")
+        reconstruction = calibration_batches(data, encoder, replace(config.calibration, samples=config.reconstruct_samples),
+                                             pad_id)
+        logger.info("reconstruction moments on %d training samples (importance on %d)",
+                    sum(len(b.input_ids) for b in reconstruction), sum(len(b.input_ids) for b in calibration))
     examples = distillation_examples(data, encoder, config.distill.examples, config.distill.seed)
     used, available = len(examples), training_example_count(data, encoder, encoder.template.packable)
     if config.distill.pack_tokens:
@@ -240,7 +254,7 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
     valid = split_examples(data, encoder, "valid", limit=config.distill.valid_examples, seed=config.distill.seed)
     cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature)
     return SharedData(calibration, targets, examples, valid, pad_id, cache, examples_available=available,
-                      examples_used=used)
+                      examples_used=used, reconstruction=reconstruction)
 
 
 def summarize(teacher: str, stages: list[Path]) -> list[dict]:

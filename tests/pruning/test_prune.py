@@ -403,6 +403,40 @@ def test_sequential_reconstruction_refits_every_stage_and_keys_it(tmp_path, dens
     assert manifest["pruning"].get("sequential_reconstruction") is None
 
 
+def test_reconstruction_moments_use_their_own_sample_set(tmp_path, dense, prepared, monkeypatch):
+    from pruning import importance, reconstruct
+
+    seen: dict[str, list[int]] = {}
+
+    def spy(module, name):
+        original = getattr(module, name)
+
+        def wrapped(model, batches, *args, **kwargs):
+            seen.setdefault(name, []).append(sum(len(b.input_ids) for b in batches))
+            return original(model, batches, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    for name in ("head_moments", "residual_moments", "mlp_moments"):
+        spy(reconstruct, name)
+    spy(importance, "head_importance")
+    spy(importance, "greedy_layer_removal")
+    monkeypatch.setattr(reconstruct, "refit_depth", lambda parent, child, kept, batches, ridge: seen.setdefault(
+        "refit_depth", []).append(sum(len(b.input_ids) for b in batches)) or [])
+    config = tiny_prune_config(tmp_path / "run", dense, reconstruct_samples=40)
+    manifests = [read_manifest(p) for p in run(config, prepared)]
+    # the refits' moments on the 40 samples, the importance scores on the 16 of the calibration set
+    assert seen["head_moments"] == seen["residual_moments"] == seen["mlp_moments"] == seen["refit_depth"] == [40]
+    assert seen["head_importance"] == [16] and seen["greedy_layer_removal"] == [16]
+    assert all(m["stage_key"]["reconstruct"]["samples"] == 40 for m in manifests)
+    # unset, the key stays the earlier one (earlier runs resume) and the moments use the calibration set
+    seen.clear()
+    plain = read_manifest(run(tiny_prune_config(tmp_path / "plain", dense, stages=["attn"]), prepared)[0])
+    assert "samples" not in plain["stage_key"]["reconstruct"] and seen["head_moments"] == [16]
+    with pytest.raises(ValueError, match="reconstruct_samples must be positive"):
+        run(tiny_prune_config(tmp_path / "zero", dense, stages=["attn"], reconstruct_samples=0), prepared)
+
+
 def test_the_pipeline_gives_each_stage_its_share_of_the_budget(tmp_path, dense, prepared):
     config = tiny_prune_config(tmp_path / "run", dense, stage_budget=[0.5, 1.0, 2.0])
     manifests = [read_manifest(p) for p in run(config, prepared)]
