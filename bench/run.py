@@ -174,6 +174,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     from bench import sasrec
     from pruning.evaluate import sample_users
     from pruning.prune import run as prune
+    from pruning.stages import reconstruction_key
     from pruning.train import PROFILES as TRAIN_PROFILES
     from pruning.train import TrainConfig
     from pruning.train import run as train
@@ -272,6 +273,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
                        f"per level, concurrency {config.concurrency}",
             "compression": {"calibration": asdict(greedy_config.calibration), "distill_per_stage": asdict(greedy_config.distill),
+                            "reconstruction": reconstruction_key(greedy_config) if greedy_config.reconstruct else None,
                             "trsp": asdict(trsp_config.trsp)},
             "sasrec": f"RecBole 1.2.1, CE loss, max {config.sasrec_epochs} epochs, early stopping on valid NDCG@10",
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "minutes": clock.total(),
