@@ -76,12 +76,8 @@ class SharedData:
     examples_used: int = 0
     """Training examples distillation uses (before packing them into rows)."""
     reconstruction: list[Batch] = field(default_factory=list)
-    """Batches the reconstruction's moments are gathered on (``reconstruct_samples``); empty: ``calibration``."""
-
-    @property
-    def moments(self) -> list[Batch]:
-        """The reconstruction's batches."""
-        return self.reconstruction or self.calibration
+    """Batches the reconstruction's moments are gathered on: ``reconstruct_samples`` of them, else the
+    calibration batches themselves."""
 
 
 @dataclass
@@ -288,7 +284,7 @@ def sequential_refit(config: PruneConfig, parent: PreTrainedModel, child: PreTra
     """The sequential refit of a stage's cut child when the config asks for it (its record, else None)."""
     if not (config.reconstruct and config.reconstruct_sequential):
         return None
-    record = reconstruct.refit_sequential(parent, child, correspondence, inputs.shared.moments,
+    record = reconstruct.refit_sequential(parent, child, correspondence, inputs.shared.reconstruction,
                                           config.reconstruct_ridge)
     logger.info("sequential reconstruction: stream error after the last layer %.4g", record[-1]["stream_error_after"])
     return record
@@ -346,7 +342,7 @@ class AttentionStage(Stage):
                         heads += members
                 keep_kv.append(groups)
                 keep_q.append(heads)
-            head_fits = reconstruct.head_moments(student, inputs.shared.moments, keep_q) if config.reconstruct else None
+            head_fits = reconstruct.head_moments(student, inputs.shared.reconstruction, keep_q) if config.reconstruct else None
             student = slice_heads(student, keep_kv, keep_q)
             if head_fits is not None:
                 reconstruct.refit_heads(student, head_fits, config.reconstruct_ridge)
@@ -356,7 +352,7 @@ class AttentionStage(Stage):
         if goal.hidden < shape.hidden:
             energy = importance.residual_importance(student, calibration)
             keep = energy.topk(goal.hidden).indices.sort().values
-            residual_fits = reconstruct.residual_moments(student, inputs.shared.moments, keep) if config.reconstruct else None
+            residual_fits = reconstruct.residual_moments(student, inputs.shared.reconstruction, keep) if config.reconstruct else None
             student = slice_residual(student, keep)
             if residual_fits is not None:
                 reconstruct.refit_residual(student, residual_fits, config.reconstruct_ridge)
@@ -379,7 +375,7 @@ class MlpStage(Stage):
         calibration = inputs.shared.calibration
         scores = importance.mlp_importance(student, calibration)
         keep = [row.topk(goal.intermediate).indices.sort().values.tolist() for row in scores]
-        fits = reconstruct.mlp_moments(student, inputs.shared.moments, keep) if config.reconstruct else None
+        fits = reconstruct.mlp_moments(student, inputs.shared.reconstruction, keep) if config.reconstruct else None
         cut = slice_mlp(student, keep)
         if fits is not None:
             reconstruct.refit_mlp(cut, fits, config.reconstruct_ridge)
@@ -435,7 +431,7 @@ class DepthStage(Stage):
             record["sequential_reconstruction"] = sequential_refit(config, student, child,
                                                                    reconstruct.Correspondence(layers=kept), inputs)
         elif config.reconstruct:
-            record["reconstruction"] = reconstruct.refit_depth(student, child, kept, inputs.shared.moments, config.reconstruct_ridge)
+            record["reconstruction"] = reconstruct.refit_depth(student, child, kept, inputs.shared.reconstruction, config.reconstruct_ridge)
         return Cut(child, record)
 
 
