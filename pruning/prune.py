@@ -242,10 +242,10 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
     pad_id = int(tokenizer.pad_token_id)
     calibration = calibration_batches(data, encoder, config.calibration, pad_id) if needs_calibration else []
     targets = teacher_targets(teacher, calibration, config.calibration.top_k) if needs_calibration else []
+    if config.reconstruct_samples is not None and config.reconstruct_samples < 1:
+        raise ValueError(f"reconstruct_samples must be positive, got {config.reconstruct_samples}")
     reconstruction = calibration
     if needs_calibration and config.reconstruct and config.reconstruct_samples is not None:
-        if config.reconstruct_samples < 1:
-            raise ValueError(f"reconstruct_samples must be positive, got {config.reconstruct_samples}")
         reconstruction = calibration_batches(data, encoder, replace(config.calibration, samples=config.reconstruct_samples),
                                              pad_id)
         logger.info("reconstruction moments on %d training samples (importance on %d)",
