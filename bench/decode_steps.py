@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("artifacts", nargs="+")
     parser.add_argument("--requests", type=int, default=12, help="the benchmark's first N latency users")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", default="lean,stock", help="comma-separated decoding steps")
+    parser.add_argument("--steps", default="lean,stock", help="comma-separated decoding steps; 'lean:wide' is the lean "
+                        "step over every row, one token a step (the search not narrowed, BeamSearchConfig.narrow)")
     parser.add_argument("--device", default="cpu", help="where the models run (cpu, cuda)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -37,14 +38,18 @@ def main() -> None:
     report = {}
     for artifact in args.artifacts:
         recommender = Recommender.from_artifact(artifact, device=args.device)
+        def run(step: str, users: list[list[int]], recommender: Recommender = recommender) -> None:
+            name, _, variant = step.partition(":")
+            recommender.recommend(users, k=10, exclude=users, batch_size=1, step=name, narrow=variant != "wide")
+
         for step in steps:  # warm-up: packing, allocator
-            recommender.recommend(histories[:1], k=10, exclude=histories[:1], batch_size=1, step=step)
+            run(step, histories[:1])
         ms: dict[str, list[float]] = {step: [] for step in steps}
         for _ in range(args.rounds):
             for step in steps:
                 started = time.perf_counter()
                 for history in histories:
-                    recommender.recommend([history], k=10, exclude=[history], batch_size=1, step=step)
+                    run(step, [history])
                 ms[step].append((time.perf_counter() - started) * 1000 / len(histories))
         report[artifact] = {"ms_per_request": {step: round(min(v), 1) for step, v in ms.items()},
                             "requests": len(histories), "assisted": recommender.uses_assistant(None),

@@ -138,18 +138,21 @@ def compare_decoders(recommender: Recommender, histories: Sequence[Sequence[int]
     """users/s and agreement of the stock step, the lean step, each of ``extra_steps`` ('compiled', 'graphs':
     ``ours_<step>``, with its agreement with the stock step) and (when ``generate``) HF ``generate``."""
 
-    def ours(step: str) -> Any:
+    def ours(step: str, narrow: bool = True) -> Any:
         return lambda hs: recommender.recommend(hs, k=TOP_K, num_beams=NUM_BEAMS, batch_size=batch_size, head="full",
-                                                assist=False, step=step)
+                                                assist=False, step=step, narrow=narrow)
 
     stock, stock_rate = _timed(ours("stock"), histories, batch_size)
     lean, lean_rate = _timed(ours("lean"), histories, batch_size)
+    wide, wide_rate = _timed(ours("lean", narrow=False), histories, batch_size)  # every row, one token a step
     report: dict[str, Any] = {
         "users": len(histories), "batch_size": batch_size, "num_beams": NUM_BEAMS, "top_k": TOP_K,
         "device": str(recommender.device),
-        "users_per_s": {"ours_stock": stock_rate, "ours_lean": lean_rate},
+        "users_per_s": {"ours_stock": stock_rate, "ours_lean": lean_rate, "ours_lean_wide": wide_rate},
         "lean_vs_stock": _versus_stock(lean, stock),
+        "lean_wide_vs_stock": _versus_stock(wide, stock),
         "lean_speedup_vs_stock": lean_rate / stock_rate,
+        "narrow_speedup": lean_rate / wide_rate,
     }
     for step in extra_steps:
         lists, rate = _timed(ours(step), histories, batch_size)

@@ -58,6 +58,7 @@ def main() -> None:
     parts = {
         "stock forward passes (the prompt pass; every step with --step stock)": decoder * 1000 / len(histories),
         "lean decoding steps": cumulative_ms("step", "fast_step"),
+        "one pass over titles with one way left": cumulative_ms("_score_single_paths", "decode.py"),
         "  lean attention": cumulative_ms("_attend", "fast_step"),
         "assistant (SASRec forward + trie masses)": cumulative_ms("log_probs", "assistant") + cumulative_ms("node_log_mass"),
         "exclusion masks (available)": cumulative_ms("available", "decode.py"),

@@ -180,6 +180,11 @@ def markdown(report: dict) -> str:
                      entry.get("lean_speedup_vs_generate"), entry["lean_vs_stock"]["identical_lists"],
                      vs.get("top10_overlap"), vs.get("identical_lists")]
             lines.append(f"| {name} | " + " | ".join(_fmt(c, 2) if isinstance(c, float) else _fmt(c) for c in cells) + " |")
+        wide = {name: e for name, e in decoders.items() if "ours_lean_wide" in e["users_per_s"]}
+        if wide:  # the lean step over every row, one token a step (BeamSearchConfig.narrow off)
+            lines += ["", "The lean step without narrowing (every row, one token a step), users/s: " + ", ".join(
+                f"{n} {_fmt(e['users_per_s']['ours_lean_wide'], 2)} (narrowed {_fmt(e['narrow_speedup'], 2)}× faster, "
+                f"identical lists {_fmt(e['lean_wide_vs_stock']['identical_lists'])})" for n, e in wide.items())]
         recorded = {name: e["users_per_s"]["ours_graphs"] for name, e in decoders.items() if "ours_graphs" in e["users_per_s"]}
         if recorded:  # on CUDA the default step records the lean step as a CUDA graph
             lines += ["", "The graphs step (CUDA), users/s: " + ", ".join(f"{n} {_fmt(r, 2)}" for n, r in recorded.items())]

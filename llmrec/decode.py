@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from llmrec.fast_step import LeanDecoder, lean_supported
+from llmrec.fast_step import BeamCache, LeanDecoder, lean_supported
 from llmrec.prefix_cache import prefix_beam_attention_enabled, prefix_beam_cache
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,14 @@ class TitleTrie:
     """(num_items, max_depth) int64: the nodes on each item's path below the root, padded with 0 (the root)."""
     subtree_items: torch.Tensor
     """(num_nodes,) int64: how many items complete at or below each node."""
+    item_tokens: torch.Tensor
+    """(num_items, max_depth) int64: each item's response ids (title tokens and the end token), padded with the end
+    token."""
+    item_length: torch.Tensor
+    """(num_items,) int64: the length of each item's response ids."""
+    node_single_item: torch.Tensor
+    """(num_nodes,) int64: the one item at or below a node whose subtree holds a single item (a title with one
+    way left to go), -1 elsewhere."""
 
     def available(self, excluded: Sequence[Sequence[int]]) -> torch.Tensor:
         """(B, num_nodes) items still reachable below each node once each row's excluded items are removed.
@@ -126,13 +134,20 @@ class TitleTrie:
         vocabulary = torch.unique(child_tokens)  # sorted
         depth = max((len(s) for s in sequences), default=0)
         paths = torch.zeros((len(sequences), depth), dtype=torch.long)
+        item_tokens = torch.full((len(sequences), depth), end_id, dtype=torch.long)
         subtree = torch.zeros(len(children), dtype=torch.long)
         for index, tokens in enumerate(sequences):
             node = 0
+            item_tokens[index, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
             for position, token in enumerate(tokens):
                 node = children[node][token]
                 paths[index, position] = node
                 subtree[node] += 1
+        single = torch.full((len(children),), -1, dtype=torch.long)
+        for index in range(len(sequences)):
+            on_path = paths[index][paths[index] > 0]
+            lone = on_path[subtree[on_path] == 1]
+            single[lone] = index
         return cls(
             child_offsets=torch.tensor(offsets, dtype=torch.long),
             child_tokens=child_tokens,
@@ -144,6 +159,9 @@ class TitleTrie:
             child_local=torch.searchsorted(vocabulary, child_tokens),
             item_paths=paths,
             subtree_items=subtree,
+            item_tokens=item_tokens,
+            item_length=torch.tensor([len(s) for s in sequences], dtype=torch.long),
+            node_single_item=single,
         )
 
     @property
@@ -162,6 +180,9 @@ class TitleTrie:
             self.child_local.to(device),
             self.item_paths.to(device),
             self.subtree_items.to(device),
+            self.item_tokens.to(device),
+            self.item_length.to(device),
+            self.node_single_item.to(device),
         )
 
     def expand(self, nodes: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,6 +251,12 @@ class BeamSearchConfig:
     through torch.compile; the first calls compile), 'graphs' (the lean step recorded as a CUDA graph per
     shape and replayed: one launch per step on a GPU; the same buffers run eagerly elsewhere) or 'stock' (the
     model's own forward over :mod:`llmrec.prefix_cache`). Same lists and scores to float tolerance."""
+    narrow: bool = True
+    """With the eager lean step ('lean', 'auto' on a CPU): compute only the live beams' rows (a step runs users ×
+    the most live beams any user has, not users × ``num_beams``), and once every live beam is on a title with
+    one way left to go, score the rest of those titles in one pass (:meth:`llmrec.fast_step.LeanDecoder.extend`)
+    instead of one step per token. Same lists and scores to float tolerance; False runs every row, one token a
+    step (the comparison the benchmark makes)."""
 
 
 HEADS = ("full", "catalog", "catalog-fullnorm")
@@ -280,6 +307,39 @@ class NextTokenScorer:
         if self.head == "catalog":
             return torch.log_softmax(logits, dim=-1)
         return logits - torch.logsumexp(self.output(hidden).float(), dim=-1, keepdim=True)
+
+
+def _score_single_paths(lean: LeanDecoder | None, cache: BeamCache, scorer: NextTokenScorer, trie: TitleTrie,
+                        head: str, nodes: torch.Tensor, alive: torch.Tensor, tokens: torch.Tensor,
+                        positions: torch.Tensor, depth: int, pad_id: int) -> torch.Tensor | None:
+    """When every live row is on a title with one way left to go: the log-probs of the rest of its title, (rows, T),
+    from one :meth:`~llmrec.fast_step.LeanDecoder.extend` pass; else None (and nothing is computed).
+
+    The search's later steps would feed each row its title's tokens one at a time and read the log-prob of the
+    next; a row's T inputs are known now (its step token, then its title up to the token before the end), so
+    one pass over T tokens per row gives the same numbers. Column t holds the log-prob of the row's token
+    ``depth + t`` (its title's end token last); columns past a shorter title's end are never read.
+
+    Args:
+        nodes, alive, tokens, positions: (rows,) per model row: its trie node, whether it is live, the token it
+            appends now and its position.
+        depth: tokens each row holds, the step token included.
+    """
+    items = trie.node_single_item[nodes]
+    if lean is None or not bool((items[alive] >= 0).all()):
+        return None
+    items = torch.where(alive, items, torch.zeros_like(items))
+    count = int((trie.item_length[items] - depth)[alive].max())  # the step token + the title's rest before its end
+    if count < 2:  # one token left to feed: an ordinary step
+        return None
+    scored = trie.item_tokens[items, depth : depth + count]  # (rows, T) the tokens whose log-probs are read
+    fed = torch.cat([tokens[:, None], scored[:, :-1]], dim=1)
+    fed = torch.where(alive[:, None], fed, torch.full_like(fed, pad_id))
+    steps = torch.arange(count, device=nodes.device)
+    hidden = lean.extend(cache, fed, positions[:, None] + steps)  # (rows, T, d)
+    columns = scored if head == "full" else torch.searchsorted(trie.vocabulary, scored)
+    # one position at a time: a full head's (rows·T, V) log-probs would be large
+    return torch.stack([scorer(hidden[:, t]).gather(1, columns[:, t, None])[:, 0] for t in range(count)], dim=1)
 
 
 @torch.no_grad()
@@ -341,9 +401,11 @@ def constrained_beam_search(
     out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     logprobs = scorer(out.last_hidden_state[:, -1, :])  # (B, V) or (B, U)
 
-    # ---- B * beams rows from here on; the prompt cache stays one copy per user ----
+    # ---- B * beams search rows from here on; the prompt cache stays one copy per user ----
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
-    logprobs = logprobs[expand]  # (B*K, V or U)
+    # The row of `logprobs` (the last model call's output) that holds each search row's next-token scores: the
+    # user's prompt-pass row first, then the row the search row was computed in (rows are narrowed to live beams)
+    row_slot = expand
     next_position = positions[expand, -1] + 1  # (B*K,)
     if config.step == "stock":
         lean = None
@@ -353,6 +415,10 @@ def constrained_beam_search(
         beam_cache = lean.start(out.past_key_values, attention.bool(), beams, next_position, trie.max_depth)
     else:
         cache = prefix_beam_cache(out.past_key_values, attention.bool(), beams, trie.max_depth)
+    narrow = config.narrow and lean is not None and not lean.static  # the eager lean step's shapes may change per step
+    # (model rows, T) log-probs of the rest of every live title, once all have one way left (None before)
+    ahead: torch.Tensor | None = None
+    ahead_offset = 0
     nodes = torch.zeros(batch * beams, dtype=torch.long, device=device)
     scores = torch.full((batch * beams,), NEG_INF, device=device)
     scores[::beams] = 0.0
@@ -370,7 +436,11 @@ def constrained_beam_search(
         live = torch.isfinite(scores)
         beam, edge = trie.expand_edges(nodes, live)
         token, child = trie.child_tokens[edge], trie.child_nodes[edge]
-        cand_scores = scores[beam] + logprobs[beam, token_column[edge]]  # (C,)
+        if ahead is not None:  # every live beam has one way left: its token's score was computed ahead
+            token_scores = ahead[row_slot[beam], ahead_offset]
+        else:
+            token_scores = logprobs[row_slot[beam], token_column[edge]]
+        cand_scores = scores[beam] + token_scores  # (C,)
         user = torch.div(beam, beams, rounding_mode="floor")
         if node_prior is not None:  # the prior's share of the step: log mass(child) − log mass(parent)
             parent_mass = node_prior[user, nodes[beam]]  # finite: a live beam's subtree holds returnable items
@@ -409,16 +479,37 @@ def constrained_beam_search(
         scores = new_scores
 
         step_positions = next_position[parent]
-        if lean is not None:
+        next_position = step_positions + 1
+        if ahead is not None:  # no model call: each row follows its parent's title, one token further
+            row_slot = row_slot[parent]
+            ahead_offset += 1
+            continue
+        if narrow:
+            # grouped_topk sorts each user's beams by score, so its live ones are its first rows: keep the first
+            # `width` of every user, width the most any user has (a dead row costs as much as a live one)
+            width = int(alive.view(batch, beams).sum(dim=1).max())
+            kept = (torch.arange(batch, device=device)[:, None] * beams + torch.arange(width, device=device)).reshape(-1)
+            # the cache rows the kept rows continue (before the first step the suffix is empty: nothing to move)
+            beam_cache.reorder(row_slot[parent[kept]], width)
+            row_slot = torch.zeros_like(row_slot)  # a dropped row is dead: it is never read
+            row_slot[kept] = torch.arange(kept.numel(), device=device)
+            ahead = _score_single_paths(lean, beam_cache, scorer, trie, config.head, nodes[kept], alive[kept],
+                                        step_tokens[kept], step_positions[kept], _step + 1, pad_id)
+            if ahead is not None:
+                ahead_offset = 0
+                continue
+            hidden = lean.step(beam_cache, step_tokens[kept], step_positions[kept])  # type: ignore[union-attr]
+        elif lean is not None:
             beam_cache.reorder(parent)
             hidden = lean.step(beam_cache, step_tokens, step_positions)
+            row_slot = torch.arange(batch * beams, device=device)
         else:
             cache.reorder_cache(parent)  # type: ignore[arg-type]
             with prefix_beam_attention_enabled(model):
                 out = decoder(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache,
                               use_cache=True)
             hidden = out.last_hidden_state[:, -1, :]
-        next_position = step_positions + 1
+            row_slot = torch.arange(batch * beams, device=device)
         logprobs = scorer(hidden)
 
     results: list[list[tuple[int, float]]] = []

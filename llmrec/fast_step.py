@@ -265,23 +265,44 @@ class LeanDecoder:
             slot = torch.full((1,), step, dtype=torch.long, device=tokens.device)
             hidden = self._static_step(tokens, positions, slot, cache)
         else:
-            x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
-            cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
-            hidden = self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
-                                  step, None, cache.beams)
+            return self.extend(cache, tokens[:, None], positions[:, None])[:, 0]
         cache.length = step + 1
         return hidden
+
+    def extend(self, cache: BeamCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """T tokens per row at once -> (rows, T, d) final hidden states; appends all T to the cache (eager only).
+
+        Token t of a row attends to the row's prompt, its earlier suffix and its tokens 0..t: the hidden states
+        equal T calls of :meth:`step` (to float tolerance). The beam search uses it to score the rest of titles
+        that have only one way left to go (:func:`llmrec.decode.constrained_beam_search`) in one pass.
+
+        Args:
+            tokens: (rows, T) the tokens each row appends, in order.
+            positions: (rows, T) their position ids.
+        """
+        if cache.workspace is not None or self.static:
+            raise RuntimeError("extend runs the eager step only (a static or graph-recorded step is one token a call)")
+        rows, count = tokens.shape
+        step = cache.length
+        if step + count > cache.suffix.shape[4]:
+            raise RuntimeError("beam cache capacity exceeded")
+        x = self.embed(tokens).reshape(rows * count, -1)  # (rows·T, d)
+        cos, sin = cache.cos[positions][:, :, None, :], cache.sin[positions][:, :, None, :]  # (rows, T, 1, hd)
+        hidden = self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
+                              step, None, cache.beams, count)
+        cache.length = step + count
+        return hidden.view(rows, count, -1)
 
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                      cache: BeamCache) -> torch.Tensor:
         """The step with every shape fixed by the cache: ``slot`` (1,) is the step index as a tensor."""
         capacity = cache.suffix.shape[4]
         x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
-        cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
+        cos, sin = cache.cos[positions][:, None, None, :], cache.sin[positions][:, None, None, :]  # (rows, 1, 1, hd)
         filled = torch.arange(capacity, device=x.device) <= slot
         suffix_bias = torch.zeros(capacity, dtype=x.dtype, device=x.device).masked_fill(~filled, float("-inf"))
         return self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
-                            slot, suffix_bias, cache.beams)
+                            slot, suffix_bias, cache.beams, 1)
 
     def _start_in_workspace(self, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_mask: torch.Tensor,
                             beams: int, positions: torch.Tensor, capacity: int) -> BeamCache:
@@ -340,30 +361,37 @@ class LeanDecoder:
 
     def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, suffix: torch.Tensor,
                     prefix_keys: list[torch.Tensor], prefix_values: list[torch.Tensor], prefix_bias: torch.Tensor,
-                    step: int | torch.Tensor, suffix_bias: torch.Tensor | None, beams: int) -> torch.Tensor:
-        """Every layer and the final norm for one token per row; writes the row's k/v at ``step`` of ``suffix``.
+                    step: int | torch.Tensor, suffix_bias: torch.Tensor | None, beams: int, count: int) -> torch.Tensor:
+        """Every layer and the final norm for ``count`` (T) tokens per row; writes their k/v at ``step`` onwards.
 
-        Eager (``suffix_bias`` None, ``step`` an int): attention over the filled part of the suffix only.
-        Compiled (``step`` a (1,) tensor, ``suffix_bias`` (capacity,) additive): over the whole buffer, masked.
+        x (rows·T, d), row-major; cos/sin (rows, T, 1, hd). Eager (``suffix_bias`` None, ``step`` an int):
+        attention over the filled part of the suffix only, causal among the T new tokens. Compiled (``step`` a
+        (1,) tensor, T = 1, ``suffix_bias`` (capacity,) additive): over the whole buffer, masked.
         """
-        rows = x.shape[0]
+        rows = x.shape[0] // count
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         half = hd // 2
+        causal = None
+        if isinstance(step, int) and count > 1:  # (T, step + T): token t sees slots up to step + t
+            slots = torch.arange(step + count, device=x.device)
+            allowed = slots[None, :] <= step + torch.arange(count, device=x.device)[:, None]
+            causal = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), None, self.eps)  # the weight is folded into qkv_weight
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)  # (rows, (heads + 2·kv)·hd)
-            qk = qkv[:, : (heads + kv_heads) * hd].view(rows, heads + kv_heads, hd)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)  # (rows·T, (heads + 2·kv)·hd)
+            qk = qkv[:, : (heads + kv_heads) * hd].view(rows, count, heads + kv_heads, hd)
             qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)  # rotary on q and k at once (sin signed)
-            key, value = qk[:, heads:], qkv[:, (heads + kv_heads) * hd :].view(rows, kv_heads, hd)
+            key = qk[:, :, heads:].transpose(1, 2)  # (rows, kv, T, hd)
+            value = qkv[:, (heads + kv_heads) * hd :].view(rows, count, kv_heads, hd).transpose(1, 2)
             keys, values = suffix[:, index, 0], suffix[:, index, 1]  # (rows, kv, capacity, hd)
             if isinstance(step, int):
-                keys[:, :, step], values[:, :, step] = key, value
-                keys, values = keys[:, :, : step + 1], values[:, :, : step + 1]
+                keys[:rows, :, step : step + count], values[:rows, :, step : step + count] = key, value
+                keys, values = keys[:rows, :, : step + count], values[:rows, :, : step + count]
             else:
-                keys.index_copy_(2, step, key[:, :, None])
-                values.index_copy_(2, step, value[:, :, None])
-            attended = self._attend(qk[:, :heads], prefix_keys[index], prefix_values[index], prefix_bias, keys, values,
-                                    suffix_bias, beams)
+                keys.index_copy_(2, step, key)
+                values.index_copy_(2, step, value)
+            attended = self._attend(qk[:, :, :heads], prefix_keys[index], prefix_values[index], prefix_bias, keys, values,
+                                    suffix_bias if causal is None else causal, beams)
             x = _residual(x, attended, layer.o_weight, layer.o_bias)
             h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
             gate, up = F.linear(h, layer.gate_weight, layer.gate_bias), F.linear(h, layer.up_weight, layer.up_bias)
@@ -373,29 +401,37 @@ class LeanDecoder:
     def _attend(self, query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
                 prefix_bias: torch.Tensor, suffix_keys: torch.Tensor, suffix_values: torch.Tensor,
                 suffix_bias: torch.Tensor | None, beams: int) -> torch.Tensor:
-        """query (rows, heads, hd), already scaled -> (rows, heads·hd) over the user's prompt + the row's suffix.
+        """query (rows, T, heads, hd), already scaled -> (rows·T, heads·hd) over the user's prompt + the row's suffix.
 
-        prefix_keys/values (users, kv, P, hd); suffix_keys/values (rows, kv, S, hd). Prompt part: all beams and
-        query heads of a KV group of a user in one matmul against that user's keys (GQA without repeating
-        K/V); suffix part: per row.
+        prefix_keys/values (users, kv, P, hd); suffix_keys/values (rows, kv, S, hd); ``suffix_bias`` additive,
+        (S,) or (T, S). Prompt part: all beams, tokens and query heads of a KV group of a user in one matmul
+        against that user's keys (GQA without repeating K/V); suffix part: per row. Within a (user, KV group)
+        the queries are ordered (beam, token, group head).
         """
-        rows = query.shape[0]
+        rows, count = query.shape[:2]
         users, kv_heads, groups, hd = rows // beams, self.kv_heads, self.groups, self.head_dim
         prompt_len, length = prefix_keys.shape[2], suffix_keys.shape[2]
-        q_user = query.view(users, beams, kv_heads, groups, hd).transpose(1, 2).reshape(users, kv_heads, beams * groups, hd)
-        prefix_scores = torch.matmul(q_user, prefix_keys.transpose(-1, -2)) + prefix_bias  # (users, kv, beams·g, P)
-        q_row = query.view(rows, kv_heads, groups, hd)
-        suffix_scores = torch.matmul(q_row, suffix_keys.transpose(-1, -2))  # (rows, kv, g, S)
+        per_user = beams * count * groups
+        q_user = query.view(users, beams, count, kv_heads, groups, hd).permute(0, 3, 1, 2, 4, 5).reshape(
+            users, kv_heads, per_user, hd)
+        prefix_scores = torch.matmul(q_user, prefix_keys[:users].transpose(-1, -2)) + prefix_bias[:users]  # (users, kv, b·T·g, P)
+        q_row = query.view(rows, count, kv_heads, groups, hd).permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, count * groups, hd)
+        suffix_scores = torch.matmul(q_row, suffix_keys.transpose(-1, -2))  # (rows, kv, T·g, S)
         if suffix_bias is not None:
+            if suffix_bias.dim() == 2:  # (T, S) -> (T·g, S): every head of a token gets the token's row
+                suffix_bias = suffix_bias.repeat_interleave(groups, dim=0)
             suffix_scores = suffix_scores + suffix_bias
-        suffix_scores = suffix_scores.view(users, beams, kv_heads, groups, length).transpose(1, 2)
-        scores = torch.cat([prefix_scores, suffix_scores.reshape(users, kv_heads, beams * groups, length)], dim=-1)
-        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (users, kv, beams·g, P + S)
-        out = torch.matmul(probs[..., :prompt_len], prefix_values)  # (users, kv, beams·g, hd)
-        suffix_probs = probs[..., prompt_len:].reshape(users, kv_heads, beams, groups, length).transpose(1, 2)
-        out = out.view(users, kv_heads, beams, groups, hd).transpose(1, 2).reshape(rows, kv_heads, groups, hd)
-        out = out + torch.matmul(suffix_probs.reshape(rows, kv_heads, groups, length), suffix_values)
-        return out.reshape(rows, self.heads * hd)
+        suffix_scores = suffix_scores.view(users, beams, kv_heads, count * groups, length).transpose(1, 2)
+        scores = torch.cat([prefix_scores, suffix_scores.reshape(users, kv_heads, per_user, length)], dim=-1)
+        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)  # (users, kv, b·T·g, P + S)
+        out = torch.matmul(probs[..., :prompt_len], prefix_values[:users])  # (users, kv, b·T·g, hd)
+        suffix_probs = probs[..., prompt_len:].reshape(users, kv_heads, beams, count * groups, length).transpose(1, 2)
+        suffix_out = torch.matmul(suffix_probs.reshape(rows, kv_heads, count * groups, length), suffix_values)
+        # both to (rows, T, kv, g, hd)
+        out = out.view(users, kv_heads, beams, count, groups, hd).permute(0, 2, 3, 1, 4, 5).reshape(
+            rows, count, kv_heads, groups, hd)
+        out = out + suffix_out.view(rows, kv_heads, count, groups, hd).transpose(1, 2)
+        return out.reshape(rows * count, self.heads * hd)
 
 
 @dataclass
@@ -419,15 +455,26 @@ class BeamCache:
     workspace: _GraphWorkspace | None = None
     """The graph workspace whose buffers these are (``LeanDecoder(graphs=True)``), else None."""
 
-    def reorder(self, parent: torch.Tensor) -> None:
+    def reorder(self, parent: torch.Tensor, beams: int | None = None) -> None:
         """Row r continues row ``parent[r]`` (always a beam of the same user, so the prompt part stays); ``parent``
-        covers the real rows, the first ones (a graph workspace's dummy rows after them are left alone)."""
+        covers the real rows, the first ones (a graph workspace's dummy rows after them are left alone).
+
+        ``beams``: rows per user from now on (eager only; default unchanged). The beam search narrows the rows to
+        the live beams (``parent`` then has users × ``beams`` entries, user-major, indexing the earlier rows):
+        a row of a dead beam costs as much to compute as a live one.
+        """
         rows = parent.shape[0]
+        if beams is not None and beams != self.beams:
+            if self.workspace is not None:
+                raise RuntimeError("a graph workspace keeps its rows per user")
+            if rows != self.prefix_bias.shape[0] * beams:
+                raise ValueError(f"parent has {rows} rows, not users × {beams}")
+            self.beams = beams
         # one layer at a time: the copy index_select makes is then one layer's, not the whole buffer's (for
         # SmolLM2 at 16 users × 20 beams a whole-buffer copy added ~370 MB to the peak)
         for layer in range(self.suffix.shape[1]) if self.length else ():
-            filled = self.suffix[:rows, layer, :, :, : self.length]
-            filled.copy_(filled.index_select(0, parent))
+            filled = self.suffix[:, layer, :, :, : self.length]
+            filled[:rows].copy_(filled.index_select(0, parent))
 
 
 @dataclass

@@ -138,6 +138,7 @@ class Recommender:
         search: str = "beam",
         assist: bool | None = None,
         step: str = "auto",
+        narrow: bool = True,
     ) -> list[list[tuple[int, float]]]:
         """For each history, the top-k (catalog index, score) pairs, best first.
 
@@ -158,12 +159,14 @@ class Recommender:
                 (:mod:`llmrec.fast_step`), 'compiled' (the lean
                 step through torch.compile), 'graphs' (the lean step replayed as a CUDA graph) or 'stock' (the model's own forward); the same lists and scores to
                 float tolerance.
+            narrow: with the eager lean step, compute only live beams and score titles with one way left in one
+                pass (:attr:`llmrec.decode.BeamSearchConfig.narrow`); False for comparisons.
         """
         if search not in ("beam", "exact"):
             raise ValueError(f"search must be 'beam' or 'exact', not {search!r}")
         if k < 1 or k > len(self.catalog):
             raise ValueError(f"k must be between 1 and the catalog size {len(self.catalog)}, got {k}")
-        config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k, head=head, step=step)
+        config = BeamSearchConfig(num_beams=max(num_beams or 20, k), top_k=k, head=head, step=step, narrow=narrow)
         lean = self.lean_decoder(step) if search == "beam" else None
         assisted = self.uses_assistant(assist)
         scorer = self.scorer(head)

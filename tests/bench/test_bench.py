@@ -133,10 +133,11 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     # the decoder comparison: our lean step, our stock step and HF generate on the same users, dense and pruned
     for name in ("dense", "pruned"):
         decoders = report["decoders"][name]
-        assert set(decoders["users_per_s"]) == {"ours_lean", "ours_stock", "hf_generate"}
+        assert set(decoders["users_per_s"]) == {"ours_lean", "ours_lean_wide", "ours_stock", "hf_generate"}
         assert decoders["lean_vs_stock"]["identical_lists"] == 1.0
         assert report["ratios"][f"{name}_lean_vs_generate_users_per_s"] == decoders["lean_speedup_vs_generate"]
     assert "## Decoders" in (tmp_path / "report" / "report.md").read_text()
+    assert "without narrowing" in (tmp_path / "report" / "report.md").read_text()
     assert report["ratios"]["dense_ndcg@10_vs_sasrec"] == pytest.approx(
         report["models"]["dense"]["metrics"]["ndcg@10"] / report["models"]["sasrec"]["metrics"]["ndcg@10"])
     phases = report["protocol"]["phase_minutes"]

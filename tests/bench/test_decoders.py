@@ -47,9 +47,11 @@ def test_generate_returns_catalog_items_scored_like_ours(recommender, prepared):
 
 def test_compare_decoders_reports_rates_and_agreement(recommender, prepared):
     report = compare_decoders(recommender, histories(prepared, 4), batch_size=2)
-    assert set(report["users_per_s"]) == {"ours_stock", "ours_lean", "hf_generate"}
+    assert set(report["users_per_s"]) == {"ours_stock", "ours_lean", "ours_lean_wide", "hf_generate"}
     assert all(rate > 0 for rate in report["users_per_s"].values())
     assert report["lean_vs_stock"]["identical_lists"] == 1.0 and report["lean_vs_stock"]["max_score_difference"] < 1e-3
+    assert report["lean_wide_vs_stock"]["identical_lists"] == 1.0  # the search not narrowed: same lists
+    assert report["narrow_speedup"] == pytest.approx(report["users_per_s"]["ours_lean"] / report["users_per_s"]["ours_lean_wide"])
     assert 0.0 < report["generate_vs"]["ours_lean"]["top10_overlap"] <= 1.0
     assert report["lean_speedup_vs_generate"] > 0
     assert "hf_generate" not in compare_decoders(recommender, histories(prepared, 2), batch_size=2, generate=False)["users_per_s"]
@@ -57,6 +59,6 @@ def test_compare_decoders_reports_rates_and_agreement(recommender, prepared):
 
 def test_compare_decoders_times_extra_steps_against_the_stock_step(recommender, prepared):
     report = compare_decoders(recommender, histories(prepared, 3), batch_size=2, generate=False, extra_steps=["graphs"])
-    assert set(report["users_per_s"]) == {"ours_stock", "ours_lean", "ours_graphs"}
+    assert set(report["users_per_s"]) == {"ours_stock", "ours_lean", "ours_lean_wide", "ours_graphs"}
     assert report["graphs_vs_stock"]["identical_lists"] == 1.0
     assert report["graphs_vs_stock"]["max_score_difference"] < 1e-3

@@ -62,6 +62,20 @@ def test_trie_rejects_bad_sequences_and_expands_by_tensor_ops():
         TitleTrie.build([[5, 1], [5, 1]], end_id=1)
 
 
+def test_trie_knows_the_titles_with_one_way_left():
+    """node_single_item names the one item below a node whose subtree holds one; item_tokens/item_length are
+    the response ids (what the search's one-pass scoring of the rest of a title reads)."""
+    trie = TitleTrie.build([[5, 6, 9, 1], [5, 7, 1], [8, 1]], end_id=1)
+    node_5 = int(trie.item_paths[0, 0])
+    assert int(trie.node_single_item[0]) == -1 and int(trie.node_single_item[node_5]) == -1  # shared prefixes
+    assert [int(trie.node_single_item[n]) for n in trie.item_paths[0, 1:]] == [0, 0, 0]  # 5-6-... is item 0's alone
+    assert [int(trie.node_single_item[n]) for n in trie.item_paths[2, :2]] == [2, 2]
+    assert trie.item_tokens.tolist() == [[5, 6, 9, 1], [5, 7, 1, 1], [8, 1, 1, 1]]
+    assert trie.item_length.tolist() == [4, 3, 2]
+    moved = trie.to(torch.device("cpu"))
+    assert torch.equal(moved.node_single_item, trie.node_single_item) and torch.equal(moved.item_tokens, trie.item_tokens)
+
+
 def test_grouped_topk():
     group = torch.tensor([0, 0, 0, 2])
     scores = torch.tensor([1.0, 3.0, 2.0, 5.0])

@@ -71,6 +71,54 @@ def test_lean_step_hidden_states_equal_the_stock_forward(tokenizer):
             lean.step(cache, tokens, next_position + 3)
 
 
+def test_extend_equals_steps_one_token_at_a_time(tokenizer):
+    """T tokens per row in one pass (causal among them) give the hidden states T single steps give, and leave
+    the cache as they would: a step after the pass equals a step after the single steps."""
+    model = _tiny("llama", len(tokenizer))
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros((2, length), dtype=torch.long)
+    mask = torch.zeros((2, length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = torch.tensor(prompt)
+        mask[row, length - len(prompt):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    tokens = torch.tensor([[20, 21, 22, 23], [24, 25, 26, 27], [28, 29, 30, 31], [32, 33, 34, 35]])  # 2 users × 2 beams
+    start = torch.tensor([len(prompts[0])] * 2 + [len(prompts[1])] * 2)
+    lean = LeanDecoder(model)
+    with torch.no_grad():
+        out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        stepped = lean.start(out.past_key_values, mask.bool(), 2, start, capacity=6)
+        expected = torch.stack([lean.step(stepped, tokens[:, t], start + t) for t in range(4)], dim=1)
+        passed = lean.start(out.past_key_values, mask.bool(), 2, start, capacity=6)
+        first = lean.step(passed, tokens[:, 0], start)  # a pass may follow steps: it starts at slot 1
+        rest = lean.extend(passed, tokens[:, 1:], start[:, None] + torch.arange(1, 4))
+        torch.testing.assert_close(torch.cat([first[:, None], rest], dim=1), expected, rtol=1e-4, atol=1e-4)
+        assert passed.length == stepped.length == 4
+        after = torch.tensor([40, 41, 42, 43])
+        torch.testing.assert_close(lean.step(passed, after, start + 4), lean.step(stepped, after, start + 4),
+                                   rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="capacity"):
+            lean.extend(passed, tokens[:, :2], start[:, None] + 5 + torch.arange(2))
+    with pytest.raises(RuntimeError, match="eager"):
+        LeanDecoder(model, static=True).extend(passed, tokens[:, :1], start[:, None])
+
+
+def test_reorder_narrows_rows_to_fewer_beams_per_user():
+    """parent with users × new-beams entries moves the chosen earlier rows into the first rows, user-major."""
+    from llmrec.fast_step import BeamCache
+
+    keys = [torch.zeros(2, 1, 2, 4)]
+    suffix = torch.arange(6 * 1 * 2 * 1 * 3 * 4, dtype=torch.float).view(6, 1, 2, 1, 3, 4)  # 2 users × 3 beams
+    cache = BeamCache(keys, keys, torch.zeros(2, 1, 1, 2), suffix.clone(), beams=3, cos=torch.ones(4, 4),
+                      sin=torch.zeros(4, 4), length=2)
+    cache.reorder(torch.tensor([1, 0, 5, 5]), beams=2)
+    assert cache.beams == 2
+    assert torch.equal(cache.suffix[:4, :, :, :, :2], suffix[[1, 0, 5, 5]][:, :, :, :, :2])
+    with pytest.raises(ValueError, match="users"):
+        cache.reorder(torch.tensor([0, 1, 2]), beams=1)
+
+
 def test_reorder_moves_rows_of_every_layer_and_only_the_filled_part():
     keys = [torch.zeros(1, 1, 2, 4)]
     from llmrec.fast_step import BeamCache
@@ -112,6 +160,26 @@ def test_lean_equals_stock_with_the_assistant(tokenizer, prepared):
     hs = histories(prepared, 4)
     kwargs = dict(k=5, num_beams=8, batch_size=4, exclude=hs, assist=True)
     _assert_same(recommender.recommend(hs, step="lean", **kwargs), recommender.recommend(hs, step="stock", **kwargs))
+
+
+@pytest.mark.parametrize("head", ["catalog", "full"])
+def test_narrowed_rows_and_one_pass_titles_equal_every_row_one_step_at_a_time(recommender, prepared, head):
+    """The default lean search (live rows only; once every live beam's title has one way left, its rest scored
+    in one pass) gives the lists and scores of every row one token a step and of the stock step, with
+    exclusions, batches of users and k > 1; and the one-pass scoring does happen."""
+    hs = histories(prepared, 6)
+    kwargs = dict(k=5, num_beams=8, exclude=hs, head=head)
+    lean = recommender.lean_decoder("lean")
+    passes: list[int] = []
+    original = lean.extend
+    lean.extend = lambda cache, tokens, positions: passes.append(tokens.shape[1]) or original(cache, tokens, positions)  # type: ignore[method-assign]
+    for batch_size in (1, 6):
+        narrowed = recommender.recommend(hs, step="lean", batch_size=batch_size, **kwargs)
+        assert any(t > 1 for t in passes)
+        passes.clear()
+        _assert_same(narrowed, recommender.recommend(hs, step="lean", batch_size=batch_size, narrow=False, **kwargs))
+        assert all(t == 1 for t in passes)  # not narrowed: one token a step
+        _assert_same(narrowed, recommender.recommend(hs, step="stock", batch_size=batch_size, **kwargs))
 
 
 def test_the_static_shape_step_equals_the_stock_step_across_batch_shapes(tokenizer, prepared):
