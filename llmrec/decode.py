@@ -252,8 +252,8 @@ class BeamSearchConfig:
     shape and replayed: one launch per step on a GPU; the same buffers run eagerly elsewhere) or 'stock' (the
     model's own forward over :mod:`llmrec.prefix_cache`). Same lists and scores to float tolerance."""
     narrow: bool = True
-    """With the eager lean step ('lean', 'auto' on a CPU): compute only the live beams' rows (a step runs users ×
-    the most live beams any user has, not users × ``num_beams``), and once every live beam is on a title with
+    """With the eager lean step ('lean', 'auto' on a CPU): compute only the live beams' rows (a step runs the users
+    still searching × the most live beams any of them has, not users × ``num_beams``), and once every live beam is on a title with
     one way left to go, score the rest of those titles in one pass (:meth:`llmrec.fast_step.LeanDecoder.extend`)
     instead of one step per token. Same lists and scores to float tolerance; False runs every row, one token a
     step (the comparison the benchmark makes)."""
@@ -419,6 +419,7 @@ def constrained_beam_search(
     # (model rows, T) log-probs of the rest of every live title, once all have one way left (None before)
     ahead: torch.Tensor | None = None
     ahead_offset = 0
+    cache_users = torch.arange(batch, device=device)  # the users whose rows the narrowed beam cache holds, ascending
     nodes = torch.zeros(batch * beams, dtype=torch.long, device=device)
     scores = torch.full((batch * beams,), NEG_INF, device=device)
     scores[::beams] = 0.0
@@ -486,11 +487,16 @@ def constrained_beam_search(
             continue
         if narrow:
             # grouped_topk sorts each user's beams by score, so its live ones are its first rows: keep the first
-            # `width` of every user, width the most any user has (a dead row costs as much as a live one)
-            width = int(alive.view(batch, beams).sum(dim=1).max())
-            kept = (torch.arange(batch, device=device)[:, None] * beams + torch.arange(width, device=device)).reshape(-1)
+            # `width` of every user that has live beams, width the most any has (a dead row, or a finished
+            # user's, costs as much to compute as a live one)
+            counts = alive.view(batch, beams).sum(dim=1)
+            users = torch.nonzero(counts > 0).flatten()  # a finished user never has live beams again
+            width = int(counts.max())
+            kept = (users[:, None] * beams + torch.arange(width, device=device)).reshape(-1)
             # the cache rows the kept rows continue (before the first step the suffix is empty: nothing to move)
-            beam_cache.reorder(row_slot[parent[kept]], width)
+            beam_cache.reorder(row_slot[parent[kept]], width,
+                               users=torch.searchsorted(cache_users, users) if users.numel() < cache_users.numel() else None)
+            cache_users = users
             row_slot = torch.zeros_like(row_slot)  # a dropped row is dead: it is never read
             row_slot[kept] = torch.arange(kept.numel(), device=device)
             ahead = _score_single_paths(lean, beam_cache, scorer, trie, config.head, nodes[kept], alive[kept],

@@ -455,20 +455,25 @@ class BeamCache:
     workspace: _GraphWorkspace | None = None
     """The graph workspace whose buffers these are (``LeanDecoder(graphs=True)``), else None."""
 
-    def reorder(self, parent: torch.Tensor, beams: int | None = None) -> None:
+    def reorder(self, parent: torch.Tensor, beams: int | None = None, users: torch.Tensor | None = None) -> None:
         """Row r continues row ``parent[r]`` (always a beam of the same user, so the prompt part stays); ``parent``
         covers the real rows, the first ones (a graph workspace's dummy rows after them are left alone).
 
-        ``beams``: rows per user from now on (eager only; default unchanged). The beam search narrows the rows to
-        the live beams (``parent`` then has users × ``beams`` entries, user-major, indexing the earlier rows):
-        a row of a dead beam costs as much to compute as a live one.
+        Eager only, the beam search narrows the rows (:class:`llmrec.decode.BeamSearchConfig` ``narrow``):
+        ``beams``, rows per user from now on; ``users`` (A,), ascending indices of the users kept (the prompt's
+        keys and values of the others dropped). ``parent`` then has A × ``beams`` entries, user-major, indexing
+        the earlier rows: a row of a dead beam or a finished user costs as much to compute as a live one.
         """
         rows = parent.shape[0]
-        if beams is not None and beams != self.beams:
-            if self.workspace is not None:
-                raise RuntimeError("a graph workspace keeps its rows per user")
+        if (users is not None or (beams is not None and beams != self.beams)) and self.workspace is not None:
+            raise RuntimeError("a graph workspace keeps its users and rows per user")
+        if users is not None:
+            self.prefix_keys = [keys.index_select(0, users) for keys in self.prefix_keys]
+            self.prefix_values = [values.index_select(0, users) for values in self.prefix_values]
+            self.prefix_bias = self.prefix_bias.index_select(0, users)
+        if beams is not None:
             if rows != self.prefix_bias.shape[0] * beams:
-                raise ValueError(f"parent has {rows} rows, not users × {beams}")
+                raise ValueError(f"parent has {rows} rows, not users ({self.prefix_bias.shape[0]}) × {beams}")
             self.beams = beams
         # one layer at a time: the copy index_select makes is then one layer's, not the whole buffer's (for
         # SmolLM2 at 16 users × 20 beams a whole-buffer copy added ~370 MB to the peak)

@@ -163,23 +163,65 @@ def test_lean_equals_stock_with_the_assistant(tokenizer, prepared):
 
 
 @pytest.mark.parametrize("head", ["catalog", "full"])
-def test_narrowed_rows_and_one_pass_titles_equal_every_row_one_step_at_a_time(recommender, prepared, head):
-    """The default lean search (live rows only; once every live beam's title has one way left, its rest scored
-    in one pass) gives the lists and scores of every row one token a step and of the stock step, with
-    exclusions, batches of users and k > 1; and the one-pass scoring does happen."""
+def test_narrowed_rows_and_one_pass_titles_equal_every_row_one_step_at_a_time(recommender, prepared, head, monkeypatch):
+    """The default lean search (live rows of searching users only; once every live beam's title has one way
+    left, its rest scored in one pass) gives the lists and scores of every row one token a step and of the
+    stock step, with exclusions, batches of users and k > 1; and the narrowing and the one-pass scoring do
+    happen."""
+    from llmrec.fast_step import BeamCache
+
     hs = histories(prepared, 6)
     kwargs = dict(k=5, num_beams=8, exclude=hs, head=head)
     lean = recommender.lean_decoder("lean")
     passes: list[int] = []
     original = lean.extend
     lean.extend = lambda cache, tokens, positions: passes.append(tokens.shape[1]) or original(cache, tokens, positions)  # type: ignore[method-assign]
+    reorders: list[tuple[int | None, bool]] = []
+    reorder = BeamCache.reorder
+    monkeypatch.setattr(BeamCache, "reorder", lambda self, parent, beams=None, users=None: reorders.append(
+        (beams, users is not None)) or reorder(self, parent, beams, users))
     for batch_size in (1, 6):
         narrowed = recommender.recommend(hs, step="lean", batch_size=batch_size, **kwargs)
         assert any(t > 1 for t in passes)
+        assert any(beams is not None for beams, _ in reorders)  # the narrowed layout
         passes.clear()
+        reorders.clear()
         _assert_same(narrowed, recommender.recommend(hs, step="lean", batch_size=batch_size, narrow=False, **kwargs))
         assert all(t == 1 for t in passes)  # not narrowed: one token a step
         _assert_same(narrowed, recommender.recommend(hs, step="stock", batch_size=batch_size, **kwargs))
+
+
+def test_a_finished_user_leaves_the_narrowed_step(tokenizer, monkeypatch):
+    """A user whose items are all found while the others still share a long title prefix leaves the step (its
+    prompt's keys and values dropped from the cache): same lists and scores as every row one token a step and
+    as the stock step."""
+    from llmrec.decode import TitleTrie
+    from llmrec.fast_step import BeamCache
+
+    model = tiny_llama(len(tokenizer))
+    end = 3
+    short = [[10, end], [11, end]]
+    long = [[20, 21, 22, 23, 24, 30 + i, end] for i in range(4)] + [[20, 21, 22, 23, 24, 40, 41 + i, end] for i in range(3)]
+    trie = TitleTrie.build(short + long, end_id=end)
+    prompts = [[5, 6, 7, 8], [9, 12, 13], [14, 15, 16, 17, 18]]
+    excluded = [list(range(2, 9)), [0, 1], [0, 1, 3]]  # the first user may only end in the two short titles
+    dropped: list[int] = []
+    widths: list[int | None] = []
+    reorder = BeamCache.reorder
+    monkeypatch.setattr(BeamCache, "reorder", lambda self, parent, beams=None, users=None: widths.append(beams) or (
+        dropped.append(int(users.numel())) if users is not None else None) or reorder(self, parent, beams, users))
+    lean = LeanDecoder(model)
+    narrowed = constrained_beam_search(model, prompts, trie, BeamSearchConfig(num_beams=4, top_k=2), 0, excluded=excluded,
+                                       lean=lean)
+    assert dropped and dropped[0] == 2  # two users left in the cache
+    assert 1 in widths  # then one row each: the other two users share one title prefix
+    assert [i for i, _ in narrowed[0]] and all(i in (0, 1) for i, _ in narrowed[0])
+    wide = constrained_beam_search(model, prompts, trie, BeamSearchConfig(num_beams=4, top_k=2, narrow=False), 0,
+                                   excluded=excluded, lean=lean)
+    stock = constrained_beam_search(model, prompts, trie, BeamSearchConfig(num_beams=4, top_k=2, step="stock"), 0,
+                                    excluded=excluded)
+    _assert_same(narrowed, wide)
+    _assert_same(narrowed, stock)
 
 
 def test_the_static_shape_step_equals_the_stock_step_across_batch_shapes(tokenizer, prepared):
