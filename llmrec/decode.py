@@ -311,14 +311,15 @@ class NextTokenScorer:
 
 def _score_single_paths(lean: LeanDecoder | None, cache: BeamCache, scorer: NextTokenScorer, trie: TitleTrie,
                         head: str, nodes: torch.Tensor, alive: torch.Tensor, tokens: torch.Tensor,
-                        positions: torch.Tensor, depth: int, pad_id: int) -> torch.Tensor | None:
+                        positions: torch.Tensor, depth: int) -> torch.Tensor | None:
     """When every live row is on a title with one way left to go: the log-probs of the rest of its title, (rows, T),
     from one :meth:`~llmrec.fast_step.LeanDecoder.extend` pass; else None (and nothing is computed).
 
     The search's later steps would feed each row its title's tokens one at a time and read the log-prob of the
     next; a row's T inputs are known now (its step token, then its title up to the token before the end), so
-    one pass over T tokens per row gives the same numbers. Column t holds the log-prob of the row's token
-    ``depth + t`` (its title's end token last); columns past a shorter title's end are never read.
+    one pass over T tokens per row gives the same numbers. Only each live row's own tokens are computed (titles
+    differ in length; a dead row has none). Column t holds the log-prob of the row's token ``depth + t`` (its
+    title's end token last); columns past a shorter title's end hold 0 and are never read.
 
     Args:
         nodes, alive, tokens, positions: (rows,) per model row: its trie node, whether it is live, the token it
@@ -329,17 +330,23 @@ def _score_single_paths(lean: LeanDecoder | None, cache: BeamCache, scorer: Next
     if lean is None or not bool((items[alive] >= 0).all()):
         return None
     items = torch.where(alive, items, torch.zeros_like(items))
-    count = int((trie.item_length[items] - depth)[alive].max())  # the step token + the title's rest before its end
+    rest = torch.where(alive, trie.item_length[items] - depth, torch.zeros_like(items))  # the step token + the title's rest before its end
+    count = int(rest.max())
     if count < 2:  # one token left to feed: an ordinary step
         return None
     scored = trie.item_tokens[items, depth : depth + count]  # (rows, T) the tokens whose log-probs are read
     fed = torch.cat([tokens[:, None], scored[:, :-1]], dim=1)
-    fed = torch.where(alive[:, None], fed, torch.full_like(fed, pad_id))
     steps = torch.arange(count, device=nodes.device)
-    hidden = lean.extend(cache, fed, positions[:, None] + steps)  # (rows, T, d)
+    valid = steps[None, :] < rest[:, None]  # (rows, T): a row's own tokens (none for a dead row), not the padding
+    hidden = lean.extend(cache, fed, positions[:, None] + steps, valid)  # (rows, T, d)
     columns = scored if head == "full" else torch.searchsorted(trie.vocabulary, scored)
-    # one position at a time: a full head's (rows·T, V) log-probs would be large
-    return torch.stack([scorer(hidden[:, t]).gather(1, columns[:, t, None])[:, 0] for t in range(count)], dim=1)
+    ahead = torch.zeros(valid.shape, device=hidden.device)
+    where = torch.nonzero(valid.reshape(-1)).flatten()
+    flat_hidden, flat_columns = hidden.reshape(-1, hidden.shape[-1]), columns.reshape(-1)
+    for start in range(0, where.numel(), 1024):  # in chunks: a full head's log-probs are (tokens, V)
+        chunk = where[start : start + 1024]
+        ahead.view(-1)[chunk] = scorer(flat_hidden[chunk]).gather(1, flat_columns[chunk, None])[:, 0]
+    return ahead
 
 
 @torch.no_grad()
@@ -500,7 +507,7 @@ def constrained_beam_search(
             row_slot = torch.zeros_like(row_slot)  # a dropped row is dead: it is never read
             row_slot[kept] = torch.arange(kept.numel(), device=device)
             ahead = _score_single_paths(lean, beam_cache, scorer, trie, config.head, nodes[kept], alive[kept],
-                                        step_tokens[kept], step_positions[kept], _step + 1, pad_id)
+                                        step_tokens[kept], step_positions[kept], _step + 1)
             if ahead is not None:
                 ahead_offset = 0
                 continue

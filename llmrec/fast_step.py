@@ -269,7 +269,8 @@ class LeanDecoder:
         cache.length = step + 1
         return hidden
 
-    def extend(self, cache: BeamCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def extend(self, cache: BeamCache, tokens: torch.Tensor, positions: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
         """T tokens per row at once -> (rows, T, d) final hidden states; appends all T to the cache (eager only).
 
         Token t of a row attends to the row's prompt, its earlier suffix and its tokens 0..t: the hidden states
@@ -279,6 +280,9 @@ class LeanDecoder:
         Args:
             tokens: (rows, T) the tokens each row appends, in order.
             positions: (rows, T) their position ids.
+            valid: (rows, T) bool, the tokens to compute, each row's first few (rows of different lengths):
+                the projections and the MLP run on those only, the rest is zero in the output (and in the
+                cache, where no valid token can see it). None: all.
         """
         if cache.workspace is not None or self.static:
             raise RuntimeError("extend runs the eager step only (a static or graph-recorded step is one token a call)")
@@ -286,11 +290,17 @@ class LeanDecoder:
         step = cache.length
         if step + count > cache.suffix.shape[4]:
             raise RuntimeError("beam cache capacity exceeded")
-        x = self.embed(tokens).reshape(rows * count, -1)  # (rows·T, d)
-        cos, sin = cache.cos[positions][:, :, None, :], cache.sin[positions][:, :, None, :]  # (rows, T, 1, hd)
+        index = None if valid is None else torch.nonzero(valid.reshape(-1)).flatten()  # (N,) into rows·T
+        flat_tokens, flat_positions = tokens.reshape(-1), positions.reshape(-1)
+        if index is not None:
+            flat_tokens, flat_positions = flat_tokens[index], flat_positions[index]
+        x = self.embed(flat_tokens)  # (N, d)
+        cos, sin = cache.cos[flat_positions][:, None, :], cache.sin[flat_positions][:, None, :]  # (N, 1, hd)
         hidden = self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
-                              step, None, cache.beams, count)
+                              step, None, cache.beams, count, index)
         cache.length = step + count
+        if index is not None:
+            hidden = hidden.new_zeros((rows * count, hidden.shape[-1])).index_copy_(0, index, hidden)
         return hidden.view(rows, count, -1)
 
     def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
@@ -298,11 +308,11 @@ class LeanDecoder:
         """The step with every shape fixed by the cache: ``slot`` (1,) is the step index as a tensor."""
         capacity = cache.suffix.shape[4]
         x = self.embed(tokens[:, None])[:, 0]  # (rows, d)
-        cos, sin = cache.cos[positions][:, None, None, :], cache.sin[positions][:, None, None, :]  # (rows, 1, 1, hd)
+        cos, sin = cache.cos[positions][:, None, :], cache.sin[positions][:, None, :]  # (rows, 1, hd)
         filled = torch.arange(capacity, device=x.device) <= slot
         suffix_bias = torch.zeros(capacity, dtype=x.dtype, device=x.device).masked_fill(~filled, float("-inf"))
         return self._layers(x, cos, sin, cache.suffix, cache.prefix_keys, cache.prefix_values, cache.prefix_bias,
-                            slot, suffix_bias, cache.beams, 1)
+                            slot, suffix_bias, cache.beams, 1, None)
 
     def _start_in_workspace(self, keys: list[torch.Tensor], values: list[torch.Tensor], prefix_mask: torch.Tensor,
                             beams: int, positions: torch.Tensor, capacity: int) -> BeamCache:
@@ -361,37 +371,48 @@ class LeanDecoder:
 
     def _run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, suffix: torch.Tensor,
                     prefix_keys: list[torch.Tensor], prefix_values: list[torch.Tensor], prefix_bias: torch.Tensor,
-                    step: int | torch.Tensor, suffix_bias: torch.Tensor | None, beams: int, count: int) -> torch.Tensor:
+                    step: int | torch.Tensor, suffix_bias: torch.Tensor | None, beams: int, count: int,
+                    index: torch.Tensor | None) -> torch.Tensor:
         """Every layer and the final norm for ``count`` (T) tokens per row; writes their k/v at ``step`` onwards.
 
-        x (rows·T, d), row-major; cos/sin (rows, T, 1, hd). Eager (``suffix_bias`` None, ``step`` an int):
-        attention over the filled part of the suffix only, causal among the T new tokens. Compiled (``step`` a
-        (1,) tensor, T = 1, ``suffix_bias`` (capacity,) additive): over the whole buffer, masked.
+        x (N, d) and cos/sin (N, 1, hd): the tokens computed, row-major; ``index`` (N,) their places among the
+        rows·T (None: all of them, N = rows·T). Attention runs over the rows·T layout (a token not computed has
+        zero q/k/v there and is never seen by a computed one, which only sees its row's earlier tokens).
+        Eager (``suffix_bias`` None, ``step`` an int): attention over the filled part of the suffix only, causal
+        among the T new tokens. Compiled (``step`` a (1,) tensor, T = 1, ``suffix_bias`` (capacity,) additive):
+        over the whole buffer, masked.
         """
-        rows = x.shape[0] // count
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
+        rows = prefix_bias.shape[0] * beams  # users × beams, user-major
         half = hd // 2
         causal = None
         if isinstance(step, int) and count > 1:  # (T, step + T): token t sees slots up to step + t
             slots = torch.arange(step + count, device=x.device)
             allowed = slots[None, :] <= step + torch.arange(count, device=x.device)[:, None]
             causal = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
-        for index, layer in enumerate(self.layers):
+        for number, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), None, self.eps)  # the weight is folded into qkv_weight
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)  # (rows·T, (heads + 2·kv)·hd)
-            qk = qkv[:, : (heads + kv_heads) * hd].view(rows, count, heads + kv_heads, hd)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)  # (N, (heads + 2·kv)·hd)
+            qk = qkv[:, : (heads + kv_heads) * hd].view(-1, heads + kv_heads, hd)
             qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)  # rotary on q and k at once (sin signed)
+            value = qkv[:, (heads + kv_heads) * hd :]
+            if index is not None:  # into the rows·T layout
+                qk = qk.new_zeros((rows * count, heads + kv_heads, hd)).index_copy_(0, index, qk)
+                value = value.new_zeros((rows * count, kv_heads * hd)).index_copy_(0, index, value)
+            qk = qk.view(rows, count, heads + kv_heads, hd)
             key = qk[:, :, heads:].transpose(1, 2)  # (rows, kv, T, hd)
-            value = qkv[:, (heads + kv_heads) * hd :].view(rows, count, kv_heads, hd).transpose(1, 2)
-            keys, values = suffix[:, index, 0], suffix[:, index, 1]  # (rows, kv, capacity, hd)
+            value = value.view(rows, count, kv_heads, hd).transpose(1, 2)
+            keys, values = suffix[:, number, 0], suffix[:, number, 1]  # (rows, kv, capacity, hd)
             if isinstance(step, int):
                 keys[:rows, :, step : step + count], values[:rows, :, step : step + count] = key, value
                 keys, values = keys[:rows, :, : step + count], values[:rows, :, : step + count]
             else:
                 keys.index_copy_(2, step, key)
                 values.index_copy_(2, step, value)
-            attended = self._attend(qk[:, :, :heads], prefix_keys[index], prefix_values[index], prefix_bias, keys, values,
-                                    suffix_bias if causal is None else causal, beams)
+            attended = self._attend(qk[:, :, :heads], prefix_keys[number], prefix_values[number], prefix_bias, keys, values,
+                                    suffix_bias if causal is None else causal, beams)  # (rows·T, heads·hd)
+            if index is not None:
+                attended = attended.index_select(0, index)
             x = _residual(x, attended, layer.o_weight, layer.o_bias)
             h = F.rms_norm(x, (self.hidden,), layer.post_norm, self.eps)
             gate, up = F.linear(h, layer.gate_weight, layer.gate_bias), F.linear(h, layer.up_weight, layer.up_bias)

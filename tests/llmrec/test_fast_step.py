@@ -95,6 +95,13 @@ def test_extend_equals_steps_one_token_at_a_time(tokenizer):
         rest = lean.extend(passed, tokens[:, 1:], start[:, None] + torch.arange(1, 4))
         torch.testing.assert_close(torch.cat([first[:, None], rest], dim=1), expected, rtol=1e-4, atol=1e-4)
         assert passed.length == stepped.length == 4
+        # rows of different lengths: only each row's first tokens computed, the rest zero
+        ragged = lean.start(out.past_key_values, mask.bool(), 2, start, capacity=6)
+        lean.step(ragged, tokens[:, 0], start)
+        valid = torch.tensor([[True, True, True], [True, False, False], [True, True, False], [False, False, False]])
+        part = lean.extend(ragged, tokens[:, 1:], start[:, None] + torch.arange(1, 4), valid)
+        torch.testing.assert_close(part[valid], expected[:, 1:][valid], rtol=1e-4, atol=1e-4)
+        assert not part[~valid].any()
         after = torch.tensor([40, 41, 42, 43])
         torch.testing.assert_close(lean.step(passed, after, start + 4), lean.step(stepped, after, start + 4),
                                    rtol=1e-4, atol=1e-4)
@@ -175,7 +182,8 @@ def test_narrowed_rows_and_one_pass_titles_equal_every_row_one_step_at_a_time(re
     lean = recommender.lean_decoder("lean")
     passes: list[int] = []
     original = lean.extend
-    lean.extend = lambda cache, tokens, positions: passes.append(tokens.shape[1]) or original(cache, tokens, positions)  # type: ignore[method-assign]
+    lean.extend = lambda cache, tokens, positions, valid=None: (  # type: ignore[method-assign]
+        passes.append(tokens.shape[1]) or original(cache, tokens, positions, valid))
     reorders: list[tuple[int | None, bool]] = []
     reorder = BeamCache.reorder
     monkeypatch.setattr(BeamCache, "reorder", lambda self, parent, beams=None, users=None: reorders.append(
