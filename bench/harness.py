@@ -132,16 +132,20 @@ def time_requests(base: str, payloads: list[dict], concurrency: int, arm: str | 
 
 
 def serve_and_measure(name: str, artifact: str, payloads: list[dict], levels: list[int], head: str = "catalog",
-                      max_batch_size: int = 16, device: str | None = None, assist: bool | None = None) -> dict[str, Any]:
+                      max_batch_size: int = 16, device: str | None = None, assist: bool | None = None,
+                      throughput_payloads: list[dict] | None = None) -> dict[str, Any]:
     """Start the service with one arm, time the payloads at each concurrency level, read its peak memory.
-    ``assist``: the service's --assist (None: its default, the artifact's assistant when it carries one)."""
+    ``assist``: the service's --assist (None: its default, the artifact's assistant when it carries one).
+    ``throughput_payloads``: what the levels above 1 send instead (more requests than clients × a few, so that
+    the throughput is the steady state's, not that of the first and last partial batches)."""
     options = ["--max-batch-size", str(max_batch_size), *(["--device", device] if device else []),
                *([] if assist is None else ["--assist" if assist else "--no-assist"])]
     with running_service({name: artifact}, *options, env={"PRUNEREC_HEAD": head, **UNBOUNDED_DEADLINE}) as (base, server):
         time_requests(base, payloads[:2], 1)  # warm-up
         result: dict[str, Any] = {}
         for level in levels:
-            result[f"c{level}"] = time_requests(base, payloads, level)
+            result[f"c{level}"] = time_requests(base, throughput_payloads if throughput_payloads and level > 1 else payloads,
+                                                level)
             logger.info("%s c=%d: p50 %.1f ms, %.2f req/s", name, level, result[f"c{level}"]["latency_ms"]["p50"],
                         result[f"c{level}"]["throughput_rps"])
         result["peak_rss_bytes"] = _peak_rss(server.pid)

@@ -16,9 +16,10 @@ report.json::
     {"protocol": {...},
      "models": {"<name>": {"artifact", "params": {"total", "embedding", "non_embedding"}, "artifact_bytes",
                            "metrics": {"ndcg@10", "hr@10", ...}, "latency_ms": {"p50", "p99"},
-                           "throughput_rps", "peak_rss_bytes", "macs_per_token"}},
+                           "throughput_rps", "peak_rss_bytes", "macs_per_token", "flops_per_request"}},
      "load": {"requests", "by_status", "goodput_rps", "late_200", "server": {"shed", ...}, "drain_s", ...},
-     "ratios": {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain"}}
+     "ratios": {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain",
+                "flops_ratio", ...}}
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from bench.harness import LoadCheck, load_check, request_payloads, serve_and_measure
-from bench.report import macs_per_token, model_entry, paired_test, per_user_ndcg, write_report
+from bench.report import flops_per_request, macs_per_token, model_entry, paired_test, per_user_ndcg, write_report
 from llmrec.artifact import artifact_identity, read_manifest
 from llmrec.configs import merge
 from recdata.prep import PreparedData
@@ -68,6 +69,13 @@ class BenchConfig:
     """Most SASRec epochs (early stopping may end it sooner)."""
     latency_requests: int = 24
     """Requests per concurrency level and arm in the latency measurement."""
+    throughput_requests: int = 64
+    """Requests per arm at each concurrency level above 1 (at least ``latency_requests``): 24 requests from 16
+    clients measured mostly the first and last partial batches (the pruned model's 16.5 req/s against 20.0
+    with 96 requests, same service, 2026-11-26)."""
+    flops_requests: int = 8
+    """Latency users whose requests' multiply-adds are counted per served arm (``flops_per_request``: the
+    dense / pruned ratio of it, ``flops_ratio``, is the ceiling of speedup_p50 and throughput_gain)."""
     concurrency: list[int] = field(default_factory=lambda: [1, 16])
     """Concurrent clients of the latency measurement."""
     serve_batch_size: int = 16
@@ -239,13 +247,18 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
                          "metrics": evaluations["dense"]["mostpop"]}
     payloads = request_payloads(data, pairs[: config.latency_requests])
+    busy = request_payloads(data, pairs[: max(config.latency_requests, config.throughput_requests)])
     with clock.phase("serve"):
-        keys = serving_keys({name: named[name] for name in SERVED_ARMS}, config, len(payloads))
+        keys = serving_keys({name: named[name] for name in SERVED_ARMS}, config, len(payloads), len(busy))
         for name in SERVED_ARMS:
             models[name]["serving"] = _cached(work / "serving" / f"{name}.json", keys[name], lambda name=name: serve_and_measure(
                 name, str(named[name]), payloads, config.concurrency, config.head, max_batch_size=config.serve_batch_size,
-                device=config.device))
+                device=config.device, throughput_payloads=busy))
             models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
+            counted = [data.history(int(u), int(p)).tolist() for u, p in pairs[: config.flops_requests]]
+            models[name]["flops_per_request"] = _cached(
+                work / "serving" / f"{name}-flops.json", {**keys[name], "flops_requests": len(counted)},
+                lambda name=name, counted=counted: flops_per_request(named[name], counted, config.head, config.device))
     decoders = None
     if config.decoder_users:
         with clock.phase("decoders"):
@@ -270,8 +283,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             "profile": config.profile, "dataset": data.name, "split": "leave-one-out (test)", "users": len(pairs),
             "users_sampled": sampled, "seed": config.seed, "history_length": config.max_history, "num_beams": 20,
             "ranking": "full catalog, history excluded", "head": config.head,
-            "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, {len(payloads)} requests "
-                       f"per level, concurrency {config.concurrency}",
+            "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, concurrency "
+                       f"{config.concurrency}: {len(payloads)} requests at 1, {len(busy)} at each level above",
             "compression": {"calibration": asdict(greedy_config.calibration), "distill_per_stage": asdict(greedy_config.distill),
                             "reconstruction": reconstruction_key(greedy_config) if greedy_config.reconstruct else None,
                             "trsp": asdict(trsp_config.trsp)},
@@ -321,13 +334,14 @@ SERVED_ARMS = ("dense", "pruned", "pruned+vocab")
 """The arms served over HTTP; their latency ratios (speedup_p50, throughput_gain) compare them."""
 
 
-def serving_keys(arms: dict[str, Path], config: BenchConfig, requests: int) -> dict[str, dict]:
+def serving_keys(arms: dict[str, Path], config: BenchConfig, requests: int, busy_requests: int) -> dict[str, dict]:
     """Per served arm, what its cached serving figures must agree on. Every key holds every arm's build, so that
     a rebuilt arm has all of them served again: the ratios compare arms served side by side in one run, never a
     fresh figure with one an earlier run measured under another load (which gave 7.4× where side by side gave
     9.2×, 2026-11-26)."""
     identities = {name: artifact_identity(path, assistant=True) for name, path in arms.items()}
-    shared = {"head": config.head, "requests": requests, "levels": config.concurrency, "users": config.users,
+    shared = {"head": config.head, "requests": requests, "busy_requests": busy_requests, "levels": config.concurrency,
+              "users": config.users,
               "seed": config.seed, "device": config.device, "batch": config.serve_batch_size, "served_together": identities}
     return {name: {"artifact": str(path), "identity": identities[name],
                    "assist_weight": (read_manifest(path).get("assistant") or {}).get("weight"), **shared}

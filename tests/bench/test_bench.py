@@ -127,9 +127,15 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     assert {"ndcg@10", "hit@10"} <= set(report["models"]["sasrec"]["recbole_test_unmasked"])
     assert "RecBole's own evaluator" in (tmp_path / "report" / "report.md").read_text()
     assert set(report["ratios"]) == {"retention_ndcg@10", "non_embedding_pruned_fraction", "speedup_p50", "throughput_gain",
+                                     "flops_ratio",
                                      "dense_ndcg@10_vs_sasrec", "dense_assisted_ndcg@10_vs_sasrec",
                                      "pruned_assisted_ndcg@10_vs_sasrec", "assisted_retention_ndcg@10",
                                      "dense_lean_vs_generate_users_per_s", "pruned_lean_vs_generate_users_per_s"}
+    # multiply-adds per served request: the pruned model does fewer; their ratio is the speedups' ceiling
+    dense_flops, pruned_flops = (report["models"][n]["flops_per_request"] for n in ("dense", "pruned"))
+    assert dense_flops > pruned_flops > 0
+    assert report["ratios"]["flops_ratio"] == pytest.approx(dense_flops / pruned_flops)
+    assert "GFLOP/request" in (tmp_path / "report" / "report.md").read_text()
     # the decoder comparison: our lean step, our stock step and HF generate on the same users, dense and pruned
     for name in ("dense", "pruned"):
         decoders = report["decoders"][name]
@@ -211,9 +217,9 @@ def test_a_rebuilt_arm_has_every_arm_served_again(tmp_path, tokenizer, prepared)
     arms = {name: write_artifact(tmp_path / name, tiny_llama(len(tokenizer), seed=seed), tokenizer, prepared.catalog, manifest)
             for seed, name in enumerate(("dense", "pruned"))}
     config = bench_config("cpu")
-    before = serving_keys(arms, config, 24)
-    assert serving_keys(arms, config, 24) == before  # nothing rebuilt: every cached figure stands
+    before = serving_keys(arms, config, 24, 64)
+    assert serving_keys(arms, config, 24, 64) == before  # nothing rebuilt: every cached figure stands
     write_artifact(tmp_path / "pruned", tiny_llama(len(tokenizer), seed=2), tokenizer, prepared.catalog, manifest)
-    after = serving_keys(arms, config, 24)
+    after = serving_keys(arms, config, 24, 64)
     assert after["dense"]["identity"] == before["dense"]["identity"]  # dense itself did not change ...
     assert after["dense"] != before["dense"] and after["pruned"] != before["pruned"]  # ... yet both are served again
