@@ -70,12 +70,11 @@ class BenchConfig:
     latency_requests: int = 24
     """Requests per concurrency level and arm in the latency measurement."""
     throughput_requests: int = 64
-    """Requests per arm at each concurrency level above 1 (at least ``latency_requests``): 24 requests from 16
-    clients measured mostly the first and last partial batches (the pruned model's 16.5 req/s against 20.0
-    with 96 requests, same service, 2026-11-26)."""
+    """Requests per arm at each concurrency level above 1 (at least ``latency_requests``): several full batches,
+    so that the throughput is the steady state's, not the first and last partial batches'."""
     flops_requests: int = 8
-    """Latency users whose requests' multiply-adds are counted per served arm (``flops_per_request``: the
-    dense / pruned ratio of it, ``flops_ratio``, is the ceiling of speedup_p50 and throughput_gain)."""
+    """Latency users whose requests' matmul FLOPs are counted per served arm (flops_per_request; the dense /
+    pruned ratio, flops_ratio, is what speedup_p50 and throughput_gain reach at equal FLOP/s)."""
     concurrency: list[int] = field(default_factory=lambda: [1, 16])
     """Concurrent clients of the latency measurement."""
     serve_batch_size: int = 16
