@@ -9,7 +9,10 @@ DESIGN.md §3 and §7 set the requirements this implementation meets:
 - the trie is a CSR of tensors (``child_offsets``, ``child_tokens``, ``child_nodes``); the allowed
   continuations of all beams are gathered at once with ``repeat_interleave`` arithmetic, never by a Python
   loop per beam;
-- the item behind a finished beam is read from the trie's terminal node, never by decoding strings.
+- the item behind a finished beam is read from the trie's terminal node, never by decoding strings;
+- with the eager lean step the search is narrowed (:attr:`BeamSearchConfig.narrow`): a step computes only the
+  users still searching × the most live beams any of them has, and once every live beam is on a title with one
+  way left to go, the rest of those titles is scored in one pass instead of one step per token.
 
 Scores are the sum of token log-probabilities of the response, end token included, i.e. log P(item | prompt)
 under the model (no length normalisation, so scores fall monotonically along a path and the search stops

@@ -22,6 +22,9 @@ larger operations:
   generated suffix of every layer lives in one buffer preallocated for the deepest title,
   ``(rows, layers, 2, kv_heads, capacity, head_dim)``: reordering the beams is one ``index_select`` per
   layer for keys and values together, over the filled part only;
+- :meth:`LeanDecoder.extend` runs several tokens per row in one pass (causal among them, only each row's own
+  tokens through the projections and the MLP): the beam search scores the rest of titles with one way left
+  to go with it;
 - no attention mask is built per step: the prompt's padding is an additive bias computed once. (A sliding
   window is not applied while decoding, as in :mod:`llmrec.prefix_cache`: a prompt plus a title is far
   shorter than the windows of released Mistral / Qwen2 models.)
