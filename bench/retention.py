@@ -141,6 +141,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve(report: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """The plotted line: (non-embedding parameters, NDCG@10) of every point and the dense model, smallest first
+    (the points come in target order, largest model first, and the dense one last)."""
+    pairs = sorted([(p["non_embedding"], p["ndcg@10"]) for p in report["points"]]
+                   + [(report["dense"]["non_embedding"], report["dense"]["ndcg@10"])])
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """NDCG@10 against non-embedding parameters (log x), the dense point, SASRec and MostPop as lines."""
     import matplotlib
@@ -149,8 +157,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(6, 4))
-    xs = [p["non_embedding"] for p in report["points"]] + [report["dense"]["non_embedding"]]
-    ys = [p["ndcg@10"] for p in report["points"]] + [report["dense"]["ndcg@10"]]
+    xs, ys = curve(report)
     ax.plot(xs, ys, marker="o", label="prunerec (pruned … dense)")
     for point in report["points"]:
         ax.annotate(f"{100 * point['removed']:.1f}%", (point["non_embedding"], point["ndcg@10"]), fontsize=7,

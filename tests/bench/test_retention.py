@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers import TINY_PRUNE
 
-from bench.retention import RetentionConfig, run_retention
+from bench.retention import RetentionConfig, curve, run_retention
 from llmrec.artifact import read_manifest
 
 
@@ -30,6 +30,9 @@ def test_retention_curve_prunes_evaluates_and_plots(tmp_path, tiny_dense, prepar
     for name in ("report.json", "report.md", "retention.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "| target 0.75 |" in (tmp_path / "out" / "report.md").read_text()
+    xs, ys = curve(report)  # the plotted line runs from the smallest model to the dense one
+    assert xs == [points[1]["non_embedding"], points[0]["non_embedding"], report["dense"]["non_embedding"]]
+    assert ys == [points[1]["ndcg@10"], points[0]["ndcg@10"], report["dense"]["ndcg@10"]]
     again = run_retention(config, prepared)  # resumable: the same artifacts and evaluations
     assert again["points"] == points
     assert json.loads((tmp_path / "out" / "report.json").read_text())["points"] == points
