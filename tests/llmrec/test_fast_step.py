@@ -40,6 +40,17 @@ def _assert_same(lean, stock):
         assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
 
 
+def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of prompts left-padded to the longest, as the prompt pass runs them."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), length), dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt):] = torch.tensor(prompt)
+        mask[row, length - len(prompt):] = 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def test_lean_step_hidden_states_equal_the_stock_forward(tokenizer):
     """Teacher-forced: the prompt through the stock model, then tokens one at a time through the lean step, for
     two users of different prompt lengths with 2 beams each; every step's hidden state equals the stock
@@ -47,13 +58,7 @@ def test_lean_step_hidden_states_equal_the_stock_forward(tokenizer):
     model = tiny_llama(len(tokenizer), layers=3)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
     continuations = [[[20, 21, 22], [23, 24, 25]], [[26, 27, 28], [29, 30, 31]]]  # per user, per beam
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros((2, length), dtype=torch.long)
-    mask = torch.zeros((2, length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = torch.tensor(prompt)
-        mask[row, length - len(prompt):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, positions = _left_padded(prompts)
     lean = LeanDecoder(model)
     with torch.no_grad():
         out = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -76,13 +81,7 @@ def test_extend_equals_steps_one_token_at_a_time(tokenizer):
     the cache as they would: a step after the pass equals a step after the single steps."""
     model = _tiny("llama", len(tokenizer))
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros((2, length), dtype=torch.long)
-    mask = torch.zeros((2, length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):] = torch.tensor(prompt)
-        mask[row, length - len(prompt):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    ids, mask, positions = _left_padded(prompts)
     tokens = torch.tensor([[20, 21, 22, 23], [24, 25, 26, 27], [28, 29, 30, 31], [32, 33, 34, 35]])  # 2 users × 2 beams
     start = torch.tensor([len(prompts[0])] * 2 + [len(prompts[1])] * 2)
     lean = LeanDecoder(model)
