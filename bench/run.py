@@ -247,6 +247,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                          "metrics": evaluations["dense"]["mostpop"]}
     payloads = request_payloads(data, pairs[: config.latency_requests])
     busy = request_payloads(data, pairs[: max(config.latency_requests, config.throughput_requests)])
+    counted = [data.history(int(u), int(p)).tolist() for u, p in pairs[: config.flops_requests]]
     with clock.phase("serve"):
         keys = serving_keys({name: named[name] for name in SERVED_ARMS}, config, len(payloads), len(busy))
         for name in SERVED_ARMS:
@@ -254,10 +255,9 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                 name, str(named[name]), payloads, config.concurrency, config.head, max_batch_size=config.serve_batch_size,
                 device=config.device, throughput_payloads=busy))
             models[name]["macs_per_token"] = macs_per_token(named[name], config.head)
-            counted = [data.history(int(u), int(p)).tolist() for u, p in pairs[: config.flops_requests]]
             models[name]["flops_per_request"] = _cached(
                 work / "serving" / f"{name}-flops.json", {**keys[name], "flops_requests": len(counted)},
-                lambda name=name, counted=counted: flops_per_request(named[name], counted, config.head, config.device))
+                lambda name=name: flops_per_request(named[name], counted, config.head, config.device))
     decoders = None
     if config.decoder_users:
         with clock.phase("decoders"):

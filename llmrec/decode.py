@@ -416,6 +416,7 @@ def constrained_beam_search(
     # The row of `logprobs` (the last model call's output) that holds each search row's next-token scores: the
     # user's prompt-pass row first, then the row the search row was computed in (rows are narrowed to live beams)
     row_slot = expand
+    every_row = torch.arange(batch * beams, device=device)
     next_position = positions[expand, -1] + 1  # (B*K,)
     if config.step == "stock":
         lean = None
@@ -484,7 +485,7 @@ def constrained_beam_search(
         alive = alive & torch.isfinite(new_scores)
         if beam.numel() == 0 or not bool(alive.any()):
             break
-        parent = torch.where(alive, beam[where], torch.arange(batch * beams, device=device))
+        parent = torch.where(alive, beam[where], every_row)
         step_tokens = torch.where(alive, token[where], torch.full_like(where, pad_id))
         nodes = torch.where(alive, child[where], torch.zeros_like(where))
         scores = new_scores
@@ -518,14 +519,14 @@ def constrained_beam_search(
         elif lean is not None:
             beam_cache.reorder(parent)
             hidden = lean.step(beam_cache, step_tokens, step_positions)
-            row_slot = torch.arange(batch * beams, device=device)
+            row_slot = every_row
         else:
             cache.reorder_cache(parent)  # type: ignore[arg-type]
             with prefix_beam_attention_enabled(model):
                 out = decoder(input_ids=step_tokens[:, None], position_ids=step_positions[:, None], past_key_values=cache,
                               use_cache=True)
             hidden = out.last_hidden_state[:, -1, :]
-            row_slot = torch.arange(batch * beams, device=device)
+            row_slot = every_row
         logprobs = scorer(hidden)
 
     results: list[list[tuple[int, float]]] = []
