@@ -2,7 +2,10 @@
 
 A worker per arm takes the waiting requests (up to ``max_batch_size``, gathering for at most
 ``max_wait_ms`` after the first) and decodes them in one constrained beam search on the executor it is
-given. With ``parallel`` > 1, up to that many batches of the arm decode at once, each on its own executor
+given. Traffic without concurrency does not pay the gathering wait: once ``solo_after`` batches in a row were
+single requests, a request that finds the arm idle and nothing else queued starts at once (the first burst
+after such a run is split once: its first request alone, the rest gathered behind it; a batch of several
+requests turns the wait back on). With ``parallel`` > 1, up to that many batches of the arm decode at once, each on its own executor
 thread with its part of the arm's torch threads: the waiting requests are split evenly over the free slots,
 and a batch that finds every slot free has all the threads (a lone request is as fast as before). In process
 two half batches on one thread each beat one batch on two threads (the benchmark's pruned model, 16 users:
@@ -108,19 +111,25 @@ class BatcherStats:
     batches: int = 0
     decoded: int = 0
     dropped_before_decoding: int = 0  # abandoned or out of time when their batch was formed
+    started_without_wait: int = 0  # lone requests on an idle arm started at once (``solo_after``)
     finished_abandoned: dict[str, int] = field(default_factory=dict)  # decoded, but the caller gave up mid-batch, by reason
 
 
 class MicroBatcher:
     def __init__(self, decode: Callable[[], DecodeFn], executor: Executor, max_batch_size: int, max_wait_ms: float,
                  max_queue: int = 64, on_batch: Callable[[int], None] | None = None, parallel: int = 1,
-                 threads: int | None = None, set_threads: Callable[[int], None] | None = None) -> None:
+                 threads: int | None = None, set_threads: Callable[[int], None] | None = None,
+                 solo_after: int = 0) -> None:
         """``decode`` returns the current decode function (so a reloaded model is picked up per batch);
         ``executor`` runs it (its owner shuts it down; it needs ``parallel`` workers). ``threads``: the arm's
         torch threads, shared by the batches that run at once (each gets its part, applied by ``set_threads``
-        on the executor thread before it decodes); None leaves the threads alone."""
+        on the executor thread before it decodes); None leaves the threads alone. ``solo_after``: after that many
+        single-request batches in a row, a lone request on an idle arm skips the ``max_wait_ms`` gathering (0:
+        always gather)."""
         if parallel < 1 or (threads is not None and threads < 1):
             raise ValueError(f"parallel and threads must be positive, got {parallel} and {threads}")
+        if solo_after < 0:
+            raise ValueError(f"solo_after must be >= 0, got {solo_after}")
         self._decode = decode
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -128,6 +137,8 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.on_batch = on_batch
         self.parallel = parallel
+        self.solo_after = solo_after
+        self._singles = 0  # single-request batches in a row
         self.threads = threads
         self._set_threads = set_threads
         self.stats = BatcherStats()
@@ -266,6 +277,9 @@ class MicroBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             gather_until = loop.time() + self.max_wait
+            if self._alone_on_idle_arm():
+                self.stats.started_without_wait += 1
+                gather_until = loop.time()
             while self.queued < self.max_batch_size and loop.time() < gather_until:
                 self._arrived.clear()
                 try:
@@ -283,8 +297,14 @@ class MicroBatcher:
                     break
                 self._dispatch(batch, threads)
 
+    def _alone_on_idle_arm(self) -> bool:
+        """Whether to start the one waiting request now: nothing decoding, nothing else queued, and the last
+        ``solo_after`` batches were single requests (so no companion is likely within ``max_wait_ms``)."""
+        return bool(self.solo_after) and self._singles >= self.solo_after and not self._running and self.queued == 1
+
     def _dispatch(self, batch: list[Job], threads: int | None) -> None:
         loop = asyncio.get_running_loop()
+        self._singles = self._singles + 1 if len(batch) == 1 else 0
         if self.on_batch:
             self.on_batch(len(batch))
         key = next(self._ids)

@@ -52,6 +52,7 @@ class State:
                 # with one batch at a time the model thread keeps the threads set at start
                 threads=self.registry.thread_budget if self.settings.parallel_batches > 1 else None,
                 set_threads=torch.set_num_threads,
+                solo_after=self.settings.solo_after,
             )
         return self.batchers[arm]
 

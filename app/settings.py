@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     """Requests decoded together per arm."""
     max_wait_ms: float = Field(default=5.0, ge=0)
     """How long a batch waits for more requests after the first arrives."""
+    solo_after: int = Field(default=4, ge=0)
+    """After this many single-request batches in a row, a request that finds its arm idle and alone starts at
+    once instead of waiting ``max_wait_ms`` for companions (traffic without concurrency pays no wait; the
+    first burst after it is split once, then batches form again). 0: always wait."""
     max_queue: int = Field(default=64, ge=1)
     """Requests waiting per arm (not counting the batch being decoded); one more gets 503 with Retry-After."""
     request_timeout_ms: float = Field(default=30_000, gt=0)

@@ -28,13 +28,16 @@ class _BatcherCollector(Collector):
         dropped = CounterMetricFamily("prunerec_dropped_before_decoding", "Queued requests never decoded (caller gone or out of time)", labels=["arm"])
         wasted = CounterMetricFamily("prunerec_decoded_after_caller_left", "Requests whose caller gave up while their "
                                      "batch was being decoded (client_left, or deadline)", labels=["arm", "reason"])
+        solo = CounterMetricFamily("prunerec_started_without_wait", "Lone requests on an idle arm started without the "
+                                   "gathering wait (solo_after)", labels=["arm"])
         for arm, batcher in list(self.batchers.items()):
+            solo.add_metric([arm], batcher.stats.started_without_wait)
             queued.add_metric([arm], batcher.queued)
             busy.add_metric([arm], 1.0 if batcher.busy else 0.0)
             dropped.add_metric([arm], batcher.stats.dropped_before_decoding)
             for reason in ("client_left", "deadline"):
                 wasted.add_metric([arm, reason], batcher.stats.finished_abandoned.get(reason, 0))
-        yield from (queued, busy, dropped, wasted)
+        yield from (queued, busy, dropped, wasted, solo)
 
 
 class _GpuMemoryCollector(Collector):

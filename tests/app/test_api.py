@@ -105,7 +105,8 @@ def test_metrics_parse_with_prometheus_parser(client):
     client.post("/v1/recommend", json={"user_id": "m", "history": ["i1"], "k": 2})
     text = client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert {"prunerec_requests", "prunerec_request_latency_seconds", "prunerec_batch_size"} <= set(families)
+    assert {"prunerec_requests", "prunerec_request_latency_seconds", "prunerec_batch_size",
+            "prunerec_started_without_wait"} <= set(families)
     labels = [s.labels for s in families["prunerec_requests"].samples]
     assert any("arm" in label and "version" in label for label in labels)
 

@@ -251,3 +251,48 @@ def test_the_wait_estimate_spreads_queued_batches_over_the_parallel_slots():
 
     assert run(estimate(1)) == pytest.approx(5.0)  # one after the other
     assert run(estimate(2)) == pytest.approx(3.0)  # 2 and 2 at once, then the 1 on the first free slot
+
+
+async def _until(condition, seconds: float = 10.0) -> None:
+    """Yield to the event loop until ``condition()`` holds (a bound, not a timing: the test fails if never)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while not condition():
+        assert loop.time() < end, "condition never held"
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("solo_after", [0, 2])
+def test_lone_requests_skip_the_gathering_wait_after_a_run_of_single_batches(executor, solo_after):
+    """solo_after=2: after two single-request batches a lone request on an idle arm starts at once; a burst
+    after the run is split once (its first request alone, the rest gathered into one batch) and the batch of
+    several turns the wait back on. solo_after=0 always gathers. Lists are the same either way."""
+    decoder = FakeDecoder()
+
+    async def scenario():
+        batcher = MicroBatcher(lambda: decoder, executor, max_batch_size=8, max_wait_ms=30, solo_after=solo_after)
+        loop = asyncio.get_running_loop()
+        lists = [await batcher.submit([i], 3, [], loop.time() + 10).future for i in range(4)]  # one at a time
+        alone = batcher.stats.started_without_wait
+        decoder.release.clear()  # hold the burst's first batch on the model thread
+        first = batcher.submit([10], 3, [], loop.time() + 10)
+        await _until(lambda: batcher.busy)
+        after_first = batcher.stats.started_without_wait
+        rest = [batcher.submit([11 + i], 3, [], loop.time() + 10) for i in range(3)]
+        decoder.release.set()
+        await asyncio.gather(first.future, *(job.future for job in rest))
+        await batcher.submit([20], 3, [], loop.time() + 10).future  # after a batch of several: gathers again
+        await batcher.stop()
+        return lists, alone, after_first, batcher.stats.started_without_wait
+
+    lists, alone, after_first, final = run(scenario())
+    assert lists == [FakeDecoder()([[i]], 3, [[]])[0] for i in range(4)]
+    if solo_after:
+        assert alone == 2  # the third and fourth single requests
+        assert after_first == 3  # the burst's first request started at once
+        assert [len(batch) for batch in decoder.batches[4:6]] == [1, 3]
+        assert final == 3  # the batch of three turned the wait back on
+    else:
+        assert alone == after_first == final == 0
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda: decoder, executor, 4, 0, solo_after=-1)
