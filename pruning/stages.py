@@ -325,7 +325,7 @@ class AttentionStage(Stage):
                 level = "groups"
             elif goal.kv_heads == shape.kv_heads:
                 level = "heads"
-            scores = importance.head_importance(student, calibration, targets, level)
+            scores = importance.reused_head_importance(student, calibration, targets, level)
             keep_kv, keep_q = [], []
             for layer in range(shape.layers):
                 groups = (

@@ -15,6 +15,17 @@ from recdata.sources import RawData
 # when anything else runs (25x slower measured with a concurrent job on 2 cores).
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _no_reused_head_scores():
+    """Every test scores heads itself: the process-wide reuse (pruning.importance) would otherwise depend on
+    which tests ran before."""
+    from pruning.importance import forget_reused_scores
+
+    forget_reused_scores()
+    yield
+    forget_reused_scores()
+
 TITLES = [
     "Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",
     "Twelve Monkeys (1995)", "Babe (1995)", "Dead Man Walking (1995)", "Richard III (1995)", "Seven (1995)",

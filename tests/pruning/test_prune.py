@@ -149,6 +149,64 @@ def test_greedy_layer_search_matches_removing_and_measuring(tokenizer, prepared)
     assert losses[0] == pytest.approx(min(brute), rel=1e-5)
 
 
+def test_head_scores_are_reused_for_the_same_model_calibration_and_teacher(tokenizer, prepared, monkeypatch):
+    """reused_head_importance scores once per (weights, calibration, targets): the same inputs reuse the scores
+    (equal to a fresh pass), a level needing a part not yet scored computes only that part, and a change to the
+    weights, the calibration set or the targets scores again."""
+    from pruning import importance
+
+    model = tiny_llama(len(tokenizer), layers=2)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    calibration = calibration_batches(prepared, encoder, CalibrationConfig(samples=8), 0)
+    targets = teacher_targets(model, calibration, 16)
+    levels: list[str] = []
+    fresh = importance.head_importance
+    monkeypatch.setattr(importance, "head_importance", lambda m, c, t, level: levels.append(level) or fresh(m, c, t, level))
+
+    groups = importance.reused_head_importance(model, calibration, targets, "groups")
+    both = importance.reused_head_importance(model, calibration, targets, "both")
+    again = importance.reused_head_importance(model, calibration, targets, "both")
+    assert levels == ["groups", "heads"]  # the second call computed only the heads
+    expected = fresh(model, calibration, targets, "both")
+    for part in ("groups", "heads"):
+        assert torch.allclose(both[part], expected[part]) and torch.equal(again[part], both[part])
+    assert set(groups) == {"groups"} and torch.equal(groups["groups"], both["groups"])
+    again["groups"].zero_()  # callers get copies
+    assert not torch.equal(importance.reused_head_importance(model, calibration, targets, "groups")["groups"], again["groups"])
+
+    other_calibration = calibration_batches(prepared, encoder, CalibrationConfig(samples=8, seed=1), 0)
+    importance.reused_head_importance(model, other_calibration, teacher_targets(model, other_calibration, 16), "groups")
+    assert levels == ["groups", "heads", "groups"]
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] += 1.0
+    importance.reused_head_importance(model, calibration, targets, "groups")
+    assert levels == ["groups", "heads", "groups", "groups"]
+
+
+def test_two_targets_from_one_teacher_score_its_heads_once(tmp_path, dense, prepared, monkeypatch):
+    """The retention curve's case: two plans pruned from the same dense model in one process score the
+    teacher's heads once, and the second run keeps the groups a fresh scoring would."""
+    from pruning import importance
+
+    scored: list[str] = []
+    fresh = importance.head_importance
+    monkeypatch.setattr(importance, "head_importance", lambda m, c, t, level: scored.append(level) or fresh(m, c, t, level))
+    first = run(tiny_prune_config(tmp_path / "a", dense, stages=["attn"], distill=replace(
+        tiny_prune_config(tmp_path, dense).distill, max_steps=1)), prepared)
+    second = run(tiny_prune_config(tmp_path / "b", dense, stages=["attn"], distill=replace(
+        tiny_prune_config(tmp_path, dense).distill, max_steps=1),
+        ratios=KeepRatios(kv_groups=0.5, heads_per_group=1.0, hidden=0.75, mlp=1.0, layers=1.0)), prepared)
+    assert scored == ["groups"]
+    kept = [read_manifest(p[0])["pruning"] for p in (first, second)]
+    assert kept[0]["kept_kv_groups"] == kept[1]["kept_kv_groups"]
+    assert kept[0]["head_importance"] == kept[1]["head_importance"]
+    importance.forget_reused_scores()
+    third = run(tiny_prune_config(tmp_path / "c", dense, stages=["attn"], distill=replace(
+        tiny_prune_config(tmp_path, dense).distill, max_steps=1)), prepared)
+    assert scored == ["groups", "groups"]
+    assert read_manifest(third[0])["pruning"]["head_importance"] == kept[0]["head_importance"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_every_stage_runs_on_cuda_and_the_artifacts_load_on_cpu(tmp_path, dense, prepared):
     paths = run(tiny_prune_config(tmp_path / "run", dense, stages=["attn", "mlp", "depth", "vocab"], device="cuda"), prepared)
