@@ -5,7 +5,9 @@ hits) or the 32 validation users of a cpu-profile stage's early stopping.
     python -m bench.valid_loss runs/sweep-lr1e-3/3-depth runs/sweep-lr3e-4/3-depth
 
 Per artifact: the mean cross-entropy of the next item's title tokens (and the end token) at the response
-positions, over one example per validation user, with the artifact's own prompt template and item tokens.
+positions, over one example per validation user, with the artifact's own prompt template and item tokens;
+over the whole vocabulary, and with ``--vocab catalog`` also over the catalog's tokens (what the served
+catalog head normalises over, and what ``prunerec prune --distill-vocab catalog`` distils on).
 Prints JSON. (Two torch processes of two threads each on two cores run many times slower than one: run it on
 a quiet machine or with OMP_NUM_THREADS=1.)
 """
@@ -19,6 +21,7 @@ from bench.harness import emit_json
 from llmrec.recommender import Recommender
 from pruning.calibration import batches, mean_ce
 from pruning.examples import split_examples
+from pruning.prune import catalog_vocabulary
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
 
@@ -28,6 +31,8 @@ def main() -> None:
     parser.add_argument("artifacts", nargs="+")
     parser.add_argument("--split", default="valid")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--vocab", choices=["full", "catalog"], default="full",
+                        help="catalog: also the CE over the catalog's tokens (mean_ce_catalog)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args()
     data = prepare(read_ml100k())
@@ -35,8 +40,11 @@ def main() -> None:
     for artifact in args.artifacts:
         recommender = Recommender.from_artifact(artifact, device="cpu")  # the artifact's own prompt encoder
         examples = split_examples(data, recommender.encoder, args.split)
-        loss = mean_ce(recommender.model, batches(examples, recommender.pad_id, args.batch_size))
-        report[artifact] = {"mean_ce": round(loss, 4), "users": len(examples), "split": args.split}
+        rows = batches(examples, recommender.pad_id, args.batch_size)
+        report[artifact] = {"mean_ce": round(mean_ce(recommender.model, rows), 4), "users": len(examples), "split": args.split}
+        if args.vocab == "catalog":
+            vocabulary = catalog_vocabulary(recommender.model, recommender.encoder, data, examples)
+            report[artifact]["mean_ce_catalog"] = round(mean_ce(recommender.model, rows, vocabulary), 4)
     emit_json(report, Path(args.output) if args.output else None)
 
 

@@ -8,11 +8,17 @@ matter are those whose next token carries a label.
 The teacher's distribution is cached once, coarsened to its top-k tokens plus one "tail" bucket holding
 the remaining mass. KL between two coarsened distributions is exact for that partition (and a lower bound
 of the full-vocabulary KL); it needs k + 1 numbers per position instead of the vocabulary size.
+
+A :class:`LossVocabulary` restricts the logits to a set of tokens (the softmax, the CE and the KL then run over
+those rows of the LM head only): a recommender's responses are catalog titles, so the distillation can be done
+over the tokens the served ``catalog`` head scores (:mod:`pruning.distill`, ``vocab = "catalog"``), a few
+thousand rows instead of the whole vocabulary.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -129,16 +135,60 @@ def distillation_examples(data: PreparedData, encoder: PromptEncoder, limit: int
     return training_examples(data, encoder, packing, None, limit, seed + 1)
 
 
-def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
-    """Logits at the response positions only, (n, V): the LM head never runs on other positions."""
+@dataclass
+class LossVocabulary:
+    """The tokens a loss's softmax runs over: ``ids`` (U,) ascending token ids; ``local`` (V,) each token's
+    column among them (-1: not in the set)."""
+
+    ids: torch.Tensor
+    local: torch.Tensor
+
+    @classmethod
+    def of(cls, tokens: Iterable[int], vocab_size: int) -> LossVocabulary:
+        ids = torch.tensor(sorted(set(tokens)), dtype=torch.long)
+        if not ids.numel() or int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
+            raise ValueError(f"a loss vocabulary needs token ids in [0, {vocab_size}), got {ids.numel()} ids")
+        local = torch.full((vocab_size,), -1, dtype=torch.long)
+        local[ids] = torch.arange(ids.numel())
+        return cls(ids, local)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def to(self, device: torch.device | str) -> LossVocabulary:
+        return LossVocabulary(self.ids.to(device), self.local.to(device))
+
+    def columns(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their columns in the restricted logits; every token must be in the set."""
+        columns = self.local[tokens]
+        if bool((columns < 0).any()):
+            outside = sorted(set(tokens[columns < 0].tolist()))[:10]
+            raise ValueError(f"labels outside the loss vocabulary of {len(self)} tokens (e.g. token ids {outside})")
+        return columns
+
+
+def response_logits(model: PreTrainedModel, batch: Batch, vocabulary: LossVocabulary | None = None) -> torch.Tensor:
+    """Logits at the response positions only, (n, V), or (n, U) over ``vocabulary``'s rows of the LM head: the
+    head never runs on other positions (nor, with a vocabulary, on other tokens)."""
     hidden = model.model(**batch.model_inputs(), use_cache=False).last_hidden_state
-    return model.lm_head(batch.response_states(hidden))
+    states = batch.response_states(hidden)
+    if vocabulary is None:
+        return model.lm_head(states)
+    head = model.get_output_embeddings()
+    ids = vocabulary.ids.to(states.device)
+    bias = head.bias.index_select(0, ids) if getattr(head, "bias", None) is not None else None
+    return nn.functional.linear(states, head.weight.index_select(0, ids), bias)
 
 
-def recommendation_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+def response_targets(batch: Batch, vocabulary: LossVocabulary | None = None) -> torch.Tensor:
+    """(n,) the labels at the response positions, as columns of :func:`response_logits`' output."""
+    return batch.targets if vocabulary is None else vocabulary.to(batch.targets.device).columns(batch.targets)
+
+
+def recommendation_loss(model: PreTrainedModel, batch: Batch, vocabulary: LossVocabulary | None = None) -> torch.Tensor:
     """Mean cross-entropy of the labels at the response positions (differentiable; ``mean_ce`` is its
     no-grad average over a set of batches)."""
-    return nn.functional.cross_entropy(response_logits(model, batch).float(), batch.targets)
+    return nn.functional.cross_entropy(response_logits(model, batch, vocabulary).float(), response_targets(batch, vocabulary))
 
 
 @dataclass
@@ -194,14 +244,15 @@ def mean_kl(model: PreTrainedModel, calibration: list[Batch], targets: list[Teac
 
 
 @torch.no_grad()
-def mean_ce(model: PreTrainedModel, calibration: list[Batch]) -> float:
-    """Mean cross-entropy of the labels at the response positions (the recommendation loss)."""
+def mean_ce(model: PreTrainedModel, calibration: list[Batch], vocabulary: LossVocabulary | None = None) -> float:
+    """Mean cross-entropy of the labels at the response positions (the recommendation loss), over the whole
+    vocabulary or ``vocabulary``'s tokens."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in calibration:
         batch = batch.to(device)
-        logits = response_logits(model, batch)
-        total += float(nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum"))
+        logits = response_logits(model, batch, vocabulary)
+        total += float(nn.functional.cross_entropy(logits.float(), response_targets(batch, vocabulary), reduction="sum"))
         count += int(batch.targets.numel())
     return total / max(count, 1)

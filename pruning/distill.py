@@ -7,6 +7,13 @@ the dense fine-tuned model; its distribution at temperature T is coarsened to to
 :mod:`pruning.calibration`) and cached per example the first time the example is seen, so later epochs and
 later stages reuse it instead of running the teacher again.
 
+``vocab = "catalog"`` (past the paper) runs the softmax of both models over the tokens a recommender's
+responses are made of (the catalog's title tokens and the end token: what the served ``catalog`` head
+normalises over, plus any label token outside them), teacher and student alike, and validates on the CE over
+them. The LM head then computes a few thousand rows instead of the whole vocabulary: after the width cuts it
+is most of a step (SmolLM2's 49,152 × 288 head against 4.8M non-embedding weights), and the objective is the
+served head's own distribution.
+
 The loop is :class:`pruning.engine.Engine`'s: early stopping on the validation recommendation loss (CE of
 the valid split's targets), the best weights kept, a checkpoint (student weights, optimiser, progress) at
 every evaluation, and a run with the same checkpoint directory resumes from it.
@@ -25,7 +32,17 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel
 
-from pruning.calibration import TeacherTargets, batches, coarse_kl, coarsen, collate_batch, mean_ce, response_logits
+from pruning.calibration import (
+    LossVocabulary,
+    TeacherTargets,
+    batches,
+    coarse_kl,
+    coarsen,
+    collate_batch,
+    mean_ce,
+    response_logits,
+    response_targets,
+)
 from pruning.engine import Engine, Schedule, adamw
 from pruning.examples import Example
 
@@ -75,6 +92,10 @@ class DistillConfig:
     costs a decoding pass per evaluation)."""
     select_users: int = 64
     """Validation users of the NDCG@10 check (select_metric ndcg@10)."""
+    vocab: Literal["full", "catalog"] = "full"
+    """The tokens the loss's softmax runs over: the whole vocabulary, or the catalog's (every title token and
+    the end token, the served catalog head's; the validation CE then over them too). 'catalog' computes the LM
+    head on a few thousand rows instead of the whole vocabulary."""
     pack_tokens: int | None = None
     """Concatenate the distillation examples into rows of at most this many tokens (see pruning.packing);
     batch_size then counts rows. None: one example per row."""
@@ -167,8 +188,12 @@ class TeacherCache:
     """Coarsened teacher distributions per example index, computed on first use and kept on the teacher's
     device (on a GPU about 0.8 KB per response position at top_k = 64: 2M positions of ml-100k take ~1.6 GB)."""
 
-    def __init__(self, teacher: PreTrainedModel, examples: list[Example], pad_id: int, top_k: int, temperature: float):
+    def __init__(self, teacher: PreTrainedModel, examples: list[Example], pad_id: int, top_k: int, temperature: float,
+                 vocabulary: LossVocabulary | None = None):
+        """``vocabulary``: the teacher's distribution over those tokens only (the students' loss then runs over
+        the same tokens; top indices are columns among them)."""
         self.teacher = teacher.eval()
+        self.vocabulary = vocabulary
         self.examples = examples
         self.pad_id = pad_id
         self.top_k = top_k
@@ -187,7 +212,7 @@ class TeacherCache:
             # the teacher in bf16 on a GPU (no gradients; coarsen() returns to fp32 for the softmax); its
             # outputs stay on the teacher's device, so later steps move nothing
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = response_logits(self.teacher, batch)
+                logits = response_logits(self.teacher, batch, self.vocabulary)
             coarse = coarsen(logits, self.top_k, self.temperature)
             start = 0
             for index, n in zip(missing, counts, strict=True):
@@ -242,29 +267,35 @@ def run(
 
     student_layers = list(range(student.config.num_hidden_layers))
     channels = torch.tensor(teacher_map.channels, device=device) if teacher_map is not None else None
+    if (config.vocab == "catalog") != (teacher_cache.vocabulary is not None):
+        raise ValueError(f"vocab {config.vocab!r} needs a teacher cache {'with' if config.vocab == 'catalog' else 'without'} "
+                         "a loss vocabulary (pruning.prune.shared_data builds it)")
+    vocabulary = teacher_cache.vocabulary.to(device) if teacher_cache.vocabulary is not None else None
 
     def loss_of(chosen: list[int]) -> torch.Tensor:
         teacher = teacher_cache.targets(chosen).to(device)
         batch = collate_batch([teacher_cache.examples[i] for i in chosen], pad_id).to(device)
+        labels = response_targets(batch, vocabulary)
         if config.hidden_weight <= 0 or teacher_map is None or channels is None:
-            logits = response_logits(student, batch)
-            return distillation_loss(logits, batch.targets, teacher, config.alpha, config.temperature)
+            logits = response_logits(student, batch, vocabulary)
+            return distillation_loss(logits, labels, teacher, config.alpha, config.temperature)
         with layer_outputs(student, student_layers) as mine:
-            logits = response_logits(student, batch)
+            logits = response_logits(student, batch, vocabulary)
         with torch.no_grad(), layer_outputs(teacher_cache.teacher, teacher_map.layers) as theirs:
             teacher_cache.teacher.model(**batch.model_inputs(), use_cache=False)
         hidden = hidden_state_loss([batch.response_states(mine[i]) for i in student_layers],
                                    [batch.response_states(theirs[t]) for t in teacher_map.layers], channels)
-        return (distillation_loss(logits, batch.targets, teacher, config.alpha, config.temperature)
+        return (distillation_loss(logits, labels, teacher, config.alpha, config.temperature)
                 + config.hidden_weight * hidden)
 
     def validate() -> float:
         with engine.mixed_precision():
-            return ranking() if selecting_ndcg and ranking is not None else mean_ce(student, valid_batches)
+            return ranking() if selecting_ndcg and ranking is not None else mean_ce(student, valid_batches, vocabulary)
 
     engine.fit(indices, list, loss_of, validate)
     engine.restore_best(student)
     student.eval()
-    record = {**engine.record(), "teacher_examples_computed": teacher_cache.computed}
+    record = {**engine.record(), "teacher_examples_computed": teacher_cache.computed,
+              "loss_vocabulary": len(vocabulary) if vocabulary is not None else "full"}
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return student, record

@@ -148,8 +148,11 @@ class Stage:
 
     def key(self, config: PruneConfig, inputs: StageInputs) -> dict:
         """What the stage's artifact must agree on to be reused by a later run."""
+        distilled = asdict(config.distill)
+        if distilled["vocab"] == "full":  # the default, absent from the keys of runs from before the option
+            del distilled["vocab"]
         key = {"stage": self.name, "teacher": str(Path(inputs.teacher).resolve()), "plan": inputs.plan.to_dict(),
-               "calibration": asdict(config.calibration), "distill": asdict(config.distill), "stages": config.stages}
+               "calibration": asdict(config.calibration), "distill": distilled, "stages": config.stages}
         # in every stage's key, since a later stage's parent depends on it; absent when off, so that runs from
         # before reconstruction existed still resume
         if config.reconstruct:

@@ -122,6 +122,62 @@ def test_distillation_lowers_kl_on_held_out_samples(tmp_path, tokenizer, prepare
     assert batches(examples[:3], 0, 2)[0].input_ids.shape[0] == 2
 
 
+def test_a_loss_vocabulary_restricts_logits_ce_and_the_teachers_distribution(tokenizer, prepared):
+    """Over a token set: the logits are the full logits' columns, the CE is the CE of the renormalised
+    sub-distribution, the teacher cache's top tokens are columns of the set, and labels outside it are refused."""
+    from pruning.calibration import LossVocabulary, mean_ce, response_logits, response_targets
+
+    model = tiny_qwen2(len(tokenizer), layers=2)  # an untied head with a bias
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    batch = calibration_batches(prepared, encoder, CalibrationConfig(samples=8), 0)[0]
+    labels = sorted(set(batch.targets.tolist()))
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    vocabulary = LossVocabulary.of([*labels, 3, 5], vocab_size)
+    assert len(vocabulary) == len(set(labels) | {3, 5})
+    with torch.no_grad():
+        full = response_logits(model, batch)
+        restricted = response_logits(model, batch, vocabulary)
+    torch.testing.assert_close(restricted, full[:, vocabulary.ids])
+    columns = response_targets(batch, vocabulary)
+    assert torch.equal(vocabulary.ids[columns], batch.targets)
+    expected = torch.nn.functional.cross_entropy(full[:, vocabulary.ids].float(), columns)
+    assert mean_ce(model, [batch], vocabulary) == pytest.approx(float(expected), rel=1e-5)
+    assert mean_ce(model, [batch], vocabulary) < mean_ce(model, [batch])  # fewer tokens share the mass
+
+    examples = split_examples(prepared, encoder, "train", limit=4, seed=1)
+    cache = distill.TeacherCache(model, examples, 0, top_k=8, temperature=1.0, vocabulary=vocabulary)
+    targets = cache.targets([0, 1])
+    assert int(targets.top_index.max()) < len(vocabulary)
+    probabilities = targets.top_logprob.exp().sum(-1) + targets.tail_logprob.exp()
+    torch.testing.assert_close(probabilities, torch.ones_like(probabilities), rtol=0, atol=1e-4)
+
+    with pytest.raises(ValueError, match="outside the loss vocabulary"):
+        response_targets(batch, LossVocabulary.of([3, 5], vocab_size))
+    with pytest.raises(ValueError):
+        LossVocabulary.of([vocab_size], vocab_size)
+
+
+def test_distilling_over_the_catalog_vocabulary_runs_and_is_recorded(tmp_path, dense, prepared):
+    """vocab=catalog: the run distils over the catalog's tokens (the title tokens, the end token, any other
+    label), records how many, validates on the CE over them, and keys the stages apart from the full-vocabulary
+    run, whose key stays without the option (runs from before it resume)."""
+    from pruning.stages import AttentionStage
+
+    base = tiny_prune_config(tmp_path / "full", dense, stages=["attn"])
+    catalog = replace(base, output=str(tmp_path / "catalog"), distill=replace(base.distill, vocab="catalog"))
+    record = read_manifest(run(catalog, prepared)[0])["distillation"]
+    assert isinstance(record["loss_vocabulary"], int) and 0 < record["loss_vocabulary"] < 200
+    assert record["steps"] == 4 and 0 < record["best_valid_loss"] < float("inf")
+    full = read_manifest(run(base, prepared)[0])
+    assert full["distillation"]["loss_vocabulary"] == "full"
+    assert "vocab" not in full["stage_key"]["distill"]
+    assert read_manifest(tmp_path / "catalog" / "1-attn")["stage_key"]["distill"]["vocab"] == "catalog"
+    assert AttentionStage.name == "attn"
+    with pytest.raises(ValueError, match="loss vocabulary"):
+        distill.run(replace(base.distill, vocab="catalog"), tiny_qwen2(10, layers=1),
+                    distill.TeacherCache(tiny_qwen2(10, layers=1), [], 0, 4, 1.0), [], tmp_path / "x")
+
+
 def test_attention_stage_keeps_uniform_gqa(tmp_path, dense, prepared):
     paths = run(tiny_prune_config(tmp_path / "r", dense, stages=["attn"]), prepared)
     manifest = read_manifest(paths[0])
