@@ -9,7 +9,9 @@ same model, data and device:
 - ``finetune d3 packed``: the same examples packed into rows of ``--pack-tokens`` (positions restart per
   example; :mod:`pruning.packing`);
 - ``finetune compact``: the compact template's packed windows (one user's items, many targets per row);
-- ``distill d3 packed`` and ``distill compact``: a student (the same model) distilled from the teacher.
+- ``distill d3 packed`` and ``distill compact``: a student (the same model, or ``--student ARTIFACT``, e.g.
+  a pruned stage) distilled from the teacher; ``distill compact catalog``: the same with the loss over the
+  catalog's tokens (``prunerec prune --distill-vocab catalog``: the LM head on a few thousand rows).
 
 Each variant takes ``--warmup`` steps untimed, then ``--steps`` timed steps; tokens are the non-padding
 tokens of the timed batches. On CUDA the loss runs in bf16 autocast over fp32 weights with the fused AdamW
@@ -17,6 +19,7 @@ tokens of the timed batches. On CUDA the loss runs in bf16 autocast over fp32 we
 
     python -m bench.throughput --device cuda --batch-size 32 --pack-tokens 2048
     python -m bench.throughput --device cpu --steps 6     # writes bench/results/cpu/throughput.json
+    python -m bench.throughput --model runs/bench-cpu/0-dense --student runs/bench-cpu/3-depth --only distill
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from bench.harness import emit_json
 from llmrec.model import DEFAULT_MODEL, load_model, select_device
 from llmrec.prompting import PromptEncoder
 from pruning import distill
-from pruning.calibration import collate_batch, response_logits
+from pruning.calibration import LossVocabulary, collate_batch, response_logits, response_targets
 from pruning.engine import Engine, Schedule, adamw
 from pruning.examples import Example, collate, model_inputs, training_examples
 from pruning.packing import pack
+from pruning.prune import catalog_vocabulary
 from recdata.prep import prepare
 from recdata.prompts import get_template
 from recdata.sources import read_ml100k
@@ -109,6 +113,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--examples", type=int, default=2000, help="training examples (seeded) per variant")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (small: the weights hardly move)")
+    parser.add_argument("--student", default=None, help="artifact distilled in the distillation variants (default: the model)")
+    parser.add_argument("--only", choices=["finetune", "distill"], default=None, help="run only these variants")
     parser.add_argument("--output", type=Path, default=None, help="JSON path [bench/results/<device>/throughput.json]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -132,18 +138,24 @@ def main() -> None:
 
         return lambda items: model(**model_inputs({k: move(v) for k, v in collate(items, pad_id).items()})).loss
 
+    weights = distill.DistillConfig()  # the stages' loss weights
+
     def distill_loss(student: Any, cache: distill.TeacherCache) -> Any:
         index = {id(example): i for i, example in enumerate(cache.examples)}
+        vocabulary = cache.vocabulary.to(device) if cache.vocabulary is not None else None
 
         def loss(items: list[Example]) -> torch.Tensor:
             teacher = cache.targets([index[id(e)] for e in items]).to(device)
             batch = collate_batch(items, pad_id).to(device)
-            return distill.distillation_loss(response_logits(student, batch), batch.targets, teacher, 0.5, 2.0)
+            return distill.distillation_loss(response_logits(student, batch, vocabulary), response_targets(batch, vocabulary),
+                                             teacher, weights.alpha, weights.temperature)
 
         return loss
 
     runs = []
-    for name, rows in (("finetune d3", d3_examples), ("finetune d3 packed", d3_packed), ("finetune compact", windows)):
+    finetune = [] if args.only == "distill" else [("finetune d3", d3_examples), ("finetune d3 packed", d3_packed),
+                                                  ("finetune compact", windows)]
+    for name, rows in finetune:
         model = copy.deepcopy(base).train()
         runs.append(measure(name, model, rows, finetune_loss(model), args.batch_size, args.warmup, args.steps, device,
                             args.lr))
@@ -151,9 +163,13 @@ def main() -> None:
     teacher = copy.deepcopy(base).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    for name, rows in (("distill d3 packed", d3_packed), ("distill compact", windows)):
-        student = copy.deepcopy(base).train()
-        cache = distill.TeacherCache(teacher, rows, pad_id, top_k=64, temperature=2.0)
+    student_base = load_model(args.student, device=str(device), dtype=torch.float32).model if args.student else base
+    catalog: LossVocabulary = catalog_vocabulary(teacher, compact, data, windows)
+    distilled = [("distill d3 packed", d3_packed, None), ("distill compact", windows, None),
+                 ("distill compact catalog", windows, catalog)] if args.only != "finetune" else []
+    for name, rows, vocabulary in distilled:
+        student = copy.deepcopy(student_base).train()
+        cache = distill.TeacherCache(teacher, rows, pad_id, top_k=64, temperature=weights.temperature, vocabulary=vocabulary)
         runs.append(measure(name, student, rows, distill_loss(student, cache), args.batch_size, args.warmup, args.steps,
                             device, args.lr))
         del student
@@ -164,6 +180,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model,
         "precision": "bf16 autocast, fp32 weights, fused AdamW" if device.type == "cuda" else "fp32",
         "attention": getattr(base.config, "_attn_implementation", None),
+        "student": args.student or args.model, "catalog_tokens": len(catalog),
         "protocol": {"batch_rows": args.batch_size, "pack_tokens": args.pack_tokens, "steps": args.steps,
                      "warmup": args.warmup, "examples": args.examples,
                      "tokens": "non-padding tokens of the timed batches (student's, for distillation)"},
