@@ -7,7 +7,8 @@
 # usage (on the GPU machine, after ../shared/gpu/README.md's setup):  bash bench/gpu_retention.sh OUT_DIR
 # Knobs (environment): WORK (/tmp/prunerec-gpu-retention), TRAIN_MINUTES (3), TARGETS (0.5,0.9,0.955),
 # DISTILL_MINUTES (0.3 per stage), DISTILL_EXAMPLES (5000), PRESET (none; prunerec for PruneRec's loss),
-# GRADUAL (cuts per stage; none = 1), RECONSTRUCT (1; 0 = the paper's plain cut), SASREC_EPOCHS (50). Over 10 minutes in all: start it with setsid nohup
+# GRADUAL (cuts per stage; none = 1), RECONSTRUCT (1; 0 = the paper's plain cut), VOCAB (full; catalog = the
+# distillation loss over the catalog's tokens), SASREC_EPOCHS (50). Over 10 minutes in all: start it with setsid nohup
 # and poll (../shared/gpu/README.md); a second configuration needs its own WORK.
 # Seen on an H200 (2026-11-26, a smoke run cut at 200 s): ~40 s of data preparation before training, training at
 # ~4.2 steps/s (the gpu profile's 999 steps = ~4 min), every test user evaluated in ~12 s (plus loading), the
@@ -27,6 +28,7 @@ preset=()
 [ -n "${PRESET:-}" ] && preset=(--distill-preset "$PRESET")
 [ -n "${GRADUAL:-}" ] && preset+=(--gradual "$GRADUAL")
 [ "${RECONSTRUCT:-1}" = 0 ] && preset+=(--no-reconstruct)
+[ -n "${VOCAB:-}" ] && preset+=(--distill-vocab "$VOCAB")
 python3 -m bench.retention "$work/dense" --profile gpu --users 0 --targets "${TARGETS:-0.5,0.9,0.955}" \
   --distill-minutes "${DISTILL_MINUTES:-0.3}" --distill-examples "${DISTILL_EXAMPLES:-5000}" "${preset[@]}" --sasrec-epochs "${SASREC_EPOCHS:-50}" \
   --work "$work/retention" --output "$out/retention" || log retention FAILED

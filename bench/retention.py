@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--distill-examples", type=int, default=None,
                         help="seeded subset of training examples to distil on ([the profile's])")
     parser.add_argument("--distill-preset", default=None, help="distillation preset over the profile (prunerec)")
+    parser.add_argument("--distill-vocab", choices=["full", "catalog"], default=None,
+                        help="the loss over the whole vocabulary or the catalog's tokens (prunerec prune --distill-vocab)")
     parser.add_argument("--gradual", type=int, default=None, help="cuts per width/depth stage (prunerec prune --gradual)")
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="the paper's plain cut: no least-squares refit after each cut (prunerec prune --no-reconstruct)")
@@ -212,6 +214,8 @@ def main() -> None:
         overrides["distill.max_steps"] = args.distill_steps
     if args.distill_examples is not None:
         overrides["distill.examples"] = args.distill_examples
+    if args.distill_vocab is not None:
+        overrides["distill.vocab"] = args.distill_vocab
     if args.gradual is not None:
         overrides["gradual"] = args.gradual
     if args.no_reconstruct:
