@@ -19,7 +19,8 @@ tokens of the timed batches. On CUDA the loss runs in bf16 autocast over fp32 we
 
     python -m bench.throughput --device cuda --batch-size 32 --pack-tokens 2048
     python -m bench.throughput --device cpu --steps 6     # writes bench/results/cpu/throughput.json
-    python -m bench.throughput --model runs/bench-cpu/0-dense --student runs/bench-cpu/3-depth --only distill
+    python -m bench.throughput --model runs/bench-cpu/0-dense --student runs/bench-cpu/3-depth \
+        --variants "distill compact,distill compact catalog"
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2000, help="training examples (seeded) per variant")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (small: the weights hardly move)")
     parser.add_argument("--student", default=None, help="artifact distilled in the distillation variants (default: the model)")
-    parser.add_argument("--only", choices=["finetune", "distill"], default=None, help="run only these variants")
+    parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path [bench/results/<device>/throughput.json]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -152,9 +153,14 @@ def main() -> None:
 
         return loss
 
+    names = ["finetune d3", "finetune d3 packed", "finetune compact", "distill d3 packed", "distill compact",
+             "distill compact catalog"]
+    chosen = [n.strip() for n in args.variants.split(",")] if args.variants else names
+    if unknown := sorted(set(chosen) - set(names)):
+        parser.error(f"unknown variants {unknown}; choose from {names}")
     runs = []
-    finetune = [] if args.only == "distill" else [("finetune d3", d3_examples), ("finetune d3 packed", d3_packed),
-                                                  ("finetune compact", windows)]
+    finetune = [(n, r) for n, r in (("finetune d3", d3_examples), ("finetune d3 packed", d3_packed),
+                                    ("finetune compact", windows)) if n in chosen]
     for name, rows in finetune:
         model = copy.deepcopy(base).train()
         runs.append(measure(name, model, rows, finetune_loss(model), args.batch_size, args.warmup, args.steps, device,
@@ -165,8 +171,8 @@ def main() -> None:
         parameter.requires_grad_(False)
     student_base = load_model(args.student, device=str(device), dtype=torch.float32).model if args.student else base
     catalog: LossVocabulary = catalog_vocabulary(teacher, compact, data, windows)
-    distilled = [("distill d3 packed", d3_packed, None), ("distill compact", windows, None),
-                 ("distill compact catalog", windows, catalog)] if args.only != "finetune" else []
+    distilled = [(n, r, v) for n, r, v in (("distill d3 packed", d3_packed, None), ("distill compact", windows, None),
+                                           ("distill compact catalog", windows, catalog)) if n in chosen]
     for name, rows, vocabulary in distilled:
         student = copy.deepcopy(student_base).train()
         cache = distill.TeacherCache(teacher, rows, pad_id, top_k=64, temperature=weights.temperature, vocabulary=vocabulary)
