@@ -278,7 +278,7 @@ def catalog_vocabulary(model: PreTrainedModel, encoder: PromptEncoder, data: Pre
     for example in examples:
         tokens.update(label for label in example.labels if label != IGNORE)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
-    logger.info("distilling over the catalog's %d tokens%s (of %d)", titles,
+    logger.info("loss vocabulary: the catalog's %d tokens%s (of %d)", titles,
                 f" and {len(tokens) - titles} other label tokens" if len(tokens) > titles else "", vocab_size)
     return LossVocabulary.of(tokens, vocab_size)
 
