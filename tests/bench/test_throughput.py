@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from helpers import save_model_dir, tiny_llama
 
 from bench import throughput
@@ -20,8 +22,27 @@ def test_throughput_reports_every_variant_with_its_batch_shape(tmp_path, tokeniz
     report = json.loads(output.read_text())
     assert report["device"] == "cpu" and report["precision"] == "fp32"
     runs = {run["name"]: run for run in report["runs"]}
-    assert set(runs) == {"finetune d3", "finetune d3 packed", "finetune compact", "distill d3 packed", "distill compact"}
+    assert set(runs) == {"finetune d3", "finetune d3 packed", "finetune compact", "distill d3 packed", "distill compact",
+                         "distill compact catalog"}
+    assert 0 < report["catalog_tokens"] < len(tokenizer)
     assert all(run["tokens_per_s"] > 0 and run["steps"] == 2 for run in runs.values())
     # packing: several examples per row, so more real tokens per step at the same rows per step
     assert runs["finetune d3 packed"]["tokens_per_step"] > 1.5 * runs["finetune d3"]["tokens_per_step"]
     assert all(0 <= run["padding_share"] < 1 for run in runs.values())
+
+
+def test_throughput_runs_the_variants_named_on_the_student_given(tmp_path, tokenizer, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    student_dir = save_model_dir(tmp_path / "student", tiny_llama(len(tokenizer), layers=1), tokenizer)
+    output = tmp_path / "throughput.json"
+    monkeypatch.setattr(sys, "argv", ["throughput", "--model", str(model_dir), "--student", str(student_dir),
+                                      "--variants", "distill compact,distill compact catalog", "--device", "cpu",
+                                      "--steps", "1", "--warmup", "0", "--examples", "16", "--batch-size", "4",
+                                      "--output", str(output)])
+    throughput.main()
+    report = json.loads(output.read_text())
+    assert [run["name"] for run in report["runs"]] == ["distill compact", "distill compact catalog"]
+    assert report["student"] == str(student_dir)
+    monkeypatch.setattr(sys, "argv", ["throughput", "--model", str(model_dir), "--variants", "distill everything"])
+    with pytest.raises(SystemExit):
+        throughput.main()
