@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-
 from helpers import save_model_dir, tiny_llama
 
 from bench import throughput
