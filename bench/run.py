@@ -215,6 +215,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
             models[name] = model_entry(path, evaluations[name], repo_root)
     if config.assist:
+        from pruning.stages import carry_assistant
+
         with clock.phase("assistant"):
             for name, source in (("dense", None), ("pruned", dense)):
                 _assistant(config, data, named[name], source)
@@ -223,6 +225,9 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                                                                 assist=True)
                 models[f"{name}+assist"] = model_entry(named[name], evaluations[f"{name}+assist"], repo_root)
                 models[f"{name}+assist"]["assisted"] = evaluations[f"{name}+assist"]["protocol"]["assist_weight"]
+            # the vocab cut ran before the pruned model had its assistant; its catalog-head scores are the pruned
+            # model's, so that assistant and weight hold for it as they are, and the served arms compare alike
+            carry_assistant(named["pruned"], read_manifest(named["pruned"]), named["pruned+vocab"])
     pairs = sample_users(data.splits["test"], config.users, config.seed)
     if config.assist:  # the assistant alone on the same users: what the LLM adds to it
         from pruning.assist import assistant_metrics

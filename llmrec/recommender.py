@@ -88,6 +88,11 @@ class Recommender:
     def scorer(self, head: str) -> NextTokenScorer:
         """The next-token scorer of a head mode, its LM-head rows gathered once per catalog."""
         if head not in self._scorers:
+            distilled_over = (self.manifest.get("distillation") or {}).get("loss_vocabulary")
+            if head != "catalog" and isinstance(distilled_over, int):
+                logger.warning("this artifact's last distillation trained only the %d catalog tokens' logits "
+                               "(--distill-vocab catalog): head %r normalises over tokens it never trained, so "
+                               "its scores are worse than the catalog head's", distilled_over, head)
             self._scorers[head] = NextTokenScorer(self.model, self.trie, head)
         return self._scorers[head]
 

@@ -244,7 +244,11 @@ class Stage:
             "teacher_map": asdict(teacher_map) if teacher_map is not None else None,
         }
         write_artifact(directory, student, tokenizer, inputs.data.catalog, manifest, cut.extras or None)
-        inherit_assistant(Path(inputs.teacher), inputs.teacher_manifest, directory)
+        parent_manifest = read_manifest(inputs.parent) if inputs.parent != inputs.teacher else inputs.teacher_manifest
+        if self.exact and parent_manifest.get("assistant"):
+            carry_assistant(Path(inputs.parent), parent_manifest, directory)
+        else:
+            inherit_assistant(Path(inputs.teacher), inputs.teacher_manifest, directory)
         shutil.rmtree(snapshot, ignore_errors=True)
         if config.evaluate:
             evaluate_artifact(eval_config(config, str(directory)), inputs.data)
@@ -269,6 +273,17 @@ def inherit_assistant(teacher: Path, teacher_manifest: dict, directory: Path) ->
 
     shutil.copytree(teacher / ASSISTANT_DIR, directory / ASSISTANT_DIR, dirs_exist_ok=True)
     update_manifest(directory, assistant={**entry, "training": {"inherited": str(teacher)}, "valid_ndcg@10_by_weight": {}})
+
+
+def carry_assistant(parent: Path, parent_manifest: dict, directory: Path) -> None:
+    """An exact stage (the vocabulary cut) carries its parent's assistant as it is: the catalog head's scores are
+    the parent's, so the weight chosen for the parent's LLM still holds and needs no new sweep."""
+    from llmrec.artifact import update_manifest
+    from llmrec.assistant import ASSISTANT_DIR
+
+    entry = parent_manifest["assistant"]
+    shutil.copytree(parent / ASSISTANT_DIR, directory / ASSISTANT_DIR, dirs_exist_ok=True)
+    update_manifest(directory, assistant={**entry, "training": {**entry.get("training", {}), "carried_from": str(parent)}})
 
 
 def reconstruction_key(config: PruneConfig) -> dict:

@@ -115,6 +115,11 @@ def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     dense_card = json.loads((tmp_path / "work" / "0-dense" / "prunerec.json").read_text())
     pruned_card = json.loads((Path(report["models"]["pruned"]["artifact"]) / "prunerec.json").read_text())
     assert pruned_card["assistant"]["training"] == {"reused": str(tmp_path / "work" / "0-dense")}
+    # the served pruned + vocab arm carries the pruned arm's assistant and weight, as the other arms carry theirs
+    vocab_card = json.loads((Path(report["models"]["pruned+vocab"]["artifact"]) / "prunerec.json").read_text())
+    assert vocab_card["assistant"]["weight"] == pruned_card["assistant"]["weight"]
+    carried_from = Path(vocab_card["assistant"]["training"]["carried_from"])
+    assert carried_from.resolve() == Path(report["models"]["pruned"]["artifact"]).resolve()
     for name, card in (("dense", dense_card), ("pruned", pruned_card)):
         assert report["models"][f"{name}+assist"]["assisted"] == (card["assistant"]["weight"] or None)
         assert report["models"][f"{name}+assist"]["artifact"] == report["models"][name]["artifact"]

@@ -102,6 +102,23 @@ def test_catalog_head_modes(recommender, prepared):
         recommender.recommend(hs, k=5, head="tiny")
 
 
+def test_a_full_head_on_a_catalog_distilled_model_is_warned_about(recommender, caplog):
+    """An artifact whose last distillation trained only the catalog tokens' logits (--distill-vocab catalog)
+    serves the catalog head quietly; a head that normalises over the whole vocabulary says it is untrained."""
+    recommender.manifest = {"distillation": {"loss_vocabulary": 42}}
+    with caplog.at_level("WARNING", logger="llmrec.recommender"):
+        recommender.scorer("catalog")
+        assert not caplog.records
+        recommender.scorer("full")
+        recommender.scorer("full")  # once per head
+    assert len(caplog.records) == 1 and "42 catalog tokens" in caplog.records[0].getMessage()
+    caplog.clear()
+    recommender.manifest = {"distillation": {"loss_vocabulary": "full"}}
+    with caplog.at_level("WARNING", logger="llmrec.recommender"):
+        recommender.scorer("catalog-fullnorm")
+    assert not caplog.records
+
+
 def test_excluding_most_of_the_catalog_still_returns_k_items(recommender, prepared):
     n = len(prepared.catalog)
     keep = [3, 7, 11, 15, 19]

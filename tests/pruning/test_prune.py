@@ -161,8 +161,6 @@ def test_distilling_over_the_catalog_vocabulary_runs_and_is_recorded(tmp_path, d
     """vocab=catalog: the run distils over the catalog's tokens (the title tokens, the end token, any other
     label), records how many, validates on the CE over them, and keys the stages apart from the full-vocabulary
     run, whose key stays without the option (runs from before it resume)."""
-    from pruning.stages import AttentionStage
-
     base = tiny_prune_config(tmp_path / "full", dense, stages=["attn"])
     catalog = replace(base, output=str(tmp_path / "catalog"), distill=replace(base.distill, vocab="catalog"))
     record = read_manifest(run(catalog, prepared)[0])["distillation"]
@@ -172,7 +170,6 @@ def test_distilling_over_the_catalog_vocabulary_runs_and_is_recorded(tmp_path, d
     assert full["distillation"]["loss_vocabulary"] == "full"
     assert "vocab" not in full["stage_key"]["distill"]
     assert read_manifest(tmp_path / "catalog" / "1-attn")["stage_key"]["distill"]["vocab"] == "catalog"
-    assert AttentionStage.name == "attn"
     with pytest.raises(ValueError, match="loss vocabulary"):
         distill.run(replace(base.distill, vocab="catalog"), tiny_qwen2(10, layers=1),
                     distill.TeacherCache(tiny_qwen2(10, layers=1), [], 0, 4, 1.0), [], tmp_path / "x")
@@ -334,6 +331,33 @@ def test_a_stage_inherits_the_teachers_assistant(tmp_path, dense, prepared):
     assert recommender.assistant is not None and recommender.assist_weight == 2.0
     plain = run(tiny_prune_config(tmp_path / "p", dense, stages=["attn"]), prepared)[0]
     assert "assistant" not in read_manifest(plain) and not (plain / ASSISTANT_DIR).exists()
+
+
+def test_the_vocab_stage_carries_its_parents_assistant_and_weight(tmp_path, dense, prepared):
+    """The vocab cut keeps the catalog head's scores, so the weight chosen for its parent's LLM holds: it is
+    carried as it is (not re-marked as the teacher's, which would send it back to a weight sweep)."""
+    import shutil
+
+    from llmrec.artifact import update_manifest
+    from llmrec.assistant import ASSISTANT_DIR, AssistantConfig, SASRec
+
+    teacher = shutil.copytree(dense, tmp_path / "teacher")
+    SASRec(AssistantConfig(num_items=len(prepared.catalog), hidden_size=8, layers=1,
+                           catalog_fingerprint=prepared.catalog.fingerprint())).save(teacher / ASSISTANT_DIR)
+    update_manifest(teacher, assistant={"kind": "sasrec", "path": ASSISTANT_DIR, "weight": 2.0,
+                                        "valid_ndcg@10_by_weight": {"2.0": 0.5}})
+    attn, vocab = run(tiny_prune_config(tmp_path / "r", teacher, stages=["attn", "vocab"]), prepared)
+    entry = read_manifest(vocab)["assistant"]
+    assert entry["weight"] == 2.0
+    assert entry["training"] == {"inherited": str(teacher), "carried_from": str(attn)}  # still the teacher's weight
+    # a parent whose weight was chosen for its own LLM passes it on unchanged
+    update_manifest(attn, assistant={**read_manifest(attn)["assistant"], "weight": 5.0, "training": {"reused": str(teacher)},
+                                     "valid_ndcg@10_by_weight": {"5.0": 0.7}})
+    carried = run(tiny_prune_config(tmp_path / "v", attn, stages=["vocab"]), prepared)[0]
+    entry = read_manifest(carried)["assistant"]
+    assert entry["weight"] == 5.0 and entry["valid_ndcg@10_by_weight"] == {"5.0": 0.7}
+    assert entry["training"] == {"reused": str(teacher), "carried_from": str(attn)}
+    assert (carried / ASSISTANT_DIR / "model.safetensors").is_file()
 
 
 def test_the_prunerec_distillation_preset_sits_between_profile_and_options(tmp_path):
