@@ -107,8 +107,10 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # PruneRec's released recipe (arXiv 2507.07064's code): loss 0.2·CE + 0.8·forward KL at T = 1, AdamW at
     # 3e-4, up to 3 epochs over every training example with early stopping at patience 1. Their effective batch
     # of 192 is not copied (our batch counts packed rows; --distill-batch-size sets it), nor is their
-    # unshifted KL (ours compares the shifted positions). A profile's safety stop in minutes (cpu: 12 per stage) still applies.
-    "prunerec": {"alpha": 0.2, "temperature": 1.0, "lr": 3e-4, "epochs": 3.0, "patience": 1, "examples": None},
+    # unshifted KL (ours compares the shifted positions). A profile's safety stop in minutes (cpu: 20 per stage)
+    # still applies; the loss is theirs, over the whole vocabulary, whatever the profile's vocab.
+    "prunerec": {"alpha": 0.2, "temperature": 1.0, "lr": 3e-4, "epochs": 3.0, "patience": 1, "examples": None,
+                 "vocab": "full"},
 }
 """Named distillation settings (``prunerec prune --distill-preset NAME``): over the profile, under options given."""
 

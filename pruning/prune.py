@@ -122,18 +122,22 @@ class PruneConfig:
 
 
 PROFILES: dict[str, dict] = {
-    # Minutes on 2 CPU cores: small calibration set, one epoch over 512 windows per stage (64 steps). The budget
-    # is in steps, not minutes, so a busy machine changes how long a stage takes, not what it produces (a
-    # 4-minute cap, until 2026-11-26, cut the attention stage at 35-38 of its 64 steps); the minutes are a
-    # safety stop that a stage here does not reach (the attention stage's 64 steps: about 6 minutes). lr 1e-3
-    # from a sweep at this budget (README, `prunerec prune`): validation CE of the last stage on all 943 valid
-    # users 1.84 against 2.51 at 3e-4 and 2.59 at 1e-4; NDCG@10 on all test users tied (31-36 hits each).
-    # The reconstruction's moments on 128 samples (importance stays on the calibration set's 32): from the
-    # benchmark's dense model at 16 calibration samples, two seeds, the last stage's CE on all 943 valid users
-    # 1.220 / 1.238 against 1.297 / 1.763 with the moments on the 16 (README, `prunerec prune`).
+    # Minutes on 2 CPU cores: small calibration set, two epochs over 512 windows per stage (128 steps) with the
+    # loss over the catalog's tokens. The budget is in steps, not minutes, so a busy machine changes how long a
+    # stage takes, not what it produces (a 4-minute cap, until 2026-11-26, cut the attention stage at 35-38 of
+    # its 64 steps); the minutes are a safety stop above what a stage here takes (the attention stage's 128
+    # steps: about 12 minutes). lr 1e-3 from a sweep at one epoch over the whole vocabulary (README, `prunerec
+    # prune`): validation CE of the last stage on all 943 valid users 1.84 against 2.51 at 3e-4 and 2.59 at
+    # 1e-4; NDCG@10 on all test users tied (31-36 hits each). The reconstruction's moments on 128 samples
+    # (importance stays on the calibration set's 32): from the benchmark's dense model at 16 calibration
+    # samples, two seeds, the last stage's CE on all 943 valid users 1.220 / 1.238 against 1.297 / 1.763 with
+    # the moments on the 16. The catalog's tokens for two epochs (since 2026-11-26): about the distillation
+    # time one epoch over the whole vocabulary took (17.7 against 16.8 minutes; later epochs reuse the cached
+    # teacher), and the last stage's CE over the catalog's tokens on all 943 valid users 1.137 against 1.300,
+    # NDCG@10 on all test users tied (36 against 34 hits; README, `--distill-vocab`).
     "cpu": {"calibration": {"samples": 32, "batch_size": 8}, "reconstruct_samples": 128,
-            "distill": {"examples": 512, "epochs": 1.0, "max_minutes": 12.0, "lr": 1e-3, "eval_every": 20,
-                        "valid_examples": 32, "batch_size": 8},
+            "distill": {"examples": 512, "epochs": 2.0, "max_minutes": 20.0, "lr": 1e-3, "eval_every": 20,
+                        "valid_examples": 32, "batch_size": 8, "vocab": "catalog"},
             "trsp": {"steps_per_round": 8, "stage_two_steps": 100, "stage_two_minutes": 12.0, "check_every": 20}},
     # One GPU: hundreds of calibration samples, an epoch over the training windows per stage (packed into
     # rows of 2048 tokens, 2 rows ≈ the 32 windows a step had before), every test user.

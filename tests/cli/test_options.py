@@ -109,7 +109,7 @@ def test_the_prune_command_maps_options_profile_old_names_and_one_seed_to_the_co
                                  "--trsp-lambda1", "0.2", "--no-evaluate", "--stages", "attn,mlp"])
     assert result.exit_code == 0, result.output
     config = captured[-1]
-    assert config.distill.max_steps == 5 and config.distill.max_minutes == 12.0  # option; cpu profile
+    assert config.distill.max_steps == 5 and config.distill.max_minutes == 20.0  # option; cpu profile
     assert config.ratios.mlp == 0.5 and config.ratios.hidden == 0.5  # the default plan's other ratios stay
     assert config.calibration.seed == config.distill.seed == config.trsp.seed == 3
     assert config.trsp.lambda1 == 0.2 and config.evaluate is False and config.stages == ["attn", "mlp"]
