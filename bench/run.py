@@ -227,7 +227,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
                 models[f"{name}+assist"]["assisted"] = evaluations[f"{name}+assist"]["protocol"]["assist_weight"]
             # the vocab cut ran before the pruned model had its assistant; its catalog-head scores are the pruned
             # model's, so that assistant and weight hold for it as they are, and the served arms compare alike
-            carry_assistant(named["pruned"], read_manifest(named["pruned"]), named["pruned+vocab"])
+            carry_assistant(named["pruned"], named["pruned+vocab"])
     pairs = sample_users(data.splits["test"], config.users, config.seed)
     if config.assist:  # the assistant alone on the same users: what the LLM adds to it
         from pruning.assist import assistant_metrics

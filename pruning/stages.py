@@ -244,10 +244,7 @@ class Stage:
             "teacher_map": asdict(teacher_map) if teacher_map is not None else None,
         }
         write_artifact(directory, student, tokenizer, inputs.data.catalog, manifest, cut.extras or None)
-        parent_manifest = read_manifest(inputs.parent) if inputs.parent != inputs.teacher else inputs.teacher_manifest
-        if self.exact and parent_manifest.get("assistant"):
-            carry_assistant(Path(inputs.parent), parent_manifest, directory)
-        else:
+        if not (self.exact and carry_assistant(Path(inputs.parent), directory)):
             inherit_assistant(Path(inputs.teacher), inputs.teacher_manifest, directory)
         shutil.rmtree(snapshot, ignore_errors=True)
         if config.evaluate:
@@ -266,24 +263,26 @@ def inherit_assistant(teacher: Path, teacher_manifest: dict, directory: Path) ->
     the LLM's shape), with the teacher's weight; ``prunerec assist <stage> --source <teacher>`` chooses the
     weight again for the pruned LLM."""
     entry = teacher_manifest.get("assistant")
-    if not entry:
-        return
-    from llmrec.artifact import update_manifest
-    from llmrec.assistant import ASSISTANT_DIR
-
-    shutil.copytree(teacher / ASSISTANT_DIR, directory / ASSISTANT_DIR, dirs_exist_ok=True)
-    update_manifest(directory, assistant={**entry, "training": {"inherited": str(teacher)}, "valid_ndcg@10_by_weight": {}})
+    if entry:
+        _copy_assistant(teacher, directory, {**entry, "training": {"inherited": str(teacher)}, "valid_ndcg@10_by_weight": {}})
 
 
-def carry_assistant(parent: Path, parent_manifest: dict, directory: Path) -> None:
+def carry_assistant(parent: Path, directory: Path) -> bool:
     """An exact stage (the vocabulary cut) carries its parent's assistant as it is: the catalog head's scores are
-    the parent's, so the weight chosen for the parent's LLM still holds and needs no new sweep."""
+    the parent's, so the weight chosen for the parent's LLM still holds and needs no new sweep. False when the
+    parent carries none."""
+    entry = read_manifest(parent).get("assistant")
+    if entry:
+        _copy_assistant(parent, directory, {**entry, "training": {**entry.get("training", {}), "carried_from": str(parent)}})
+    return bool(entry)
+
+
+def _copy_assistant(source: Path, directory: Path, entry: dict) -> None:
     from llmrec.artifact import update_manifest
     from llmrec.assistant import ASSISTANT_DIR
 
-    entry = parent_manifest["assistant"]
-    shutil.copytree(parent / ASSISTANT_DIR, directory / ASSISTANT_DIR, dirs_exist_ok=True)
-    update_manifest(directory, assistant={**entry, "training": {**entry.get("training", {}), "carried_from": str(parent)}})
+    shutil.copytree(source / ASSISTANT_DIR, directory / ASSISTANT_DIR, dirs_exist_ok=True)
+    update_manifest(directory, assistant=entry)
 
 
 def reconstruction_key(config: PruneConfig) -> dict:
