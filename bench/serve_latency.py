@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.harness import UNBOUNDED_DEADLINE, emit_json, request_payloads, running_service, time_requests
+from bench.harness import UNBOUNDED_DEADLINE, emit_json, measure_level, request_payloads, running_service, time_requests
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
 
@@ -48,7 +48,7 @@ def main() -> None:
     with running_service(arms, "--max-batch-size", str(args.max_batch_size), env=UNBOUNDED_DEADLINE) as (base, _server):
         for name in arms:
             time_requests(base, payloads[:2], 1, arm=name)  # warm-up outside the measurement
-            results["arms"][name] = {f"c{c}": time_requests(base, payloads, c, arm=name) for c in levels}
+            results["arms"][name] = {f"c{c}": measure_level(base, payloads, c, arm=name) for c in levels}
             for c in levels:
                 r = results["arms"][name][f"c{c}"]
                 logging.info("%10s c=%-3d p50 %9.1f ms  p99 %9.1f ms  %7.2f req/s", name, c, r["latency_ms"]["p50"],
