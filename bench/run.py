@@ -288,7 +288,8 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             "users_sampled": sampled, "seed": config.seed, "history_length": config.max_history, "num_beams": 20,
             "ranking": "full catalog, history excluded", "head": config.head,
             "serving": f"HTTP on 127.0.0.1, one server per arm, head={config.head}, top-10, concurrency "
-                       f"{config.concurrency}: {len(payloads)} requests at 1, {len(busy)} at each level above",
+                       f"{config.concurrency}: {len(payloads)} requests at 1, {len(busy)} at each level above "
+                       f"(each after an untimed burst at its level); batching {keys[SERVED_ARMS[0]]['batching']}",
             "compression": {"calibration": asdict(greedy_config.calibration), "distill_per_stage": asdict(greedy_config.distill),
                             "reconstruction": reconstruction_key(greedy_config) if greedy_config.reconstruct else None,
                             "trsp": asdict(trsp_config.trsp)},
@@ -343,8 +344,13 @@ def serving_keys(arms: dict[str, Path], config: BenchConfig, requests: int, busy
     a rebuilt arm has all of them served again: the ratios compare arms served side by side in one run, never a
     fresh figure with one an earlier run measured under another load (which gave 7.4× where side by side gave
     9.2×, 2026-11-26)."""
+    from app.settings import Settings
+
     identities = {name: artifact_identity(path, assistant=True) for name, path in arms.items()}
-    shared = {"head": config.head, "requests": requests, "busy_requests": busy_requests, "levels": config.concurrency,
+    service = Settings()  # the batching the served arms' service reads from this environment
+    batching = {name: getattr(service, name) for name in ("max_wait_ms", "solo_after", "parallel_batches")}
+    # "timing": levels above 1 timed after an untimed burst (bench.harness.measure_level, since 2026-11-27)
+    shared = {"head": config.head, "batching": batching, "timing": "steady-state levels", "requests": requests, "busy_requests": busy_requests, "levels": config.concurrency,
               "users": config.users,
               "seed": config.seed, "device": config.device, "batch": config.serve_batch_size, "served_together": identities}
     return {name: {"artifact": str(path), "identity": identities[name],

@@ -228,3 +228,19 @@ def test_a_rebuilt_arm_has_every_arm_served_again(tmp_path, tokenizer, prepared)
     after = serving_keys(arms, config, 24, 64)
     assert after["dense"]["identity"] == before["dense"]["identity"]  # dense itself did not change ...
     assert after["dense"] != before["dense"] and after["pruned"] != before["pruned"]  # ... yet both are served again
+
+
+def test_serving_keys_record_the_services_batching(tmp_path, tokenizer, prepared, monkeypatch):
+    """The service's batching settings (read from the environment, as the served arms' service reads them) are
+    part of every arm's key: figures served with other batching are served again."""
+    from bench.run import bench_config, serving_keys
+
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    arms = {"dense": write_artifact(tmp_path / "dense", tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, manifest)}
+    config = bench_config("cpu")
+    monkeypatch.delenv("PRUNEREC_MAX_WAIT_MS", raising=False)
+    before = serving_keys(arms, config, 24, 64)["dense"]
+    assert before["batching"]["max_wait_ms"] == 5.0
+    monkeypatch.setenv("PRUNEREC_MAX_WAIT_MS", "9")
+    after = serving_keys(arms, config, 24, 64)["dense"]
+    assert after["batching"]["max_wait_ms"] == 9.0 and after != before
