@@ -350,9 +350,9 @@ def serving_keys(arms: dict[str, Path], config: BenchConfig, requests: int, busy
     service = Settings()  # the batching the served arms' service reads from this environment
     batching = {name: getattr(service, name) for name in ("max_wait_ms", "solo_after", "parallel_batches")}
     # "timing": levels above 1 timed after an untimed burst (bench.harness.measure_level, since 2026-11-27)
-    shared = {"head": config.head, "batching": batching, "timing": "steady-state levels", "requests": requests, "busy_requests": busy_requests, "levels": config.concurrency,
-              "users": config.users,
-              "seed": config.seed, "device": config.device, "batch": config.serve_batch_size, "served_together": identities}
+    shared = {"head": config.head, "batching": batching, "timing": "steady-state levels", "requests": requests,
+              "busy_requests": busy_requests, "levels": config.concurrency, "users": config.users, "seed": config.seed,
+              "device": config.device, "batch": config.serve_batch_size, "served_together": identities}
     return {name: {"artifact": str(path), "identity": identities[name],
                    "assist_weight": (read_manifest(path).get("assistant") or {}).get("weight"), **shared}
             for name, path in arms.items()}
