@@ -22,6 +22,7 @@ every evaluation, and a run with the same checkpoint directory resumes from it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel
 
+from pruning import reuse
 from pruning.calibration import (
     LossVocabulary,
     TeacherTargets,
@@ -188,10 +190,16 @@ def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[t
 
 class TeacherCache:
     """Coarsened teacher distributions per example index, computed on first use and kept on the teacher's
-    device (on a GPU about 0.8 KB per response position at top_k = 64: 2M positions of ml-100k take ~1.6 GB)."""
+    device (on a GPU about 0.8 KB per response position at top_k = 64: 2M positions of ml-100k take ~1.6 GB).
+
+    With ``shared=True`` the distributions are kept for the process (:mod:`pruning.reuse`), keyed by a digest
+    of the teacher (weights, config, device), the examples, the padding id, top_k, the temperature and the
+    vocabulary: a second compression run from the same teacher on the same examples (the benchmark's TRSP path
+    after its greedy one, every target of the retention curve) reuses what the first one computed instead of
+    running the teacher again. One teacher's distributions are kept at a time."""
 
     def __init__(self, teacher: PreTrainedModel, examples: list[Example], pad_id: int, top_k: int, temperature: float,
-                 vocabulary: LossVocabulary | None = None):
+                 vocabulary: LossVocabulary | None = None, shared: bool = False):
         """``vocabulary``: the teacher's distribution over those tokens only (the students' loss then runs over
         the same tokens; top indices are columns among them)."""
         self.teacher = teacher.eval()
@@ -200,8 +208,23 @@ class TeacherCache:
         self.pad_id = pad_id
         self.top_k = top_k
         self.temperature = temperature
-        self._store: dict[int, TeacherTargets] = {}
+        self._store: dict[int, TeacherTargets] = _TEACHER_OUTPUTS.get(self._key()) if shared else {}
+        self.reused = len(self._store)
+        """Examples whose distributions an earlier cache of this process had computed."""
         self.computed = 0
+        """Examples whose distributions this cache computed."""
+        if self.reused:
+            logger.info("teacher outputs: reusing %d examples' distributions computed earlier in this process", self.reused)
+
+    def _key(self) -> str:
+        into = hashlib.blake2b(digest_size=16)
+        reuse.digest_model(self.teacher, into)
+        into.update(f"{self.pad_id}:{self.top_k}:{self.temperature}".encode())
+        if self.vocabulary is not None:
+            reuse.digest_tensors([self.vocabulary.ids], into)
+        for example in self.examples:
+            into.update(repr((example.input_ids, example.labels, example.position_ids)).encode())
+        return into.hexdigest()
 
     @torch.no_grad()
     def targets(self, indices: list[int]) -> TeacherTargets:
@@ -229,6 +252,11 @@ class TeacherCache:
             torch.cat([p.top_index for p in parts]), torch.cat([p.top_logprob for p in parts]),
             torch.cat([p.tail_logprob for p in parts]),
         )
+
+
+TEACHER_OUTPUTS_KEPT = 1
+"""Teachers (with their examples and settings) whose distributions the process keeps for shared caches."""
+_TEACHER_OUTPUTS: reuse.ProcessStore[dict[int, TeacherTargets]] = reuse.ProcessStore(TEACHER_OUTPUTS_KEPT, dict)
 
 
 def schedule_of(config: DistillConfig) -> Schedule:
@@ -298,6 +326,7 @@ def run(
     engine.restore_best(student)
     student.eval()
     record = {**engine.record(), "teacher_examples_computed": teacher_cache.computed,
+              "teacher_examples_reused": teacher_cache.reused,
               "loss_vocabulary": len(vocabulary) if vocabulary is not None else "full"}
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return student, record

@@ -20,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from pruning import reuse
 from pruning.calibration import Batch, TeacherTargets, coarse_kl
 from pruning.surgery import shape_of
 
@@ -132,36 +132,21 @@ def head_importance(
 
 
 LEVEL_PARTS = {"groups": {"groups"}, "heads": {"heads"}, "both": {"groups", "heads"}}
-_HEAD_SCORES: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 HEAD_SCORES_KEPT = 4
 """Models whose head scores the process keeps (least recently used dropped first; a few KB each)."""
-
-
-def _digest(tensors: Iterable[torch.Tensor], into: hashlib.blake2b) -> None:
-    for tensor in tensors:
-        tensor = tensor.detach().reshape(-1).contiguous().cpu()
-        into.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        into.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-
-
-def forget_reused_scores() -> None:
-    """Drop the head scores :func:`reused_head_importance` keeps (tests that count scoring passes call it)."""
-    _HEAD_SCORES.clear()
+_HEAD_SCORES: reuse.ProcessStore[dict[str, torch.Tensor]] = reuse.ProcessStore(HEAD_SCORES_KEPT, dict)
 
 
 def scoring_key(model: PreTrainedModel, calibration: list[Batch], targets: list[TeacherTargets]) -> str:
     """A digest of everything head scores depend on: the model's weights and config, the calibration batches,
     the teacher's targets, and the device they are computed on (about a second for SmolLM2 on a CPU)."""
     into = hashlib.blake2b(digest_size=16)
-    into.update(model.config.to_json_string(use_diff=False).encode())
-    into.update(str(next(model.parameters()).device.type).encode())
-    # a tied LM head is the embedding's tensor under a second name: hash each tensor once (a third of the time)
-    distinct = {(t.data_ptr(), tuple(t.shape), t.stride()): t for t in model.state_dict().values()}
-    _digest(distinct.values(), into)
+    reuse.digest_model(model, into)
     for batch in calibration:
-        _digest([t for t in (batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids) if t is not None], into)
+        reuse.digest_tensors([t for t in (batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids)
+                              if t is not None], into)
     for target in targets:
-        _digest([target.top_index, target.top_logprob, target.tail_logprob], into)
+        reuse.digest_tensors([target.top_index, target.top_logprob, target.tail_logprob], into)
     return into.hexdigest()
 
 
@@ -170,11 +155,7 @@ def reused_head_importance(
 ) -> dict[str, torch.Tensor]:
     """:func:`head_importance`, computed once per (model, calibration set, teacher targets) in this process:
     what an earlier call scored is reused, only the parts ``level`` needs that it lacks are computed."""
-    key = scoring_key(model, calibration, targets)
-    known = _HEAD_SCORES.setdefault(key, {})
-    _HEAD_SCORES.move_to_end(key)
-    while len(_HEAD_SCORES) > HEAD_SCORES_KEPT:
-        _HEAD_SCORES.popitem(last=False)
+    known = _HEAD_SCORES.get(scoring_key(model, calibration, targets))
     missing = LEVEL_PARTS[level] - set(known)
     if missing:
         known.update(head_importance(model, calibration, targets, "both" if len(missing) == 2 else missing.pop()))

@@ -266,7 +266,9 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
         examples = pack(examples, config.distill.pack_tokens, config.distill.seed)
     valid = split_examples(data, encoder, "valid", limit=config.distill.valid_examples, seed=config.distill.seed)
     vocabulary = catalog_vocabulary(teacher, encoder, data, [*examples, *valid]) if config.distill.vocab == "catalog" else None
-    cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature, vocabulary)
+    # shared: another run of this process from the same teacher on the same examples reuses its outputs
+    cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature, vocabulary,
+                                 shared=True)
     return SharedData(calibration, targets, examples, valid, pad_id, cache, examples_available=available,
                       examples_used=used, reconstruction=reconstruction)
 

@@ -17,14 +17,14 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _no_reused_head_scores():
-    """Every test scores heads itself: the process-wide reuse (pruning.importance) would otherwise depend on
-    which tests ran before."""
-    from pruning.importance import forget_reused_scores
+def _nothing_reused_across_tests():
+    """Every test scores heads and runs its teacher itself: the process-wide reuse (pruning.reuse) would
+    otherwise depend on which tests ran before."""
+    from pruning import reuse
 
-    forget_reused_scores()
+    reuse.forget()
     yield
-    forget_reused_scores()
+    reuse.forget()
 
 TITLES = [
     "Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",

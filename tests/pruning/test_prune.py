@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from llmrec.artifact import parameter_counts, read_manifest
 from llmrec.prompting import PromptEncoder
-from pruning import distill
+from pruning import distill, reuse
 from pruning.calibration import CalibrationConfig, batches, calibration_batches, mean_kl, teacher_targets
 from pruning.examples import split_examples
 from pruning.plan import DEFAULT_RATIOS, KeepRatios, gradual_plans, plan_for_target, plan_from_ratios
@@ -120,6 +120,36 @@ def test_distillation_lowers_kl_on_held_out_samples(tmp_path, tokenizer, prepare
     assert after < 0.7 * before
     assert record["teacher_examples_computed"] == 64  # each example's teacher output computed once
     assert batches(examples[:3], 0, 2)[0].input_ids.shape[0] == 2
+
+
+def test_a_shared_teacher_cache_reuses_outputs_of_the_same_teacher_examples_and_settings_only(tokenizer, prepared):
+    """shared=True keeps the teacher's distributions for the process: a second cache of the same teacher, examples
+    and settings computes nothing and returns the same targets; another top_k, other weights or an unshared
+    cache compute afresh, and only the last teacher's outputs are kept."""
+    teacher = tiny_llama(len(tokenizer), layers=2)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    examples = split_examples(prepared, encoder, "train", limit=12, seed=3)
+    every = list(range(len(examples)))
+
+    first = distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0, shared=True)
+    expected = first.targets(every)
+    assert (first.reused, first.computed) == (0, 12)
+    second = distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0, shared=True)
+    again = second.targets(every)
+    assert (second.reused, second.computed) == (12, 0)
+    assert torch.equal(again.top_index, expected.top_index) and torch.equal(again.top_logprob, expected.top_logprob)
+    assert distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0).reused == 0  # not shared
+
+    other_k = distill.TeacherCache(teacher, examples, 0, top_k=4, temperature=1.0, shared=True)
+    assert other_k.reused == 0 and other_k.targets(every).top_index.shape[-1] == 4
+    # one teacher's outputs kept at a time: the top_k=8 ones are gone
+    assert distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0, shared=True).reused == 0
+    with torch.no_grad():
+        teacher.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    changed = distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0, shared=True)
+    assert changed.reused == 0
+    changed.targets(every)
+    assert changed.computed == 12
 
 
 def test_a_loss_vocabulary_restricts_logits_ce_and_the_teachers_distribution(tokenizer, prepared):
@@ -236,7 +266,7 @@ def test_head_scores_are_reused_for_the_same_model_calibration_and_teacher(token
     assert levels == ["groups", "heads", "groups", "groups"]
 
 
-def test_two_targets_from_one_teacher_score_its_heads_once(tmp_path, dense, prepared, monkeypatch):
+def test_two_targets_from_one_teacher_score_its_heads_and_run_the_teacher_once(tmp_path, dense, prepared, monkeypatch):
     """The retention curve's case: two plans pruned from the same dense model in one process score the
     teacher's heads once, and the second run keeps the groups a fresh scoring would."""
     from pruning import importance
@@ -250,10 +280,14 @@ def test_two_targets_from_one_teacher_score_its_heads_once(tmp_path, dense, prep
         tiny_prune_config(tmp_path, dense).distill, max_steps=1),
         ratios=KeepRatios(kv_groups=0.5, heads_per_group=1.0, hidden=0.75, mlp=1.0, layers=1.0)), prepared)
     assert scored == ["groups"]
+    # the teacher ran once too: the second run distilled on the first one's teacher outputs
+    recoveries = [read_manifest(p[0])["distillation"] for p in (first, second)]
+    assert recoveries[0]["teacher_examples_reused"] == 0 and recoveries[0]["teacher_examples_computed"] > 0
+    assert recoveries[1]["teacher_examples_computed"] == 0 and recoveries[1]["teacher_examples_reused"] > 0
     kept = [read_manifest(p[0])["pruning"] for p in (first, second)]
     assert kept[0]["kept_kv_groups"] == kept[1]["kept_kv_groups"]
     assert kept[0]["head_importance"] == kept[1]["head_importance"]
-    importance.forget_reused_scores()
+    reuse.forget()
     third = run(tiny_prune_config(tmp_path / "c", dense, stages=["attn"], distill=replace(
         tiny_prune_config(tmp_path, dense).distill, max_steps=1)), prepared)
     assert scored == ["groups", "groups"]
