@@ -277,9 +277,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
         check = LoadCheck(seconds=config.load_seconds, deadline_ms=config.load_deadline_ms)
         arms = {"dense": str(named["dense"]), "pruned": str(named["pruned"])}
         with clock.phase("load check"):
-            identities = {name: artifact_identity(path, assistant=True) for name, path in arms.items()}
-            load = _cached(work / "serving" / "load.json", {"arms": arms, "identities": identities, "check": asdict(check), "head": config.head,
-                                                            "device": config.device, "users": config.users},
+            load = _cached(work / "serving" / "load.json", load_key(arms, check, config),
                            lambda: load_check(arms, request_payloads(data, pairs), check, config.head, device=config.device))
     sampled = len(pairs) < len(data.splits["test"])
     report = {
@@ -344,11 +342,8 @@ def serving_keys(arms: dict[str, Path], config: BenchConfig, requests: int, busy
     a rebuilt arm has all of them served again: the ratios compare arms served side by side in one run, never a
     fresh figure with one an earlier run measured under another load (which gave 7.4× where side by side gave
     9.2×, 2026-11-26)."""
-    from app.settings import Settings
-
     identities = {name: artifact_identity(path, assistant=True) for name, path in arms.items()}
-    service = Settings()  # the batching the served arms' service reads from this environment
-    batching = {name: getattr(service, name) for name in ("max_wait_ms", "solo_after", "parallel_batches")}
+    batching = service_batching()
     # "timing": levels above 1 timed after an untimed burst (bench.harness.measure_level, since 2026-11-27)
     shared = {"head": config.head, "batching": batching, "timing": "steady-state levels", "requests": requests,
               "busy_requests": busy_requests, "levels": config.concurrency, "users": config.users, "seed": config.seed,
@@ -356,6 +351,22 @@ def serving_keys(arms: dict[str, Path], config: BenchConfig, requests: int, busy
     return {name: {"artifact": str(path), "identity": identities[name],
                    "assist_weight": (read_manifest(path).get("assistant") or {}).get("weight"), **shared}
             for name, path in arms.items()}
+
+
+def service_batching() -> dict[str, Any]:
+    """The batching settings the served arms' service reads from this environment (app.settings)."""
+    from app.settings import Settings
+
+    service = Settings()
+    return {name: getattr(service, name) for name in ("max_wait_ms", "solo_after", "parallel_batches")}
+
+
+def load_key(arms: dict[str, str], check: LoadCheck, config: BenchConfig) -> dict[str, Any]:
+    """What the cached load check must agree on: the arms' builds (with their assistants), the check, the head,
+    the device, the users and the service's batching."""
+    identities = {name: artifact_identity(path, assistant=True) for name, path in arms.items()}
+    return {"arms": arms, "identities": identities, "check": asdict(check), "head": config.head, "device": config.device,
+            "users": config.users, "batching": service_batching()}
 
 
 def _cached(path: Path, key: dict, compute: Any) -> Any:

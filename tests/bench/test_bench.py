@@ -244,3 +244,22 @@ def test_serving_keys_record_the_services_batching(tmp_path, tokenizer, prepared
     monkeypatch.setenv("PRUNEREC_MAX_WAIT_MS", "9")
     after = serving_keys(arms, config, 24, 64)["dense"]
     assert after["batching"]["max_wait_ms"] == 9.0 and after != before
+
+
+def test_the_load_checks_key_records_the_services_batching_and_the_arms_builds(tmp_path, tokenizer, prepared, monkeypatch):
+    """A cached load check is run again under other batching settings or after an arm is rebuilt."""
+    from bench.harness import LoadCheck
+    from bench.run import bench_config, load_key
+
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    arms = {name: str(write_artifact(tmp_path / name, tiny_llama(len(tokenizer), seed=seed), tokenizer, prepared.catalog,
+                                     manifest)) for seed, name in enumerate(("dense", "pruned"))}
+    config, check = bench_config("cpu"), LoadCheck(seconds=1.0)
+    monkeypatch.delenv("PRUNEREC_SOLO_AFTER", raising=False)
+    before = load_key(arms, check, config)
+    assert load_key(arms, check, config) == before
+    monkeypatch.setenv("PRUNEREC_SOLO_AFTER", str(before["batching"]["solo_after"] + 1))
+    assert load_key(arms, check, config)["batching"] != before["batching"]
+    monkeypatch.delenv("PRUNEREC_SOLO_AFTER")
+    write_artifact(tmp_path / "pruned", tiny_llama(len(tokenizer), seed=2), tokenizer, prepared.catalog, manifest)
+    assert load_key(arms, check, config)["identities"]["pruned"] != before["identities"]["pruned"]
