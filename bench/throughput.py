@@ -70,10 +70,11 @@ def _as_list(items: list[Example]) -> list[Example]:
 
 
 def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any, batch_size: int, warmup: int,
-            steps: int, device: torch.device, lr: float) -> dict[str, Any]:
-    """Train ``model`` on ``rows`` through the engine: ``warmup`` untimed steps, then ``steps`` timed."""
+            steps: int, device: torch.device, lr: float, profile_steps: int = 0) -> dict[str, Any]:
+    """Train ``model`` on ``rows`` through the engine: ``warmup`` untimed steps, then ``steps`` timed, then
+    ``profile_steps`` more under ``torch.profiler`` (apart from the timed ones, which it would slow down)."""
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=lr)
-    schedule = Schedule(batch_size=batch_size, epochs=math.inf, max_steps=warmup + steps, log_every=10**9)
+    schedule = Schedule(batch_size=batch_size, epochs=math.inf, max_steps=warmup + steps + profile_steps, log_every=10**9)
     engine = Engine(model, optimizer, schedule, desc=name, autocast=True)
     seen = {"tokens": 0, "slots": 0, "rows": 0}
 
@@ -89,10 +90,15 @@ def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any
     seen.update(tokens=0, slots=0, rows=0)
     _sync(device)
     started = time.perf_counter()
-    engine.fit(rows, _as_list, counted)
+    engine.fit(rows, _as_list, counted, until_step=warmup + steps)
     _sync(device)
     seconds = time.perf_counter() - started
+    tokens = seen["tokens"]
+    profiled = None
+    if profile_steps:
+        profiled = profile_table(lambda: engine.fit(rows, _as_list, counted), device)
     engine.close()
+    seen["tokens"] = tokens
     result = {
         "name": name, "steps": steps, "seconds": round(seconds, 3),
         "tokens_per_s": round(seen["tokens"] / seconds, 1),
@@ -100,8 +106,35 @@ def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any
         "batch_rows": batch_size, "mean_row_tokens": round(seen["slots"] / max(seen["rows"], 1), 1),
         "padding_share": round(1 - seen["tokens"] / max(seen["slots"], 1), 3),
     }
+    if profiled is not None:
+        result["profile"] = {"steps": profile_steps, **profiled}
     logger.info("%s: %.0f non-padding tokens/s (%d steps in %.1f s)", name, result["tokens_per_s"], steps, seconds)
     return result
+
+
+def profile_table(run: Any, device: torch.device, rows: int = 20) -> dict[str, Any]:
+    """``run()`` under ``torch.profiler``: the operators taking the most time (on the GPU, its own kernel time;
+    else the host's), and how the step's wall time splits between the device's work and the host's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        run()
+        _sync(device)
+    wall_us = (time.perf_counter() - started) * 1e6
+    averages = profiler.key_averages()
+    on_device = device.type == "cuda"
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    top = sorted(averages, key=lambda event: getattr(event, key), reverse=True)[:rows]
+    return {
+        "wall_ms": round(wall_us / 1e3, 1),
+        # GPU: the kernels' own time against the wall time; a small share means the host (launches, Python,
+        # copies, synchronisations) is what the step waits for
+        "device_busy_share": round(sum(getattr(e, key) for e in averages) / wall_us, 3) if on_device else None,
+        "top": [{"op": event.key, "calls": event.count, "self_ms": round(getattr(event, key) / 1e3, 2),
+                 "host_self_ms": round(event.self_cpu_time_total / 1e3, 2)} for event in top],
+    }
 
 
 def main() -> None:
@@ -115,6 +148,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2000, help="training examples (seeded) per variant")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate (small: the weights hardly move)")
     parser.add_argument("--student", default=None, help="artifact distilled in the distillation variants (default: the model)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after the timed steps, this many more under torch.profiler: the top operators and, on a "
+                             "GPU, the share of the wall time its kernels were busy (in the JSON, per variant)")
     parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path [bench/results/<device>/throughput.json]")
     args = parser.parse_args()
@@ -164,7 +200,7 @@ def main() -> None:
     for name, rows in finetune:
         model = copy.deepcopy(base).train()
         runs.append(measure(name, model, rows, finetune_loss(model), args.batch_size, args.warmup, args.steps, device,
-                            args.lr))
+                            args.lr, args.profile_steps))
         del model
     teacher = copy.deepcopy(base).eval()
     for parameter in teacher.parameters():
@@ -177,7 +213,7 @@ def main() -> None:
         student = copy.deepcopy(student_base).train()
         cache = distill.TeacherCache(teacher, rows, pad_id, top_k=64, temperature=weights.temperature, vocabulary=vocabulary)
         runs.append(measure(name, student, rows, distill_loss(student, cache), args.batch_size, args.warmup, args.steps,
-                            device, args.lr))
+                            device, args.lr, args.profile_steps))
         del student
 
     slug = device_slug(device)

@@ -77,6 +77,10 @@ class DistillConfig:
     """Linear warm-up of the learning rate."""
     eval_every: int = 25
     """Steps between validation evaluations (and checkpoints)."""
+    checkpoint_minutes: float | None = None
+    """Least minutes of distillation between two checkpoints (None: one at every evaluation); the best
+    student then stays in memory until the next one (``pruning.engine.Schedule.checkpoint_minutes``). Changes
+    no result, so it is no part of a stage's key."""
     valid_examples: int = 64
     """Validation users (seeded) for early stopping."""
     patience: int = 3
@@ -262,7 +266,18 @@ _TEACHER_OUTPUTS: reuse.ProcessStore[dict[int, TeacherTargets]] = reuse.ProcessS
 def schedule_of(config: DistillConfig) -> Schedule:
     return Schedule(batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
                     max_minutes=config.max_minutes, warmup_steps=config.warmup_steps, max_grad_norm=1.0,
-                    eval_every=config.eval_every, patience=config.patience, seed=config.seed)
+                    eval_every=config.eval_every, patience=config.patience, seed=config.seed,
+                    checkpoint_minutes=config.checkpoint_minutes)
+
+
+OPERATIONAL_FIELDS = ("checkpoint_minutes",)
+"""DistillConfig fields that change how a run is carried out, not what it produces."""
+
+
+def result_key(config: DistillConfig) -> dict[str, Any]:
+    """The settings a distilled student depends on (the config without :data:`OPERATIONAL_FIELDS`): what a
+    stage's key and a checkpoint's configuration compare."""
+    return {k: v for k, v in asdict(config).items() if k not in OPERATIONAL_FIELDS}
 
 
 def run(
@@ -291,7 +306,7 @@ def run(
     indices = example_indices if example_indices is not None else list(range(len(teacher_cache.examples)))
     valid_batches = batches(valid, pad_id, config.batch_size)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], lr=config.lr)
-    engine = Engine(student, optimizer, schedule_of(config), checkpoint_dir=checkpoint_dir, config_key=asdict(config),
+    engine = Engine(student, optimizer, schedule_of(config), checkpoint_dir=checkpoint_dir, config_key=result_key(config),
                     on_mismatch="restart", desc="distill", autocast=True,
                     metric="valid_ndcg@10" if selecting_ndcg else "valid_loss", maximize=selecting_ndcg)
 

@@ -140,10 +140,11 @@ PROFILES: dict[str, dict] = {
                         "valid_examples": 32, "batch_size": 8, "vocab": "catalog"},
             "trsp": {"steps_per_round": 8, "stage_two_steps": 100, "stage_two_minutes": 12.0, "check_every": 20}},
     # One GPU: hundreds of calibration samples, an epoch over the training windows per stage (packed into
-    # rows of 2048 tokens, 2 rows ≈ the 32 windows a step had before), every test user.
+    # rows of 2048 tokens, 2 rows ≈ the 32 windows a step had before), every test user. A checkpoint at most
+    # every 5 minutes (a stage's validations come seconds apart on a GPU; see the train profile of that name).
     "gpu": {"calibration": {"samples": 256, "batch_size": 32},
             "distill": {"examples": 20000, "epochs": 1.0, "eval_every": 200, "valid_examples": 256, "batch_size": 2,
-                        "pack_tokens": 2048},
+                        "pack_tokens": 2048, "checkpoint_minutes": 5.0},
             "trsp": {"steps_per_round": 40, "stage_two_steps": 1000, "check_every": 100, "batch_size": 2},
             "eval_users": None},
 }

@@ -148,7 +148,7 @@ class Stage:
 
     def key(self, config: PruneConfig, inputs: StageInputs) -> dict:
         """What the stage's artifact must agree on to be reused by a later run."""
-        distilled = asdict(config.distill)
+        distilled = distill.result_key(config.distill)
         if distilled["vocab"] == "full":  # the default, absent from the keys of runs from before the option
             del distilled["vocab"]
         key = {"stage": self.name, "teacher": str(Path(inputs.teacher).resolve()), "plan": inputs.plan.to_dict(),

@@ -90,6 +90,10 @@ class TrainConfig:
     """Gradient clipping by global norm (0 = none)."""
     eval_every: int = 50
     """Optimiser steps between validation-loss evaluations (and checkpoints)."""
+    checkpoint_minutes: float | None = None
+    """Least minutes of training between two checkpoints (None: one at every evaluation); the best weights
+    then stay in memory until the next one (see ``pruning.engine.Schedule.checkpoint_minutes``). Changes no
+    result, only what a killed run has to redo."""
     valid_examples: int = 200
     """Validation users (seeded subset of the valid split) for the loss."""
     patience: int = 3
@@ -141,9 +145,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     # minutes. The windows are packed into rows of 2048 tokens (~16 windows a row; 96% full), so a step of 2
     # rows is the same ~32 windows without the padding; 3 epochs as measured, stopping earlier when the
     # validation loss stops improving. Batch size and rate follow the measured run; a faster recipe waits for
-    # a GPU.
+    # a GPU. A checkpoint at most every 5 minutes: at ~4 steps/s a validation comes every ~25 s, and writing
+    # the weights, AdamW's state and the best weights there (seconds each: 3-6 s for the checkpoint and 2-4 s
+    # for the best weights on the 2-core machine's disk) at each would take a large share of the run.
     "gpu": {"template": "compact", "method": "full", "pack_tokens": 2048, "batch_size": 2, "lr": 5e-5, "epochs": 3.0,
-            "eval_every": 100, "valid_examples": 256, "patience": 3},
+            "eval_every": 100, "valid_examples": 256, "patience": 3, "checkpoint_minutes": 5.0},
     # Seconds: for tests and smoke runs.
     "tiny": {"template": "compact", "max_train_examples": 64, "batch_size": 8, "max_steps": 8, "eval_every": 4,
              "valid_examples": 16},
@@ -157,7 +163,8 @@ def apply_profile(config: TrainConfig, profile: str) -> TrainConfig:
 
 def _config_key(config: TrainConfig) -> dict[str, Any]:
     """The fields a checkpoint must agree on to be resumed (not the stopping criteria)."""
-    skip = {"max_steps", "max_minutes", "epochs", "patience", "checkpoint_dir", "resume", "keep_checkpoints"}
+    skip = {"max_steps", "max_minutes", "epochs", "patience", "checkpoint_dir", "resume", "keep_checkpoints",
+            "checkpoint_minutes"}
     return {k: v for k, v in asdict(config).items() if k not in skip}
 
 
@@ -177,7 +184,7 @@ def schedule_of(config: TrainConfig) -> Schedule:
     return Schedule(batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
                     max_minutes=config.max_minutes, grad_accum=config.grad_accum, warmup_steps=config.warmup_steps,
                     max_grad_norm=config.max_grad_norm, eval_every=config.eval_every, patience=config.patience,
-                    seed=config.seed)
+                    seed=config.seed, checkpoint_minutes=config.checkpoint_minutes)
 
 
 def attach_item_tokens(config: TrainConfig, model: PreTrainedModel, encoder: PromptEncoder, data: PreparedData) -> None:

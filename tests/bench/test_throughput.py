@@ -45,3 +45,23 @@ def test_throughput_runs_the_variants_named_on_the_student_given(tmp_path, token
     monkeypatch.setattr(sys, "argv", ["throughput", "--model", str(model_dir), "--variants", "distill everything"])
     with pytest.raises(SystemExit):
         throughput.main()
+
+
+def test_profile_steps_add_an_operator_table_without_counting_in_the_timed_figures(tmp_path, tokenizer, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    output = tmp_path / "throughput.json"
+    arguments = ["throughput", "--model", str(model_dir), "--variants", "finetune compact", "--device", "cpu",
+                 "--steps", "2", "--warmup", "1", "--examples", "24", "--batch-size", "4", "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", [*arguments, "--profile-steps", "2"])
+    throughput.main()
+    run = json.loads(output.read_text())["runs"][0]
+    assert run["steps"] == 2 and run["profile"]["steps"] == 2
+    top = run["profile"]["top"]
+    assert top and any(entry["op"].startswith("aten::") for entry in top)
+    assert all(entry["self_ms"] >= 0 and entry["calls"] >= 1 for entry in top)
+    assert run["profile"]["device_busy_share"] is None  # a GPU figure
+    # the timed figures are the timed steps' alone: the same tokens per step as a run without profiling
+    monkeypatch.setattr(sys, "argv", arguments)
+    throughput.main()
+    plain = json.loads(output.read_text())["runs"][0]
+    assert "profile" not in plain and plain["tokens_per_step"] == run["tokens_per_step"]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from pruning.engine import Engine, Schedule
@@ -37,8 +38,10 @@ def validation(model: nn.Module):
     return lambda: float(nn.functional.mse_loss(model(INPUTS), TARGETS).detach())
 
 
-def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    schedule = Schedule(batch_size=8, epochs=3, eval_every=5, max_grad_norm=1.0, warmup_steps=3)
+@pytest.mark.parametrize("checkpoint_minutes", [None, 0.0])  # 0: best weights deferred to each checkpoint
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, checkpoint_minutes):
+    schedule = Schedule(batch_size=8, epochs=3, eval_every=5, max_grad_norm=1.0, warmup_steps=3,
+                        checkpoint_minutes=checkpoint_minutes)
     straight, engine = make(schedule)
     engine.fit(DATA, collate, loss_of(straight), validation(straight))
     assert engine.state.step == 24 and engine.stop_reason == "epochs"
@@ -54,6 +57,34 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     assert engine.state.step == 24
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoints_follow_checkpoint_minutes_and_the_best_weights_go_with_them(tmp_path, monkeypatch):
+    """With checkpoint_minutes, a validation is followed by a checkpoint only once that much training time has
+    passed since the last one; the best weights stay in memory until then, and restore_best gives them."""
+    from pruning import engine as engine_module
+
+    clock = iter(range(0, 10**6, 20))  # every read of the clock: 20 s later
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: float(next(clock)))
+    model, engine = make(Schedule(batch_size=8, epochs=1, eval_every=1, checkpoint_minutes=1.0), checkpoint_dir=tmp_path,
+                         config_key={"a": 1})
+    saved: list[int] = []
+    save = engine._save
+    monkeypatch.setattr(engine, "_save", lambda: saved.append(engine.state.step) or save())
+    values = iter([9.0, 8.0, 1.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])  # the best at step 2, never beaten
+    snapshots = []
+
+    def validate() -> float:
+        snapshots.append(model.weight.detach().clone())
+        return next(values)
+
+    engine.fit(DATA, collate, loss_of(model), validate)
+    assert saved == [3, 6]  # steps at 20 s each: 60 s of training between checkpoints, none at the start
+    best = load_file(str(tmp_path / "best.safetensors"))  # written with the checkpoint at step 3
+    torch.testing.assert_close(best["weight"], snapshots[2])
+    engine.restore_best()
+    torch.testing.assert_close(model.weight, snapshots[2])
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["state"]["step"] == 6
 
 
 def test_a_checkpoint_of_another_configuration_is_refused_or_ignored(tmp_path):

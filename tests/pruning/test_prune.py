@@ -122,6 +122,18 @@ def test_distillation_lowers_kl_on_held_out_samples(tmp_path, tokenizer, prepare
     assert batches(examples[:3], 0, 2)[0].input_ids.shape[0] == 2
 
 
+def test_checkpoint_minutes_change_no_stage_key(tmp_path, dense, prepared):
+    """How often a stage's distillation writes checkpoints changes nothing it produces: a run that differs only
+    in it reuses the finished stage."""
+    config = tiny_prune_config(tmp_path / "run", dense, stages=["attn"])
+    first = run(config, prepared)[0]
+    created = read_manifest(first)["created"]
+    timed = replace(config, distill=replace(config.distill, checkpoint_minutes=5.0))
+    assert distill.result_key(timed.distill) == distill.result_key(config.distill)
+    again = run(timed, prepared)[0]
+    assert again == first and read_manifest(again)["created"] == created  # reused, not distilled again
+
+
 def test_a_shared_teacher_cache_reuses_outputs_of_the_same_teacher_examples_and_settings_only(tokenizer, prepared):
     """shared=True keeps the teacher's distributions for the process: a second cache of the same teacher, examples
     and settings computes nothing and returns the same targets; another top_k, other weights or an unshared
