@@ -75,6 +75,9 @@ class DistillConfig:
     """AdamW learning rate (a pruned model recovers faster with a higher rate than fine-tuning uses)."""
     warmup_steps: int = 5
     """Linear warm-up of the learning rate."""
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: the peak rate throughout, or decayed towards 0 at the stage's last planned step
+    (epochs and max_steps; a max_minutes stop or early stopping ends it sooner)."""
     eval_every: int = 25
     """Steps between validation evaluations (and checkpoints)."""
     checkpoint_minutes: float | None = None
@@ -267,7 +270,7 @@ def schedule_of(config: DistillConfig) -> Schedule:
     return Schedule(batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
                     max_minutes=config.max_minutes, warmup_steps=config.warmup_steps, max_grad_norm=1.0,
                     eval_every=config.eval_every, patience=config.patience, seed=config.seed,
-                    checkpoint_minutes=config.checkpoint_minutes)
+                    checkpoint_minutes=config.checkpoint_minutes, lr_decay=config.lr_decay)
 
 
 OPERATIONAL_FIELDS = ("checkpoint_minutes",)

@@ -60,7 +60,11 @@ class Schedule:
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
     warmup_steps: int = 0
-    """Linear warm-up of the learning rate over this many steps, then constant."""
+    """Linear warm-up of the learning rate over this many steps, then the peak rate as ``lr_decay`` says."""
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: the peak rate throughout (constant), or decayed towards 0 at the last planned step
+    (linear, cosine), the plan being the step and epoch budget (a stop on minutes or early stopping ends it
+    sooner, with the rate not yet decayed)."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping (None or 0: none)."""
     eval_every: int | None = None
@@ -82,6 +86,12 @@ class Schedule:
     """Steps between loss read-outs for the progress bar: reading a loss waits for the device, so the loop
     does it every so many steps, not every step."""
 
+    def total_steps(self, examples: int, processes: int = 1) -> int:
+        """Optimiser steps over ``examples`` data items split over ``processes`` (sys.maxsize: unbounded)."""
+        per_epoch = math.ceil(examples / (self.batch_size * processes * self.grad_accum))
+        total = math.ceil(per_epoch * self.epochs) if math.isfinite(self.epochs) else sys.maxsize
+        return min(total, self.max_steps) if self.max_steps is not None else total
+
 
 @dataclass
 class EngineState:
@@ -99,10 +109,31 @@ class EngineState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps`` optimiser steps, then the constant peak rate."""
-    warmup = max(warmup_steps, 0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+class LearningRateFactor:
+    """The learning rate's multiplier at each optimiser step: a linear warm-up over ``warmup`` steps, then 1
+    (constant) or decayed towards 0 at ``total`` planned steps (linear, cosine). ``total`` may be set after the
+    scheduler is built (the engine sets it when it knows the data); until then, and with an unbounded plan,
+    there is no decay."""
+
+    def __init__(self, warmup: int, decay: str = "constant", total: int | None = None):
+        if decay not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_decay must be constant, linear or cosine, got {decay!r}")
+        self.warmup, self.decay, self.total = max(warmup, 0), decay, total
+
+    def __call__(self, step: int) -> float:
+        factor = min(1.0, (step + 1) / (self.warmup + 1))
+        if self.decay == "constant" or not self.total:
+            return factor
+        # step counts the optimiser steps taken: the last planned one (total - 1) still moves the weights
+        progress = min(max(step - self.warmup, 0) / max(self.total - self.warmup, 1), 1.0)
+        remaining = 1.0 - progress if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return factor * remaining
+
+
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str = "constant",
+                     total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler of :class:`LearningRateFactor` (its factor is ``scheduler.lr_lambdas[0]``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LearningRateFactor(warmup_steps, decay, total_steps))
 
 
 def adamw(parameters: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -146,7 +177,8 @@ class Engine:
         self.module = module
         self.optimizer = optimizer
         self.schedule = schedule
-        self.scheduler = scheduler if scheduler is not None else warmup_scheduler(optimizer, schedule.warmup_steps)
+        self.scheduler = scheduler if scheduler is not None else warmup_scheduler(optimizer, schedule.warmup_steps,
+                                                                                  schedule.lr_decay)
         self.accelerator = accelerator
         self.checkpoint_dir = checkpoint_dir
         self.config_key = config_key or {}
@@ -189,9 +221,7 @@ class Engine:
 
     def total_steps(self, examples: int) -> int:
         """Optimiser steps of the schedule over ``examples`` data items."""
-        per_epoch = math.ceil(examples / (self.schedule.batch_size * self.processes * self.schedule.grad_accum))
-        total = math.ceil(per_epoch * self.schedule.epochs) if math.isfinite(self.schedule.epochs) else sys.maxsize
-        return min(total, self.schedule.max_steps) if self.schedule.max_steps is not None else total
+        return self.schedule.total_steps(examples, self.processes)
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -216,6 +246,9 @@ class Engine:
         if not data:
             raise ValueError(f"{self.desc}: no training data")
         total = self.total_steps(len(data))
+        factor = getattr(self.scheduler, "lr_lambdas", [None])[0]
+        if self.accelerator is None and isinstance(factor, LearningRateFactor) and factor.total is None:
+            factor.total = total if total < sys.maxsize else None  # the decay's horizon: the planned steps
         if self._progress is None:
             self._progress = tqdm(total=total if total < sys.maxsize else None, initial=self.state.step, desc=self.desc, unit="step",
                                   disable=not self.is_main)

@@ -149,8 +149,11 @@ class Stage:
     def key(self, config: PruneConfig, inputs: StageInputs) -> dict:
         """What the stage's artifact must agree on to be reused by a later run."""
         distilled = distill.result_key(config.distill)
-        if distilled["vocab"] == "full":  # the default, absent from the keys of runs from before the option
-            del distilled["vocab"]
+        # options at their defaults are absent from the key, as they were before the options existed: those
+        # runs resume
+        for name, default in (("vocab", "full"), ("lr_decay", "constant")):
+            if distilled[name] == default:
+                del distilled[name]
         key = {"stage": self.name, "teacher": str(Path(inputs.teacher).resolve()), "plan": inputs.plan.to_dict(),
                "calibration": asdict(config.calibration), "distill": distilled, "stages": config.stages}
         # in every stage's key, since a later stage's parent depends on it; absent when off, so that runs from

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,7 +86,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 10
-    """Linear warm-up, then constant."""
+    """Linear warm-up, then the peak rate as ``lr_decay`` says."""
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: the peak rate throughout, or decayed towards 0 at the last planned step (epochs and
+    max_steps; a max_minutes stop ends the run before the rate has decayed)."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 = none)."""
     eval_every: int = 50
@@ -184,7 +188,7 @@ def schedule_of(config: TrainConfig) -> Schedule:
     return Schedule(batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
                     max_minutes=config.max_minutes, grad_accum=config.grad_accum, warmup_steps=config.warmup_steps,
                     max_grad_norm=config.max_grad_norm, eval_every=config.eval_every, patience=config.patience,
-                    seed=config.seed, checkpoint_minutes=config.checkpoint_minutes)
+                    seed=config.seed, checkpoint_minutes=config.checkpoint_minutes, lr_decay=config.lr_decay)
 
 
 def attach_item_tokens(config: TrainConfig, model: PreTrainedModel, encoder: PromptEncoder, data: PreparedData) -> None:
@@ -259,7 +263,10 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     logger.info("trainable parameters: %d", trainable_params)
     model.to(accelerator.device)  # before the optimiser, so that it is the fused kernel on a GPU
     optimizer = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = warmup_scheduler(optimizer, config.warmup_steps)
+    planned = schedule_of(config).total_steps(len(train_set), accelerator.num_processes)
+    # accelerate steps a prepared scheduler once per process at every optimiser step (as it does the warm-up)
+    scheduler = warmup_scheduler(optimizer, config.warmup_steps, config.lr_decay,
+                                 planned * accelerator.num_processes if planned < sys.maxsize else None)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     selecting_ndcg = config.select_metric == "ndcg@10"
     engine = Engine(model, optimizer, schedule_of(config), scheduler=scheduler, accelerator=accelerator,

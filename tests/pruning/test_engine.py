@@ -38,17 +38,19 @@ def validation(model: nn.Module):
     return lambda: float(nn.functional.mse_loss(model(INPUTS), TARGETS).detach())
 
 
-@pytest.mark.parametrize("checkpoint_minutes", [None, 0.0])  # 0: best weights deferred to each checkpoint
-def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, checkpoint_minutes):
+# checkpoint_minutes 0: the best weights deferred to each checkpoint; a linear decay: its horizon restored
+@pytest.mark.parametrize(("checkpoint_minutes", "lr_decay"), [(None, "constant"), (0.0, "constant"), (None, "linear")])
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, checkpoint_minutes, lr_decay):
     schedule = Schedule(batch_size=8, epochs=3, eval_every=5, max_grad_norm=1.0, warmup_steps=3,
-                        checkpoint_minutes=checkpoint_minutes)
+                        checkpoint_minutes=checkpoint_minutes, lr_decay=lr_decay)
     straight, engine = make(schedule)
     engine.fit(DATA, collate, loss_of(straight), validation(straight))
     assert engine.state.step == 24 and engine.stop_reason == "epochs"
 
-    # the same run, stopped after 10 steps (mid-epoch 2), then resumed by a new engine from its checkpoint
-    first, engine = make(Schedule(**{**schedule.__dict__, "max_steps": 10}), checkpoint_dir=tmp_path, config_key={"a": 1})
-    engine.fit(DATA, collate, loss_of(first), validation(first))
+    # the same run, interrupted after 10 steps (mid-epoch 2), then resumed by a new engine from its checkpoint
+    # (a pause, not max_steps: that would plan a shorter run, with another decay)
+    first, engine = make(schedule, checkpoint_dir=tmp_path, config_key={"a": 1})
+    assert engine.fit(DATA, collate, loss_of(first), validation(first), until_step=10) == "pause"
     saved = json.loads((tmp_path / "trainer_state.json").read_text())
     assert saved["state"]["step"] == 10 and saved["state"]["batches_in_epoch"] == 2
     resumed, engine = make(schedule, checkpoint_dir=tmp_path, config_key={"a": 1})
@@ -85,6 +87,26 @@ def test_checkpoints_follow_checkpoint_minutes_and_the_best_weights_go_with_them
     engine.restore_best()
     torch.testing.assert_close(model.weight, snapshots[2])
     assert json.loads((tmp_path / "trainer_state.json").read_text())["state"]["step"] == 6
+
+
+def test_the_learning_rate_warms_up_then_stays_or_decays_over_the_planned_steps():
+    from pruning.engine import LearningRateFactor
+
+    constant, linear, cosine = (LearningRateFactor(2, decay, total=12) for decay in ("constant", "linear", "cosine"))
+    assert [constant(step) for step in (0, 1, 2, 11)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert [linear(step) for step in (0, 2, 7, 11, 20)] == pytest.approx([1 / 3, 1.0, 0.5, 0.1, 0.0])
+    assert [cosine(step) for step in (2, 7, 12)] == pytest.approx([1.0, 0.5, 0.0])
+    assert LearningRateFactor(2, "linear")(50) == 1.0  # no horizon: no decay
+    with pytest.raises(ValueError, match="lr_decay"):
+        LearningRateFactor(0, "step")
+
+    # through the engine: the horizon is the schedule's planned steps (2 epochs of 8 batches)
+    model, engine = make(Schedule(batch_size=8, epochs=2, lr_decay="linear"))
+    rates: list[float] = []
+    loss = loss_of(model)
+    engine.fit(DATA, collate, lambda batch: rates.append(engine.optimizer.param_groups[0]["lr"]) or loss(batch))
+    assert len(rates) == 16 and rates[0] == pytest.approx(0.05)
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.05 / 16)
 
 
 def test_a_checkpoint_of_another_configuration_is_refused_or_ignored(tmp_path):
