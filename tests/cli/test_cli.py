@@ -238,3 +238,11 @@ def test_the_service_socket_disables_nagle_on_accepted_connections():
             server.close()
 
     assert asyncio.run(accepted_nodelay())
+
+
+def test_python_m_pruning_cli_is_the_command_line_the_shared_gpu_scripts_name():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pruning.cli", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "prune" in done.stdout and "train" in done.stdout
