@@ -174,7 +174,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("teacher", help="the dense fine-tuned artifact")
     parser.add_argument("--profile", default="cpu", help="pruning profile: cpu or gpu")
@@ -190,6 +190,9 @@ def main() -> None:
     parser.add_argument("--distill-preset", default=None, help="distillation preset over the profile (prunerec)")
     parser.add_argument("--distill-vocab", choices=["full", "catalog"], default=None,
                         help="the loss over the whole vocabulary or the catalog's tokens (prunerec prune --distill-vocab)")
+    parser.add_argument("--distill-lr-decay", choices=["constant", "linear", "cosine"], default=None,
+                        help="the distillation rate after its warm-up (prunerec prune --distill-lr-decay): a decay runs "
+                             "to each stage's planned steps, so pair it with --distill-steps, not --distill-minutes")
     parser.add_argument("--gradual", type=int, default=None, help="cuts per width/depth stage (prunerec prune --gradual)")
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="the paper's plain cut: no least-squares refit after each cut (prunerec prune --no-reconstruct)")
@@ -197,6 +200,26 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
     parser.add_argument("--work", default=None)
     parser.add_argument("--output", default=None)
+    return parser
+
+
+OPTION_PATHS = {"distill_minutes": "distill.max_minutes", "distill_steps": "distill.max_steps",
+                "distill_examples": "distill.examples", "distill_vocab": "distill.vocab",
+                "distill_lr_decay": "distill.lr_decay", "gradual": "gradual"}
+"""Command-line options given straight to every point's PruneConfig (dotted paths)."""
+
+
+def prune_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The PruneConfig values the command line sets over the profile (what was not given is left out)."""
+    overrides: dict[str, Any] = {path: getattr(args, name) for name, path in OPTION_PATHS.items()
+                                 if getattr(args, name) is not None}
+    if args.no_reconstruct:
+        overrides["reconstruct"] = False
+    return overrides
+
+
+def main() -> None:
+    parser = command_line()
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from recdata.prep import prepare
@@ -207,19 +230,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"--targets must be numbers, got {args.targets!r}")
     data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
-    overrides: dict[str, Any] = {}
-    if args.distill_minutes is not None:
-        overrides["distill.max_minutes"] = args.distill_minutes
-    if args.distill_steps is not None:
-        overrides["distill.max_steps"] = args.distill_steps
-    if args.distill_examples is not None:
-        overrides["distill.examples"] = args.distill_examples
-    if args.distill_vocab is not None:
-        overrides["distill.vocab"] = args.distill_vocab
-    if args.gradual is not None:
-        overrides["gradual"] = args.gradual
-    if args.no_reconstruct:
-        overrides["reconstruct"] = False
+    overrides = prune_overrides(args)
     config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,
                              sasrec_epochs=args.sasrec_epochs, distill_preset=args.distill_preset,
                              prune_overrides=overrides, device=args.device, work=args.work, output=args.output)

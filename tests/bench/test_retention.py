@@ -45,3 +45,13 @@ def test_retention_refuses_bad_targets_and_profiles(tmp_path, prepared):
         run_retention(RetentionConfig(teacher=str(tmp_path), profile="tpu"), prepared)
     with pytest.raises(ValueError, match="unknown distillation preset"):
         run_retention(RetentionConfig(teacher=str(tmp_path), distill_preset="fast"), prepared)
+
+
+def test_the_command_lines_distillation_options_reach_every_points_prune_config():
+    from bench.retention import command_line, prune_overrides
+
+    given = command_line().parse_args(["dense", "--distill-steps", "64", "--distill-lr-decay", "linear",
+                                       "--distill-vocab", "catalog", "--no-reconstruct"])
+    assert prune_overrides(given) == {"distill.max_steps": 64, "distill.lr_decay": "linear", "distill.vocab": "catalog",
+                                      "reconstruct": False}
+    assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own
