@@ -39,7 +39,7 @@ class EvalConfig:
     num_beams: int = 20
     """Beams per user; also the length of the ranked list (top-k = num_beams)."""
     users: int | None = None
-    """Evaluate a seeded random sample of this many users (None = all)."""
+    """Evaluate a seeded random sample of this many users (None or 0 = all)."""
     seed: int = 0
     """Seed of the user sample."""
     batch_size: int = 8
@@ -66,8 +66,11 @@ class EvalConfig:
 
 
 def sample_users(pairs: np.ndarray, users: int | None, seed: int) -> np.ndarray:
-    """A seeded, sorted subset of the split's samples (all of them when users is None)."""
-    if users is None or users >= len(pairs):
+    """A seeded, sorted subset of the split's samples: all of them when users is None or 0 (every command's
+    "0 = all", `prunerec compare --users 0` and `prunerec evaluate --users 0` alike)."""
+    if users is not None and users < 0:
+        raise ValueError(f"users must be a positive count, or 0 / None for every user; got {users}")
+    if not users or users >= len(pairs):
         return pairs
     keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=users, replace=False))
     return pairs[keep]

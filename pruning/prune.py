@@ -98,7 +98,7 @@ class PruneConfig:
     evaluate: bool = True
     """Evaluate every stage's artifact (and the teacher) after it is written."""
     eval_users: int | None = 100
-    """Seeded sample of test users for the per-stage evaluation (None = all)."""
+    """Seeded sample of test users for the per-stage evaluation (None or 0 = all)."""
     num_beams: int = 20
     """Beams (= ranked list length) of the per-stage evaluation."""
     eval_batch_size: int = 16

@@ -208,6 +208,9 @@ def test_sample_check_sets_the_sample_beside_every_user(prepared):
     whole = sample_check(prepared, every)
     assert whole["mostpop_ndcg@10_sample"] == whole["mostpop_ndcg@10_all_users"] and whole["all_users"] == len(every)
     few = sample_users(every, 5, seed=1)
+    assert len(few) == 5 and len(sample_users(every, 0, seed=1)) == len(every)  # 0: every user, as None
+    with pytest.raises(ValueError, match="positive"):
+        sample_users(every, -3, seed=1)
     check = sample_check(prepared, few)
     assert check["mostpop_ndcg@10_all_users"] == whole["mostpop_ndcg@10_all_users"]
     assert check["mostpop_ndcg@10_sample"] == mostpop_metrics(prepared, few, True, [10], 20)[0]["ndcg@10"]
