@@ -8,7 +8,7 @@ Per artifact: the mean cross-entropy of the next item's title tokens (and the en
 positions, over one example per validation user, with the artifact's own prompt template and item tokens;
 over the whole vocabulary, and with ``--vocab catalog`` also over the catalog's tokens (what the served
 catalog head normalises over, and what ``prunerec prune --distill-vocab catalog`` distils on).
-Prints JSON. (Two torch processes of two threads each on two cores run many times slower than one: run it on
+Prints JSON; both losses come from one forward pass a batch. (Two torch processes of two threads each on two cores run many times slower than one: run it on
 a quiet machine or with OMP_NUM_THREADS=1.)
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.harness import emit_json
 from llmrec.recommender import Recommender
-from pruning.calibration import batches, mean_ce
+from pruning.calibration import LossVocabulary, batches, mean_ces
 from pruning.examples import split_examples
 from pruning.prune import catalog_vocabulary
 from recdata.prep import prepare
@@ -41,10 +41,13 @@ def main() -> None:
         recommender = Recommender.from_artifact(artifact, device="cpu")  # the artifact's own prompt encoder
         examples = split_examples(data, recommender.encoder, args.split)
         rows = batches(examples, recommender.pad_id, args.batch_size)
-        report[artifact] = {"mean_ce": round(mean_ce(recommender.model, rows), 4), "users": len(examples), "split": args.split}
+        vocabularies: list[LossVocabulary | None] = [None]
         if args.vocab == "catalog":
-            vocabulary = catalog_vocabulary(recommender.model, recommender.encoder, data, examples)
-            report[artifact]["mean_ce_catalog"] = round(mean_ce(recommender.model, rows, vocabulary), 4)
+            vocabularies.append(catalog_vocabulary(recommender.model, recommender.encoder, data, examples))
+        losses = mean_ces(recommender.model, rows, vocabularies)  # one forward pass a batch for both
+        report[artifact] = {"mean_ce": round(losses[0], 4), "users": len(examples), "split": args.split}
+        if args.vocab == "catalog":
+            report[artifact]["mean_ce_catalog"] = round(losses[1], 4)
     emit_json(report, Path(args.output) if args.output else None)
 
 

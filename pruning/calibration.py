@@ -171,7 +171,11 @@ def response_logits(model: PreTrainedModel, batch: Batch, vocabulary: LossVocabu
     """Logits at the response positions only, (n, V), or (n, U) over ``vocabulary``'s rows of the LM head: the
     head never runs on other positions (nor, with a vocabulary, on other tokens)."""
     hidden = model.model(**batch.model_inputs(), use_cache=False).last_hidden_state
-    states = batch.response_states(hidden)
+    return head_logits(model, batch.response_states(hidden), vocabulary)
+
+
+def head_logits(model: PreTrainedModel, states: torch.Tensor, vocabulary: LossVocabulary | None = None) -> torch.Tensor:
+    """(n, d) final hidden states -> (n, V) logits, or (n, U) over ``vocabulary``'s rows of the LM head."""
     if vocabulary is None:
         return model.lm_head(states)
     head = model.get_output_embeddings()
@@ -247,12 +251,22 @@ def mean_kl(model: PreTrainedModel, calibration: list[Batch], targets: list[Teac
 def mean_ce(model: PreTrainedModel, calibration: list[Batch], vocabulary: LossVocabulary | None = None) -> float:
     """Mean cross-entropy of the labels at the response positions (the recommendation loss), over the whole
     vocabulary or ``vocabulary``'s tokens."""
+    return mean_ces(model, calibration, [vocabulary])[0]
+
+
+@torch.no_grad()
+def mean_ces(model: PreTrainedModel, calibration: list[Batch], vocabularies: list[LossVocabulary | None]) -> list[float]:
+    """:func:`mean_ce` over each of ``vocabularies`` (None: the whole vocabulary), from one forward pass a batch."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    totals, count = [0.0] * len(vocabularies), 0
     for batch in calibration:
         batch = batch.to(device)
-        logits = response_logits(model, batch, vocabulary)
-        total += float(nn.functional.cross_entropy(logits.float(), response_targets(batch, vocabulary), reduction="sum"))
+        hidden = model.model(**batch.model_inputs(), use_cache=False).last_hidden_state
+        states = batch.response_states(hidden)
+        for index, vocabulary in enumerate(vocabularies):
+            logits = head_logits(model, states, vocabulary)
+            totals[index] += float(nn.functional.cross_entropy(logits.float(), response_targets(batch, vocabulary),
+                                                               reduction="sum"))
         count += int(batch.targets.numel())
-    return total / max(count, 1)
+    return [total / max(count, 1) for total in totals]

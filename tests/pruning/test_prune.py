@@ -185,6 +185,11 @@ def test_a_loss_vocabulary_restricts_logits_ce_and_the_teachers_distribution(tok
     expected = torch.nn.functional.cross_entropy(full[:, vocabulary.ids].float(), columns)
     assert mean_ce(model, [batch], vocabulary) == pytest.approx(float(expected), rel=1e-5)
     assert mean_ce(model, [batch], vocabulary) < mean_ce(model, [batch])  # fewer tokens share the mass
+    from pruning.calibration import mean_ces
+
+    # both from one forward pass: the same numbers as one pass each
+    assert mean_ces(model, [batch], [None, vocabulary]) == pytest.approx([mean_ce(model, [batch]),
+                                                                         mean_ce(model, [batch], vocabulary)], rel=1e-6)
 
     examples = split_examples(prepared, encoder, "train", limit=4, seed=1)
     cache = distill.TeacherCache(model, examples, 0, top_k=8, temperature=1.0, vocabulary=vocabulary)
