@@ -263,13 +263,14 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     logger.info("trainable parameters: %d", trainable_params)
     model.to(accelerator.device)  # before the optimiser, so that it is the fused kernel on a GPU
     optimizer = adamw(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    planned = schedule_of(config).total_steps(len(train_set), accelerator.num_processes)
+    schedule = schedule_of(config)
+    planned = schedule.total_steps(len(train_set), accelerator.num_processes)
     # accelerate steps a prepared scheduler once per process at every optimiser step (as it does the warm-up)
     scheduler = warmup_scheduler(optimizer, config.warmup_steps, config.lr_decay,
                                  planned * accelerator.num_processes if planned < sys.maxsize else None)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     selecting_ndcg = config.select_metric == "ndcg@10"
-    engine = Engine(model, optimizer, schedule_of(config), scheduler=scheduler, accelerator=accelerator,
+    engine = Engine(model, optimizer, schedule, scheduler=scheduler, accelerator=accelerator,
                     checkpoint_dir=config.checkpoint_path(), config_key=_config_key(config), resume=config.resume,
                     metric="valid_ndcg@10" if selecting_ndcg else "valid_loss", maximize=selecting_ndcg)
     valid_batches = batches(valid_set, pad_id, config.batch_size)
