@@ -10,7 +10,8 @@
 # GRADUAL (cuts per stage; none = 1), RECONSTRUCT (1; 0 = the paper's plain cut), VOCAB (full; catalog = the
 # distillation loss over the catalog's tokens), SASREC_EPOCHS (50), DISTILL_STEPS (none; a step budget per stage,
 # with DISTILL_MINUTES then only a safety stop), LR_DECAY (constant; linear or cosine decay the distillation rate
-# to each stage's planned steps: pair it with DISTILL_STEPS). Over 10 minutes in all: start it with setsid nohup
+# to each stage's planned steps: pair it with DISTILL_STEPS), COMPILE (0; 1 = the decoder layers compiled while
+# fine-tuning and distilling: `train --compile`, `--distill-compile`). Over 10 minutes in all: start it with setsid nohup
 # and poll (../shared/gpu/README.md); a second configuration needs its own WORK.
 # Seen on an H200 (2026-11-26, a smoke run cut at 200 s): ~40 s of data preparation before training, training at
 # ~4.2 steps/s (the gpu profile's 999 steps = ~4 min), every test user evaluated in ~12 s (plus loading), the
@@ -23,7 +24,9 @@ mkdir -p "$out" "$work"
 log() { echo "== $(date +%T) $*"; }
 if [ ! -f "$work/dense/prunerec.json" ]; then
   log train
-  python3 -m cli.main train --profile gpu --max-minutes "${TRAIN_MINUTES:-3}" --output "$work/dense" || exit 1
+  compile=()
+  [ "${COMPILE:-0}" = 1 ] && compile=(--compile)
+  python3 -m cli.main train --profile gpu --max-minutes "${TRAIN_MINUTES:-3}" "${compile[@]}" --output "$work/dense" || exit 1
 fi
 log retention
 preset=()
@@ -33,6 +36,7 @@ preset=()
 [ -n "${VOCAB:-}" ] && preset+=(--distill-vocab "$VOCAB")
 [ -n "${DISTILL_STEPS:-}" ] && preset+=(--distill-steps "$DISTILL_STEPS")
 [ -n "${LR_DECAY:-}" ] && preset+=(--distill-lr-decay "$LR_DECAY")
+[ "${COMPILE:-0}" = 1 ] && preset+=(--distill-compile)
 python3 -m bench.retention "$work/dense" --profile gpu --users 0 --targets "${TARGETS:-0.5,0.9,0.955}" \
   --distill-minutes "${DISTILL_MINUTES:-0.3}" --distill-examples "${DISTILL_EXAMPLES:-5000}" "${preset[@]}" --sasrec-epochs "${SASREC_EPOCHS:-50}" \
   --work "$work/retention" --output "$out/retention" || log retention FAILED

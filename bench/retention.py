@@ -194,6 +194,8 @@ def command_line() -> argparse.ArgumentParser:
                         help="the distillation rate after its warm-up (prunerec prune --distill-lr-decay): a decay runs "
                              "to each stage's planned steps, so pair it with --distill-steps, not --distill-minutes")
     parser.add_argument("--gradual", type=int, default=None, help="cuts per width/depth stage (prunerec prune --gradual)")
+    parser.add_argument("--distill-compile", action="store_true", default=None,
+                        help="the students' layers compiled while distilling (prunerec prune --distill-compile; for a GPU)")
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="the paper's plain cut: no least-squares refit after each cut (prunerec prune --no-reconstruct)")
     parser.add_argument("--device", default=None)
@@ -205,7 +207,7 @@ def command_line() -> argparse.ArgumentParser:
 
 OPTION_PATHS = {"distill_minutes": "distill.max_minutes", "distill_steps": "distill.max_steps",
                 "distill_examples": "distill.examples", "distill_vocab": "distill.vocab",
-                "distill_lr_decay": "distill.lr_decay", "gradual": "gradual"}
+                "distill_lr_decay": "distill.lr_decay", "gradual": "gradual", "distill_compile": "distill.compile"}
 """Command-line options given straight to every point's PruneConfig (dotted paths)."""
 
 

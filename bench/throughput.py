@@ -17,6 +17,14 @@ Each variant takes ``--warmup`` steps untimed, then ``--steps`` timed steps; tok
 tokens of the timed batches. On CUDA the loss runs in bf16 autocast over fp32 weights with the fused AdamW
 (the engine's mixed precision); on the CPU in fp32.
 
+Two sweeps answer whether a step waits for the device or for the host (on a GPU, a small model's training
+step can be all kernel launches): ``--batch-size 2,8,32`` runs every variant at each batch size (tokens/s
+that grow with the batch at a near-constant step time: the host sets the pace), and ``--compile`` runs each
+again with its decoder layers compiled (:func:`pruning.engine.compiled_layers`, what ``prunerec train
+--compile`` does; every variant's warm-up is then at least 3 steps, so that a second row length's recompile
+falls in it and both time the same batches; the warm-up's time is reported as ``warmup_seconds``).
+
+    python -m bench.throughput --device cuda --batch-size 2,8 --pack-tokens 2048 --variants "finetune compact" --compile
     python -m bench.throughput --device cuda --batch-size 32 --pack-tokens 2048
     python -m bench.throughput --device cpu --steps 6     # writes bench/results/cpu/throughput.json
     python -m bench.throughput --model runs/bench-cpu/0-dense --student runs/bench-cpu/3-depth \
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import logging
 import math
 import platform
@@ -42,7 +51,7 @@ from llmrec.model import DEFAULT_MODEL, load_model, select_device
 from llmrec.prompting import PromptEncoder
 from pruning import distill
 from pruning.calibration import LossVocabulary, collate_batch, response_logits, response_targets
-from pruning.engine import Engine, Schedule, adamw
+from pruning.engine import Engine, Schedule, adamw, compiled_layers
 from pruning.examples import Example, collate, model_inputs, training_examples
 from pruning.packing import pack
 from pruning.prune import catalog_vocabulary
@@ -69,10 +78,23 @@ def _as_list(items: list[Example]) -> list[Example]:
     return items
 
 
+COMPILED_WARMUP = 3
+"""Fewest untimed steps of a compiled variant: the first row length compiles, a second recompiles with
+symbolic shapes; neither belongs in the timed steps."""
+
+
 def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any, batch_size: int, warmup: int,
-            steps: int, device: torch.device, lr: float, profile_steps: int = 0) -> dict[str, Any]:
+            steps: int, device: torch.device, lr: float, profile_steps: int = 0, compile: bool = False) -> dict[str, Any]:
     """Train ``model`` on ``rows`` through the engine: ``warmup`` untimed steps, then ``steps`` timed, then
-    ``profile_steps`` more under ``torch.profiler`` (apart from the timed ones, which it would slow down)."""
+    ``profile_steps`` more under ``torch.profiler`` (apart from the timed ones, which it would slow down);
+    with ``compile``, its decoder layers compiled throughout."""
+    with compiled_layers(model, compile):
+        return _measure(name, model, rows, loss_of, batch_size, max(warmup, COMPILED_WARMUP) if compile else warmup,
+                        steps, device, lr, profile_steps, compile)
+
+
+def _measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any, batch_size: int, warmup: int,
+             steps: int, device: torch.device, lr: float, profile_steps: int, compile: bool) -> dict[str, Any]:
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=lr)
     schedule = Schedule(batch_size=batch_size, epochs=math.inf, max_steps=warmup + steps + profile_steps, log_every=10**9)
     engine = Engine(model, optimizer, schedule, desc=name, autocast=True)
@@ -85,8 +107,11 @@ def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any
         seen["rows"] += len(lengths)
         return loss_of(items)
 
+    started = time.perf_counter()
     if warmup:
         engine.fit(rows, _as_list, counted, until_step=warmup)
+    _sync(device)
+    warmup_seconds = time.perf_counter() - started
     seen.update(tokens=0, slots=0, rows=0)
     _sync(device)
     started = time.perf_counter()
@@ -100,7 +125,8 @@ def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any
     engine.close()
     seen["tokens"] = tokens
     result = {
-        "name": name, "steps": steps, "seconds": round(seconds, 3),
+        "name": name, "compiled": compile, "steps": steps, "seconds": round(seconds, 3),
+        "ms_per_step": round(1000 * seconds / steps, 1), "warmup_steps": warmup, "warmup_seconds": round(warmup_seconds, 1),
         "tokens_per_s": round(seen["tokens"] / seconds, 1),
         "tokens_per_step": round(seen["tokens"] / steps, 1),
         "batch_rows": batch_size, "mean_row_tokens": round(seen["slots"] / max(seen["rows"], 1), 1),
@@ -108,7 +134,8 @@ def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any
     }
     if profiled is not None:
         result["profile"] = {"steps": profile_steps, **profiled}
-    logger.info("%s: %.0f non-padding tokens/s (%d steps in %.1f s)", name, result["tokens_per_s"], steps, seconds)
+    logger.info("%s, %d rows a step: %.0f non-padding tokens/s (%d steps in %.1f s)", name, batch_size,
+                result["tokens_per_s"], steps, seconds)
     return result
 
 
@@ -141,7 +168,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias, HF directory or artifact")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--batch-size", default="8", help="rows per step; several, comma-separated, run every variant at each")
+    parser.add_argument("--compile", action="store_true",
+                        help="run every variant a second time with its decoder layers compiled (prunerec train --compile)")
     parser.add_argument("--pack-tokens", type=int, default=1024, help="row length of the packed variants")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
@@ -154,6 +183,15 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path [bench/results/<device>/throughput.json]")
     args = parser.parse_args()
+    try:
+        batch_sizes = [int(b) for b in str(args.batch_size).split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch-size takes integers, got {args.batch_size!r}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        parser.error(f"--batch-size needs positive integers, got {args.batch_size!r}")
+    modes = [False, True] if args.compile else [False]
+    # with --compile every variant warms up as long as a compiled one must, so both time the same batches
+    warmup = max(args.warmup, COMPILED_WARMUP) if args.compile else args.warmup
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     device = select_device(args.device)
@@ -197,10 +235,10 @@ def main() -> None:
     runs = []
     finetune = [(n, r) for n, r in (("finetune d3", d3_examples), ("finetune d3 packed", d3_packed),
                                     ("finetune compact", windows)) if n in chosen]
-    for name, rows in finetune:
+    for (name, rows), batch_size, compile in itertools.product(finetune, batch_sizes, modes):
         model = copy.deepcopy(base).train()
-        runs.append(measure(name, model, rows, finetune_loss(model), args.batch_size, args.warmup, args.steps, device,
-                            args.lr, args.profile_steps))
+        runs.append(measure(name + (" compiled" if compile else ""), model, rows, finetune_loss(model), batch_size,
+                            warmup, args.steps, device, args.lr, args.profile_steps, compile))
         del model
     teacher = copy.deepcopy(base).eval()
     for parameter in teacher.parameters():
@@ -209,11 +247,11 @@ def main() -> None:
     catalog: LossVocabulary = catalog_vocabulary(teacher, compact, data, windows)
     distilled = [(n, r, v) for n, r, v in (("distill d3 packed", d3_packed, None), ("distill compact", windows, None),
                                            ("distill compact catalog", windows, catalog)) if n in chosen]
-    for name, rows, vocabulary in distilled:
+    for (name, rows, vocabulary), batch_size, compile in itertools.product(distilled, batch_sizes, modes):
         student = copy.deepcopy(student_base).train()
         cache = distill.TeacherCache(teacher, rows, pad_id, top_k=64, temperature=weights.temperature, vocabulary=vocabulary)
-        runs.append(measure(name, student, rows, distill_loss(student, cache), args.batch_size, args.warmup, args.steps,
-                            device, args.lr, args.profile_steps))
+        runs.append(measure(name + (" compiled" if compile else ""), student, rows, distill_loss(student, cache), batch_size,
+                            warmup, args.steps, device, args.lr, args.profile_steps, compile))
         del student
 
     slug = device_slug(device)
@@ -223,7 +261,7 @@ def main() -> None:
         "precision": "bf16 autocast, fp32 weights, fused AdamW" if device.type == "cuda" else "fp32",
         "attention": getattr(base.config, "_attn_implementation", None),
         "student": args.student or args.model, "catalog_tokens": len(catalog),
-        "protocol": {"batch_rows": args.batch_size, "pack_tokens": args.pack_tokens, "steps": args.steps,
+        "protocol": {"batch_rows": batch_sizes, "compiled": args.compile, "pack_tokens": args.pack_tokens, "steps": args.steps,
                      "warmup": args.warmup, "examples": args.examples,
                      "tokens": "non-padding tokens of the timed batches (student's, for distillation)"},
         "runs": runs,

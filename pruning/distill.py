@@ -45,7 +45,7 @@ from pruning.calibration import (
     response_logits,
     response_targets,
 )
-from pruning.engine import Engine, Schedule, adamw
+from pruning.engine import Engine, Schedule, adamw, compiled_layers, eager_layers
 from pruning.examples import Example
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,12 @@ class DistillConfig:
     """Least minutes of distillation between two checkpoints (None: one at every evaluation); the best
     student then stays in memory until the next one (``pruning.engine.Schedule.checkpoint_minutes``). Changes
     no result, so it is no part of a stage's key."""
+    compile: bool = False
+    """Run the student's decoder layers compiled while distilling (:func:`pruning.engine.compiled_layers`;
+    validation stays eager). For a GPU, where a small student's step waits for the host; each stage compiles
+    anew (another shape), seconds to a minute, so it pays on stages of minutes, not on the short ones of a
+    smoke run. Not with ``hidden_weight`` (its per-step hooks would recompile the layers every step). Changes no
+    result beyond float tolerance, so it is no part of a stage's key."""
     valid_examples: int = 64
     """Validation users (seeded) for early stopping."""
     patience: int = 3
@@ -273,7 +279,7 @@ def schedule_of(config: DistillConfig) -> Schedule:
                     checkpoint_minutes=config.checkpoint_minutes, lr_decay=config.lr_decay)
 
 
-OPERATIONAL_FIELDS = ("checkpoint_minutes",)
+OPERATIONAL_FIELDS = ("checkpoint_minutes", "compile")
 """DistillConfig fields that change how a run is carried out, not what it produces."""
 
 
@@ -337,14 +343,18 @@ def run(
                 + config.hidden_weight * hidden)
 
     def validate() -> float:
-        with engine.mixed_precision():
+        with engine.mixed_precision(), eager_layers(student):
             return ranking() if selecting_ndcg and ranking is not None else mean_ce(student, valid_batches, vocabulary)
 
-    engine.fit(indices, list, loss_of, validate)
+    compile_layers = config.compile and config.hidden_weight <= 0
+    if config.compile and not compile_layers:
+        logger.warning("distill: compile ignored with hidden_weight > 0 (its hooks change every step)")
+    with compiled_layers(student, compile_layers) as compiled:
+        engine.fit(indices, list, loss_of, validate)
     engine.restore_best(student)
     student.eval()
     record = {**engine.record(), "teacher_examples_computed": teacher_cache.computed,
-              "teacher_examples_reused": teacher_cache.reused,
+              "teacher_examples_reused": teacher_cache.reused, "compiled_layers": compiled,
               "loss_vocabulary": len(vocabulary) if vocabulary is not None else "full"}
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return student, record

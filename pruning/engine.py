@@ -12,7 +12,8 @@ in their loss and their data; what they share lives here once:
 - checkpoints (weights, optimiser, scheduler, progress) written at every evaluation, and resume from them:
   a resumed run is the same run as an uninterrupted one (same batches, same updates), and a checkpoint made
   with another configuration is refused or ignored;
-- progress (a tqdm bar with the running loss) and the record that lands in the artifact's manifest.
+- progress (a tqdm bar with the running loss) and the record that lands in the artifact's manifest;
+- :func:`compiled_layers`: the decoder layers compiled in place for a loop's duration (regional compilation).
 
 With an ``accelerate.Accelerator`` (fine-tuning, so that ``accelerate launch`` spreads it over processes)
 the engine uses its ``backward`` / ``accumulate`` / ``save_state``; without one (the compression stages, run
@@ -482,6 +483,54 @@ class Engine:
         """What the manifests record of a finished run."""
         return {"steps": self.state.step, "stop_reason": self.stop_reason, "minutes": round(self.state.elapsed / 60, 2),
                 f"best_{self.metric}": self.state.best, f"{self.metric.split('_')[0]}_history": self.state.history}
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder layers of a causal LM (under a peft wrapper too); empty when it has none."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return list(getattr(decoder, "layers", None) or [])
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Inside the block every decoder layer of ``model`` runs compiled (``torch.compile``, inductor); after it, eagerly again. Yields the number of layers compiled (0 when not ``enabled``).
+
+    Why: a training step of a small model on a GPU waits for the host, which launches each layer's dozens
+    of small operations one by one (a step of SmolLM2's 30 layers with 4k tokens took ~240 ms on an H100
+    against ~10-20 ms of arithmetic); compiling fuses a layer's element-wise work into a few kernels. One
+    layer's graph serves them all (regional compilation: the layers share code and shapes, so the compile
+    costs seconds, not the minutes of the whole model), and compiling in place (``nn.Module.compile``) keeps
+    the module tree, its parameters and its state-dict keys: checkpoints, best weights and artifacts are
+    unchanged. A second row length recompiles once with symbolic shapes (torch's automatic dynamic shapes);
+    later lengths reuse it (``dynamic=True`` from the start compiled slower here and still recompiled).
+    Measured on the 2-core CPU (a 30-layer Llama of width 64, 2 packed rows of 64 tokens, where a step is all
+    host overhead): 148-192 ms eager, 125-134 ms with the layers compiled after ~12 s of compiling, 86 ms with
+    the whole model compiled after ~6 minutes."""
+    layers = decoder_layers(model) if enabled else []
+    for layer in layers:
+        layer.compile()
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:  # nn.Module.compile has no inverse; this is what it sets (and what pickling drops)
+            layer._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def eager_layers(model: nn.Module) -> Iterator[None]:
+    """Inside the block the layers of ``model`` compiled by :func:`compiled_layers` run eagerly: validation
+    and decoding, whose cached and no-grad calls would each need graphs of their own."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if m._compiled_call_impl is not None]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from llmrec.artifact import write_artifact
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
 from pruning.calibration import batches, mean_ce
-from pruning.engine import Engine, Schedule, adamw, warmup_scheduler
+from pruning.engine import Engine, Schedule, adamw, compiled_layers, eager_layers, warmup_scheduler
 from pruning.evaluate import RankingCheck
 from pruning.examples import collate, model_inputs, split_examples, training_examples
 from pruning.packing import pack
@@ -98,6 +98,12 @@ class TrainConfig:
     """Least minutes of training between two checkpoints (None: one at every evaluation); the best weights
     then stay in memory until the next one (see ``pruning.engine.Schedule.checkpoint_minutes``). Changes no
     result, only what a killed run has to redo."""
+    compile: bool = False
+    """Run every decoder layer compiled while training (``torch.compile`` in place, one layer's graph serving
+    them all: :func:`pruning.engine.compiled_layers`); validation stays eager. Meant for a GPU, where a small
+    model's step waits for the host launching each layer's many small kernels; compiling costs seconds to a
+    minute before the first steps. Changes the speed, not what is learned (to float tolerance), so a checkpoint
+    resumes across it."""
     valid_examples: int = 200
     """Validation users (seeded subset of the valid split) for the loss."""
     patience: int = 3
@@ -168,7 +174,7 @@ def apply_profile(config: TrainConfig, profile: str) -> TrainConfig:
 def _config_key(config: TrainConfig) -> dict[str, Any]:
     """The fields a checkpoint must agree on to be resumed (not the stopping criteria)."""
     skip = {"max_steps", "max_minutes", "epochs", "patience", "checkpoint_dir", "resume", "keep_checkpoints",
-            "checkpoint_minutes"}
+            "checkpoint_minutes", "compile"}
     return {k: v for k, v in asdict(config).items() if k not in skip}
 
 
@@ -281,12 +287,14 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
                if config.select_metric == "ndcg@10" else None)
 
     def validate() -> float:
-        with accelerator.autocast():
+        with accelerator.autocast(), eager_layers(inner):
             return ranking() if ranking is not None else mean_ce(inner, valid_batches)
 
-    # the loss through the (possibly DDP-wrapped) model's own forward, so that gradients synchronise
-    engine.fit(train_set, lambda examples: collate(examples, pad_id), lambda batch: model(**model_inputs(batch)).loss,
-               validate)
+    # the loss through the (possibly DDP-wrapped) model's own forward, so that gradients synchronise; the
+    # layers compiled in place are the same modules under any wrapper
+    with compiled_layers(inner, config.compile) as compiled:
+        engine.fit(train_set, lambda examples: collate(examples, pad_id), lambda batch: model(**model_inputs(batch)).loss,
+                   validate)
 
     accelerator.wait_for_everyone()
     output = Path(config.output)
@@ -307,7 +315,7 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
             "training": {
                 "examples": examples, "rows": len(train_set), "target_items": items, "target_tokens": targets, "tokens": tokens,
                 "packing": packing, "trainable_params": trainable_params, **engine.record(),
-                "processes": accelerator.num_processes,
+                "processes": accelerator.num_processes, "compiled_layers": compiled,
             },
         }
         write_artifact(output, final, tokenizer, data.catalog, manifest)

@@ -51,7 +51,7 @@ def test_the_command_lines_distillation_options_reach_every_points_prune_config(
     from bench.retention import command_line, prune_overrides
 
     given = command_line().parse_args(["dense", "--distill-steps", "64", "--distill-lr-decay", "linear",
-                                       "--distill-vocab", "catalog", "--no-reconstruct"])
+                                       "--distill-vocab", "catalog", "--no-reconstruct", "--distill-compile"])
     assert prune_overrides(given) == {"distill.max_steps": 64, "distill.lr_decay": "linear", "distill.vocab": "catalog",
-                                      "reconstruct": False}
+                                      "distill.compile": True, "reconstruct": False}
     assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own

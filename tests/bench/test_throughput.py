@@ -65,3 +65,27 @@ def test_profile_steps_add_an_operator_table_without_counting_in_the_timed_figur
     throughput.main()
     plain = json.loads(output.read_text())["runs"][0]
     assert "profile" not in plain and plain["tokens_per_step"] == run["tokens_per_step"]
+
+
+def test_batch_sizes_and_compiled_layers_run_side_by_side(tmp_path, tokenizer, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    output = tmp_path / "throughput.json"
+    arguments = ["throughput", "--model", str(model_dir), "--variants", "finetune compact", "--device", "cpu",
+                 "--steps", "2", "--warmup", "1", "--examples", "48", "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", [*arguments, "--batch-size", "2,6", "--compile"])
+    throughput.main()
+    report = json.loads(output.read_text())
+    assert report["protocol"]["batch_rows"] == [2, 6] and report["protocol"]["compiled"] is True
+    runs = report["runs"]
+    assert [(r["name"], r["batch_rows"], r["compiled"]) for r in runs] == [
+        ("finetune compact", 2, False), ("finetune compact compiled", 2, True),
+        ("finetune compact", 6, False), ("finetune compact compiled", 6, True)]
+    # every variant warms up long enough for a compiled one's recompile, so both time the same batches
+    assert [r["warmup_steps"] for r in runs] == [3, 3, 3, 3]
+    assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in runs)
+    # the same seeded batches whether compiled or not; more rows, more tokens a step
+    assert runs[0]["tokens_per_step"] == runs[1]["tokens_per_step"] < runs[2]["tokens_per_step"]
+    for bad in ("0", "two"):
+        monkeypatch.setattr(sys, "argv", [*arguments, "--batch-size", bad])
+        with pytest.raises(SystemExit):
+            throughput.main()

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pruning.engine import Engine, Schedule
+from pruning.engine import Engine, Schedule, compiled_layers, decoder_layers, eager_layers
 
 # a regression problem small enough to train in milliseconds: y = x @ w_true
 GENERATOR = torch.Generator().manual_seed(0)
@@ -192,3 +192,35 @@ def test_on_cuda_the_loss_runs_in_bf16_autocast_with_the_fused_optimiser():
     engine.fit(DATA, collate, loss)
     assert dtypes == [torch.bfloat16] * 2 and engine.optimizer.defaults["fused"]
     assert model.weight.dtype == torch.float32  # fp32 master weights
+
+
+def test_compiled_layers_compute_the_same_loss_and_gradients():
+    from helpers import tiny_llama
+
+    model = tiny_llama(64, layers=2).train()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    # two packed examples a row: positions restart, as the fine-tuning batches
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.cat([torch.arange(5), torch.arange(7)]).repeat(2, 1),
+             "use_cache": False}
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    keys = list(model.state_dict())
+    eager_loss, eager_grads = loss_and_grads()
+    with compiled_layers(model) as count:
+        assert count == 2 and all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+        assert list(model.state_dict()) == keys  # in place: the same module tree and state-dict keys
+        loss, grads = loss_and_grads()
+        with eager_layers(model):
+            assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+    with compiled_layers(model, enabled=False) as count:
+        assert count == 0 and all(layer._compiled_call_impl is None for layer in decoder_layers(model))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llmrec.artifact import read_manifest
-from pruning.train import TrainConfig, apply_profile, run
+from pruning.train import TrainConfig, _config_key, apply_profile, run
 
 
 def tiny_config(tmp_path, model_dir, **overrides) -> TrainConfig:
@@ -62,6 +62,27 @@ def test_resume_gives_the_same_artifact(tmp_path, tokenizer, prepared):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert read_manifest(resumed)["training"]["steps"] == 8
+
+
+def test_compiled_layers_train_the_same_weights(tmp_path, tokenizer, prepared):
+    # the layers compiled in place: the same updates to float tolerance, a plain artifact, validation eager
+    model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    eager = run(tiny_config(tmp_path / "a", model_dir, max_steps=4, eval_every=2), prepared)
+    compiled = run(tiny_config(tmp_path / "b", model_dir, max_steps=4, eval_every=2, compile=True), prepared)
+    a, b = load_file(str(eager / "model.safetensors")), load_file(str(compiled / "model.safetensors"))
+    assert a.keys() == b.keys()
+    # Adam's normalised updates magnify float noise on near-zero gradients a little: a tolerance of 1e-4,
+    # against training moves of 1e-3 and more
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    base = load_file(str(model_dir / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert (base[key] - b[key]).abs().max() > 1e-3
+    plain, fast = read_manifest(eager)["training"], read_manifest(compiled)["training"]
+    assert plain["compiled_layers"] == 0 and fast["compiled_layers"] == 2
+    assert fast["valid_history"][-1]["valid_loss"] == pytest.approx(plain["valid_history"][-1]["valid_loss"], rel=1e-4)
+    # compiling is no part of the checkpoint's configuration
+    assert "compile" not in _config_key(tiny_config(tmp_path, model_dir, compile=True))
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path, tokenizer, prepared):
