@@ -102,8 +102,9 @@ class TrainConfig:
     """Run every decoder layer compiled while training (``torch.compile`` in place, one layer's graph serving
     them all: :func:`pruning.engine.compiled_layers`); validation stays eager. Meant for a GPU, where a small
     model's step waits for the host launching each layer's many small kernels; compiling costs seconds to a
-    minute before the first steps. Changes the speed, not what is learned (to float tolerance), so a checkpoint
-    resumes across it."""
+    minute before the first steps. Changes the speed, not what is learned (to float tolerance; with dropout,
+    LoRA's, the compiled layers draw other random masks, from inductor's own generator, so such runs agree in
+    distribution, not number for number), so a checkpoint resumes across it."""
     valid_examples: int = 200
     """Validation users (seeded subset of the valid split) for the loss."""
     patience: int = 3
