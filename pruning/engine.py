@@ -496,7 +496,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def compiled_layers(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Inside the block every decoder layer of ``model`` runs compiled (``torch.compile``, inductor); after it, eagerly again. Yields the number of layers compiled (0 when not ``enabled``).
+    """Inside the block every decoder layer of ``model`` runs compiled (``torch.compile``, inductor); after it,
+    eagerly again. Yields the number of layers compiled (0 when not ``enabled``).
 
     Why: a training step of a small model on a GPU waits for the host, which launches each layer's dozens
     of small operations one by one (a step of SmolLM2's 30 layers with 4k tokens took ~240 ms on an H100
