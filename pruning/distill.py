@@ -37,13 +37,13 @@ from pruning import reuse
 from pruning.calibration import (
     LossVocabulary,
     TeacherTargets,
-    batches,
     coarse_kl,
     coarsen,
     collate_batch,
     mean_ce,
     response_logits,
     response_targets,
+    validation_batches,
 )
 from pruning.engine import Engine, Schedule, adamw, compiled_layers, eager_layers
 from pruning.examples import Example
@@ -313,7 +313,7 @@ def run(
     device = next(student.parameters()).device
     pad_id = teacher_cache.pad_id
     indices = example_indices if example_indices is not None else list(range(len(teacher_cache.examples)))
-    valid_batches = batches(valid, pad_id, config.batch_size)
+    valid_batches = validation_batches(valid, pad_id, config.batch_size, config.pack_tokens)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     engine = Engine(student, optimizer, schedule_of(config), checkpoint_dir=checkpoint_dir, config_key=result_key(config),
                     on_mismatch="restart", desc="distill", autocast=True,

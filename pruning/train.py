@@ -23,7 +23,7 @@ from llmrec import configs, item_tokens
 from llmrec.artifact import write_artifact
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
-from pruning.calibration import batches, mean_ce
+from pruning.calibration import mean_ce, validation_batches
 from pruning.engine import Engine, Schedule, adamw, compiled_layers, eager_layers, warmup_scheduler
 from pruning.evaluate import RankingCheck
 from pruning.examples import collate, model_inputs, split_examples, training_examples
@@ -280,7 +280,7 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
     engine = Engine(model, optimizer, schedule, scheduler=scheduler, accelerator=accelerator,
                     checkpoint_dir=config.checkpoint_path(), config_key=_config_key(config), resume=config.resume,
                     metric="valid_ndcg@10" if selecting_ndcg else "valid_loss", maximize=selecting_ndcg)
-    valid_batches = batches(valid_set, pad_id, config.batch_size)
+    valid_batches = validation_batches(valid_set, pad_id, config.batch_size, config.pack_tokens)
     inner = accelerator.unwrap_model(model)  # the plain model under any DDP / peft wrapper
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     ranking = (RankingCheck(inner, tokenizer, data, template, config.max_history, config.select_users, config.seed,

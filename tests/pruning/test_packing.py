@@ -13,7 +13,7 @@ from helpers import save_model_dir, tiny_llama, tiny_qwen2
 from llmrec.artifact import read_manifest
 from llmrec.prompting import PromptEncoder
 from pruning import distill
-from pruning.calibration import collate_batch, response_logits
+from pruning.calibration import batches, collate_batch, mean_ce, response_logits, validation_batches
 from pruning.examples import IGNORE, Example, collate, model_inputs, split_examples
 from pruning.packing import pack
 from pruning.train import TrainConfig, run
@@ -55,6 +55,25 @@ def test_the_loss_of_a_packed_batch_is_the_loss_of_the_same_examples(tokenizer, 
         flat = response_logits(model, collate_batch(rows, 0))
     torch.testing.assert_close(packed, unpacked, rtol=1e-4, atol=1e-5)
     assert flat.shape[0] == sum(e.targets for e in d3_examples)
+
+
+def test_a_packed_loop_validates_on_batches_of_its_token_budget(tokenizer, d3_examples):
+    """Validation prompts are never packed; a loop of 2 packed rows validates them to the rows' token budget
+    (not 2 prompts a pass), every prompt once and in order, with the same loss."""
+    lengths = [len(e.input_ids) for e in d3_examples]
+    by_count = validation_batches(d3_examples, 0, 2, None)
+    budget = 2 * 3 * max(lengths)
+    by_tokens = validation_batches(d3_examples, 0, 2, 3 * max(lengths))
+    assert [b.input_ids.shape[0] for b in by_count] == [2] * (len(d3_examples) // 2) + [1] * (len(d3_examples) % 2)
+    assert len(by_tokens) < len(by_count) / 2
+    assert sum(b.input_ids.shape[0] for b in by_tokens) == len(d3_examples)
+    assert all(b.input_ids.numel() <= budget for b in by_tokens)
+    ids = [row[row != 0].tolist() for b in by_tokens for row in b.input_ids]
+    assert ids == [[t for t in e.input_ids if t != 0] for e in d3_examples]  # in order, each once
+    # at least batch_size a pass even when two do not fit the budget; a budget of one prompt each otherwise
+    assert [b.input_ids.shape[0] for b in batches(d3_examples[:5], 0, 2, max_tokens=1)] == [2, 2, 1]
+    model = tiny_llama(len(tokenizer))
+    assert mean_ce(model, by_tokens) == pytest.approx(mean_ce(model, by_count), rel=1e-5)
 
 
 def test_packing_keeps_every_example_whole_and_refuses_a_leading_label(d3_examples):
