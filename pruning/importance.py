@@ -3,7 +3,8 @@
 - Attention heads: KL(teacher ‖ model with the head ablated) at the response positions of the calibration
   set. A head is ablated by zeroing its slice of the ``o_proj`` input; a KV group by zeroing all of its
   query heads. Each layer's input is cached from one clean pass, and the ablated pass starts at that layer
-  (the layers before it are unaffected), which halves the cost on average. The scores depend only on the
+  (the layers before it are unaffected), which halves the cost on average; a layer's units are ablated
+  together, each on its own copy of the batch in one pass (fewer passes; the same scores). The scores depend only on the
   model, the calibration set and the teacher's targets, so :func:`reused_head_importance` keeps them per
   process, keyed by a digest of all three: the retention curve prunes one dense model to several targets and
   scores its heads once (about 5 minutes per target on a 2-core CPU).
@@ -75,18 +76,33 @@ def layer_inputs(model: PreTrainedModel, calibration: list[Batch]) -> list[list[
 
 
 def _kl_from_layer(
-    model: PreTrainedModel, start: int, inputs: list[list[torch.Tensor]], calibration: list[Batch], targets: list[TeacherTargets]
-) -> float:
+    model: PreTrainedModel, start: int, inputs: list[list[torch.Tensor]], calibration: list[Batch], targets: list[TeacherTargets],
+    copies: int = 1,
+) -> torch.Tensor:
+    """(copies,) the mean KL(teacher ‖ model) over the calibration set's response positions, the layers from
+    ``start`` on run over ``copies`` copies of each batch in one pass (the hooks in place tell the copies apart)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    totals = torch.zeros(copies, dtype=torch.float64, device=device)
+    count = 0
     with layers_replaced(model, list(model.model.layers)[start:]):
         for batch, cached, target in zip(calibration, inputs, targets, strict=True):
             batch = batch.to(device)
-            hidden = model.model(inputs_embeds=cached[start], attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-            kl = coarse_kl(target, model.lm_head(batch.response_states(hidden)))
-            total += float(kl.sum())
-            count += kl.numel()
-    return total / max(count, 1)
+            embeds = cached[start].repeat(copies, 1, 1)  # (copies·B, T, d): the batch once per copy
+            hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.repeat(copies, 1),
+                                 use_cache=False).last_hidden_state
+            assert batch.response_index is not None
+            states = hidden.reshape(copies, -1, hidden.shape[-1]).index_select(1, batch.response_index)  # (copies, n, d)
+            n, k = target.top_index.shape
+            per_copy = TeacherTargets(target.top_index.expand(copies, n, k), target.top_logprob, target.tail_logprob)
+            totals += coarse_kl(per_copy, model.lm_head(states)).sum(-1)  # (copies,)
+            count += n
+    return (totals / max(count, 1)).float().cpu()
+
+
+ABLATION_ROWS = 256
+"""Most sequences in one ablation pass of :func:`head_importance` (a calibration batch times the units it
+ablates at once): on a GPU the `gpu` profile's batches of 32 run 8 units a pass; the LM head over the response
+positions of those copies is the largest tensor (~0.5 GB for SmolLM2's vocabulary there)."""
 
 
 @torch.no_grad()
@@ -102,7 +118,7 @@ def head_importance(
     model.eval()
     shape = shape_of(model)
     inputs = layer_inputs(model, calibration)
-    mask = torch.ones(shape.heads * shape.head_dim, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
     results: dict[str, torch.Tensor] = {}
     units: list[tuple[str, int]] = []
     if level in ("groups", "both"):
@@ -112,21 +128,33 @@ def head_importance(
         results["heads"] = torch.zeros(shape.layers, shape.heads)
         units += [("heads", h) for h in range(shape.heads)]
 
+    # one zero-one mask over the o_proj input per ablated unit (U, heads·hd); a pass runs the batch once per unit
+    # of a chunk, each copy with its own mask, so a layer's units cost a few passes, not one each (on a GPU
+    # each pass is mostly the host launching the layers' kernels)
+    masks = torch.ones(len(units), shape.heads * shape.head_dim, device=device)
+    for row, (kind, unit) in enumerate(units):
+        heads = range(unit * shape.groups, (unit + 1) * shape.groups) if kind == "groups" else [unit]
+        for head in heads:
+            masks[row, head * shape.head_dim : (head + 1) * shape.head_dim] = 0.0
+    largest = max((b.input_ids.shape[0] for b in calibration), default=1)
+    per_pass = max(1, ABLATION_ROWS // largest)
+    chunk = masks
+
     def apply_mask(_module: nn.Module, args: tuple) -> tuple:
-        return (args[0] * mask,)
+        x = args[0]  # (copies·B, T, heads·hd)
+        return ((x.reshape(chunk.shape[0], -1, *x.shape[1:]) * chunk[:, None, None, :]).reshape(x.shape),)
 
     progress = tqdm(total=shape.layers * len(units), desc="head importance", unit="ablation")
     for layer in range(shape.layers):
         o_proj = model.model.layers[layer].self_attn.o_proj
+        scores = []
         with _hooks([o_proj.register_forward_pre_hook(apply_mask)]):
-            for kind, unit in units:
-                heads = range(unit * shape.groups, (unit + 1) * shape.groups) if kind == "groups" else [unit]
-                mask.fill_(1.0)
-                for head in heads:
-                    mask[head * shape.head_dim : (head + 1) * shape.head_dim] = 0.0
-                results[kind][layer, unit] = _kl_from_layer(model, layer, inputs, calibration, targets)
-                progress.update(1)
-        mask.fill_(1.0)
+            for first in range(0, len(units), per_pass):
+                chunk = masks[first : first + per_pass]
+                scores.append(_kl_from_layer(model, layer, inputs, calibration, targets, chunk.shape[0]))
+                progress.update(chunk.shape[0])
+        for (kind, unit), score in zip(units, torch.cat(scores).tolist(), strict=True):
+            results[kind][layer, unit] = score
     progress.close()
     return results
 

@@ -269,6 +269,43 @@ def test_greedy_layer_search_matches_removing_and_measuring(tokenizer, prepared)
     assert losses[0] == pytest.approx(min(brute), rel=1e-5)
 
 
+# 256 rows: every unit of a layer in one pass; 10: two units (batches of 5) a pass, in chunks
+@pytest.mark.parametrize(("kind", "rows"), [("llama", 256), ("qwen2", 256), ("llama", 10)])
+def test_head_scores_are_the_kl_of_each_ablation_alone(tokenizer, prepared, kind, rows, monkeypatch):
+    """Each head's (and KV group's) score is the calibration KL to the teacher with that head's slice of the
+    o_proj input zeroed, measured by a whole forward pass per ablation (the scorer's batched, partial passes
+    must give the same)."""
+    from pruning import importance
+    from pruning.calibration import mean_kl
+
+    monkeypatch.setattr(importance, "ABLATION_ROWS", rows)
+    model = (tiny_llama if kind == "llama" else tiny_qwen2)(len(tokenizer), layers=2)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    calibration = calibration_batches(prepared, encoder, CalibrationConfig(samples=12, batch_size=5), 0)
+    teacher = (tiny_llama if kind == "llama" else tiny_qwen2)(len(tokenizer), seed=1, layers=2)
+    targets = teacher_targets(teacher, calibration, 16)
+    shape = importance.shape_of(model)
+    scores = importance.head_importance(model, calibration, targets, "both")
+
+    def ablated(layer: int, heads: list[int]) -> float:
+        mask = torch.ones(shape.heads * shape.head_dim)
+        for head in heads:
+            mask[head * shape.head_dim : (head + 1) * shape.head_dim] = 0.0
+        o_proj = model.model.layers[layer].self_attn.o_proj
+        handle = o_proj.register_forward_pre_hook(lambda _m, args: (args[0] * mask,))
+        try:
+            return mean_kl(model, calibration, targets)
+        finally:
+            handle.remove()
+
+    for layer in range(shape.layers):
+        for head in range(shape.heads):
+            assert float(scores["heads"][layer, head]) == pytest.approx(ablated(layer, [head]), rel=1e-4, abs=1e-7)
+        for group in range(shape.kv_heads):
+            members = list(range(group * shape.groups, (group + 1) * shape.groups))
+            assert float(scores["groups"][layer, group]) == pytest.approx(ablated(layer, members), rel=1e-4, abs=1e-7)
+
+
 def test_head_scores_are_reused_for_the_same_model_calibration_and_teacher(tokenizer, prepared, monkeypatch):
     """reused_head_importance scores once per (weights, calibration, targets): the same inputs reuse the scores
     (equal to a fresh pass), a level needing a part not yet scored computes only that part, and a change to the
