@@ -87,10 +87,10 @@ def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any
             steps: int, device: torch.device, lr: float, profile_steps: int = 0, compile: bool = False) -> dict[str, Any]:
     """Train ``model`` on ``rows`` through the engine: ``warmup`` untimed steps, then ``steps`` timed, then
     ``profile_steps`` more under ``torch.profiler`` (apart from the timed ones, which it would slow down);
-    with ``compile``, its decoder layers compiled throughout."""
+    with ``compile``, its decoder layers compiled throughout (give it at least :data:`COMPILED_WARMUP` warm-up
+    steps, or the timed ones include compiling)."""
     with compiled_layers(model, compile):
-        return _measure(name, model, rows, loss_of, batch_size, max(warmup, COMPILED_WARMUP) if compile else warmup,
-                        steps, device, lr, profile_steps, compile)
+        return _measure(name, model, rows, loss_of, batch_size, warmup, steps, device, lr, profile_steps, compile)
 
 
 def _measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any, batch_size: int, warmup: int,

@@ -138,7 +138,7 @@ def head_importance(
             masks[row, head * shape.head_dim : (head + 1) * shape.head_dim] = 0.0
     largest = max((b.input_ids.shape[0] for b in calibration), default=1)
     per_pass = max(1, ABLATION_ROWS // largest)
-    chunk = masks
+    chunk = masks  # the masks of the pass under way (rebound per pass; the hook reads the current one)
 
     def apply_mask(_module: nn.Module, args: tuple) -> tuple:
         x = args[0]  # (copies·B, T, heads·hd)
