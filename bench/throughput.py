@@ -113,7 +113,6 @@ def _measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: An
     _sync(device)
     warmup_seconds = time.perf_counter() - started
     seen.update(tokens=0, slots=0, rows=0)
-    _sync(device)
     started = time.perf_counter()
     engine.fit(rows, _as_list, counted, until_step=warmup + steps)
     _sync(device)

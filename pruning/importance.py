@@ -4,8 +4,8 @@
   set. A head is ablated by zeroing its slice of the ``o_proj`` input; a KV group by zeroing all of its
   query heads. Each layer's input is cached from one clean pass, and the ablated pass starts at that layer
   (the layers before it are unaffected), which halves the cost on average; a layer's units are ablated
-  together, each on its own copy of the batch in one pass (fewer passes; the same scores). The scores depend only on the
-  model, the calibration set and the teacher's targets, so :func:`reused_head_importance` keeps them per
+  together, each on its own copy of the batch in one pass (fewer passes; the same scores). The scores depend
+  only on the model, the calibration set and the teacher's targets, so :func:`reused_head_importance` keeps them per
   process, keyed by a digest of all three: the retention curve prunes one dense model to several targets and
   scores its heads once (about 5 minutes per target on a 2-core CPU).
 - Residual channels: activation energy E[y_d²] at the output of every RMSNorm (what enters q/k/v/gate/up and
@@ -77,7 +77,7 @@ def layer_inputs(model: PreTrainedModel, calibration: list[Batch]) -> list[list[
 
 def _kl_from_layer(
     model: PreTrainedModel, start: int, inputs: list[list[torch.Tensor]], calibration: list[Batch], targets: list[TeacherTargets],
-    copies: int = 1,
+    copies: int,
 ) -> torch.Tensor:
     """(copies,) the mean KL(teacher ‖ model) over the calibration set's response positions, the layers from
     ``start`` on run over ``copies`` copies of each batch in one pass (the hooks in place tell the copies apart)."""
