@@ -11,8 +11,18 @@
 # distillation loss over the catalog's tokens), SASREC_EPOCHS (50), DISTILL_STEPS (none; a step budget per stage,
 # with DISTILL_MINUTES then only a safety stop), LR_DECAY (constant; linear or cosine decay the distillation rate
 # to each stage's planned steps: pair it with DISTILL_STEPS), COMPILE (0; 1 = the decoder layers compiled while
-# fine-tuning and distilling: `train --compile`, `--distill-compile`). Over 10 minutes in all: start it with setsid nohup
-# and poll (../shared/gpu/README.md); a second configuration needs its own WORK.
+# fine-tuning and distilling: `train --compile`, `--distill-compile`), TRAIN_BATCH / TRAIN_LR and DISTILL_BATCH /
+# DISTILL_LR (packed rows a step and rates; none = the gpu profiles': 2 rows, 5e-5 and 3e-4), DISTILL_EPOCHS (the
+# profile's 1; most passes over the distillation examples per stage), PROBE (0; 1 = first
+# a ~1-minute sweep of 2, 8 and 16 packed rows of fine-tuning and distillation, `python -m bench.throughput`,
+# written to OUT/probe.json, and the batches and sqrt-scaled rates it recommends used where TRAIN_* / DISTILL_*
+# are not given, except a PRESET's own distillation rate: on a GPU that waits for its host, more rows a step cost
+# little, so a run of fixed minutes sees more data), EVERY_STAGE (0; 1 = every stage of every point evaluated, not only the last). Over 10 minutes
+# in all: start it with setsid nohup and keep the machine busy with `bash bench/gpu_wait.sh` (or
+# ../shared/gpu/README.md's poll); a second configuration needs its own WORK.
+# One 15-minute lease (README, "One GPU lease"): the 95.5% point with the distillation it can afford, ~10 minutes
+# after setup (estimated, not run yet): PROBE=1 EVERY_STAGE=1 TARGETS=0.955 TRAIN_MINUTES=2 DISTILL_MINUTES=1
+# DISTILL_EXAMPLES=20000 DISTILL_EPOCHS=3 SASREC_EPOCHS=0 bash bench/gpu_retention.sh OUT
 # Seen on an H200 (2026-11-26, a smoke run cut at 200 s): ~40 s of data preparation before training, training at
 # ~4.2 steps/s (the gpu profile's 999 steps = ~4 min), every test user evaluated in ~12 s (plus loading), the
 # attn stage's importance scoring ~18 s; with DISTILL_MINUTES 0.3 a target takes about 2 minutes, so the
@@ -22,11 +32,29 @@ out=${1:?usage: bash bench/gpu_retention.sh OUT_DIR}
 work=${WORK:-/tmp/prunerec-gpu-retention}
 mkdir -p "$out" "$work"
 log() { echo "== $(date +%T) $*"; }
+if [ "${PROBE:-0}" = 1 ]; then
+  log probe
+  distill_variant="distill compact packed"
+  [ "${VOCAB:-full}" = catalog ] && distill_variant="distill compact catalog packed"
+  [ -f "$out/probe.json" ] || python3 -m bench.throughput --device cuda --batch-size 2,8,16 --pack-tokens 2048 \
+    --variants "finetune compact packed,$distill_variant" --steps 4 --warmup 2 --examples 3000 --output "$out/probe.json"
+  if read -r probe_train_batch probe_train_lr probe_distill_batch probe_distill_lr < <(
+      python3 -m bench.throughput --lease-settings "$out/probe.json" --distill-variant "$distill_variant"); then
+    TRAIN_BATCH=${TRAIN_BATCH:-$probe_train_batch} TRAIN_LR=${TRAIN_LR:-$probe_train_lr}
+    DISTILL_BATCH=${DISTILL_BATCH:-$probe_distill_batch}
+    [ -z "${PRESET:-}" ] && DISTILL_LR=${DISTILL_LR:-$probe_distill_lr}  # a preset keeps its own rate
+    log "probe: train ${TRAIN_BATCH} rows at ${TRAIN_LR}, distill ${DISTILL_BATCH} rows at ${DISTILL_LR:-the preset rate}"
+  else
+    log "probe FAILED: the profiles' batches and rates"
+  fi
+fi
 if [ ! -f "$work/dense/prunerec.json" ]; then
   log train
-  compile=()
-  [ "${COMPILE:-0}" = 1 ] && compile=(--compile)
-  python3 -m cli.main train --profile gpu --max-minutes "${TRAIN_MINUTES:-3}" "${compile[@]}" --output "$work/dense" || exit 1
+  options=()
+  [ "${COMPILE:-0}" = 1 ] && options=(--compile)
+  [ -n "${TRAIN_BATCH:-}" ] && options+=(--batch-size "$TRAIN_BATCH")
+  [ -n "${TRAIN_LR:-}" ] && options+=(--lr "$TRAIN_LR")
+  python3 -m cli.main train --profile gpu --max-minutes "${TRAIN_MINUTES:-3}" "${options[@]}" --output "$work/dense" || exit 1
 fi
 log retention
 preset=()
@@ -37,6 +65,10 @@ preset=()
 [ -n "${DISTILL_STEPS:-}" ] && preset+=(--distill-steps "$DISTILL_STEPS")
 [ -n "${LR_DECAY:-}" ] && preset+=(--distill-lr-decay "$LR_DECAY")
 [ "${COMPILE:-0}" = 1 ] && preset+=(--distill-compile)
+[ -n "${DISTILL_BATCH:-}" ] && preset+=(--distill-batch-size "$DISTILL_BATCH")
+[ -n "${DISTILL_LR:-}" ] && preset+=(--distill-lr "$DISTILL_LR")
+[ -n "${DISTILL_EPOCHS:-}" ] && preset+=(--distill-epochs "$DISTILL_EPOCHS")
+[ "${EVERY_STAGE:-0}" = 1 ] && preset+=(--every-stage)
 python3 -m bench.retention "$work/dense" --profile gpu --users 0 --targets "${TARGETS:-0.5,0.9,0.955}" \
   --distill-minutes "${DISTILL_MINUTES:-0.3}" --distill-examples "${DISTILL_EXAMPLES:-5000}" "${preset[@]}" --sasrec-epochs "${SASREC_EPOCHS:-50}" \
   --work "$work/retention" --output "$out/retention" || log retention FAILED

@@ -12,7 +12,10 @@ users and, when asked, RecBole SASRec. Resumable: finished stages and evaluation
     python -m bench.retention runs/dense --profile gpu --sasrec-epochs 50           # every user, one GPU
     python -m bench.retention runs/dense --profile gpu --users 0 --distill-minutes 0.5   # sized to a short lease
 
-Writes ``report.json`` (``points``: target, removed, non_embedding, NDCG@10, HR@10, retention), ``report.md``
+``--every-stage`` also evaluates each point's earlier stages (attn, mlp), to see which cut loses the quality.
+
+Writes ``report.json`` (``points``: target, removed, non_embedding, NDCG@10, HR@10, retention; ``stages``, the
+same for each stage, with ``--every-stage``), ``report.md``
 and ``retention.png`` (NDCG@10 against non-embedding parameters, log scale, with the dense point and the
 SASRec and MostPop lines) to ``bench/results/<profile>/retention``.
 """
@@ -52,6 +55,8 @@ class RetentionConfig:
     seed: int = 0
     sasrec_epochs: int = 0
     """Most epochs of the RecBole SASRec line (0: no SASRec line)."""
+    every_stage: bool = False
+    """Evaluate every stage's artifact of every point, not only the last (which stage loses the quality)."""
     distill_preset: str | None = None
     """Distillation preset over the profile (``prunerec prune --distill-preset``), under the overrides."""
     prune_overrides: dict[str, Any] = field(default_factory=dict)
@@ -91,14 +96,18 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
                              output=str(work / name), teacher=config.teacher, target=target, stages=list(config.stages),
                              evaluate=False)
         logger.info("retention: pruning to %.1f%% removed", 100 * target)
-        final = prune(prune_config, data)[-1]
+        artifacts = prune(prune_config, data)
+        final = artifacts[-1]
         evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog", work / "eval" / f"{name}.json",
                                      config.device)
-        params = read_manifest(final)["params"]["non_embedding"]
-        ndcg = evaluation["metrics"]["ndcg@10"]
-        points.append({"target": target, "artifact": str(final), "non_embedding": params,
-                       "removed": 1 - params / dense_params, "ndcg@10": ndcg, "hr@10": evaluation["metrics"]["hr@10"],
-                       "retention": ndcg / dense_ndcg if dense_ndcg else None})
+        point = {"target": target, "artifact": str(final), **_quality(final, evaluation, dense_params, dense_ndcg)}
+        if config.every_stage:
+            point["stages"] = [
+                {"stage": path.name, **_quality(path, evaluate_cached(path, data, config.users, config.seed, "catalog",
+                                                                      work / "eval" / f"{name}-{path.name}.json",
+                                                                      config.device), dense_params, dense_ndcg)}
+                for path in artifacts[:-1]] + [{"stage": final.name, **{k: point[k] for k in _QUALITY}}]
+        points.append(point)
     sasrec = None
     if config.sasrec_epochs:
         from bench import sasrec as sasrec_bench
@@ -125,6 +134,17 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     return report
 
 
+_QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention")
+
+
+def _quality(artifact: Path, evaluation: dict[str, Any], dense_params: int, dense_ndcg: float) -> dict[str, Any]:
+    """An evaluated artifact's size and quality against the dense model's (the fields of :data:`_QUALITY`)."""
+    params = read_manifest(artifact)["params"]["non_embedding"]
+    ndcg = evaluation["metrics"]["ndcg@10"]
+    return {"non_embedding": params, "removed": 1 - params / dense_params, "ndcg@10": ndcg,
+            "hr@10": evaluation["metrics"]["hr@10"], "retention": ndcg / dense_ndcg if dense_ndcg else None}
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The curve as a table."""
     dense = report["dense"]
@@ -132,13 +152,19 @@ def markdown(report: dict[str, Any]) -> str:
              "| model | non-embedding params | removed | NDCG@10 | HR@10 | retention |", "| --- | ---: | ---: | ---: | ---: | ---: |",
              f"| dense | {dense['non_embedding']:,} | 0% | {dense['ndcg@10']:.4f} | {dense['hr@10']:.4f} | 1.000 |"]
     for point in report["points"]:
-        retention = f"{point['retention']:.3f}" if point["retention"] is not None else "–"
-        lines.append(f"| target {point['target']:g} | {point['non_embedding']:,} | {100 * point['removed']:.1f}% | "
-                     f"{point['ndcg@10']:.4f} | {point['hr@10']:.4f} | {retention} |")
+        for row in point.get("stages", [])[:-1]:  # a point's earlier stages, when every stage was evaluated
+            lines.append(_row(f"target {point['target']:g}, after {row['stage']}", row))
+        lines.append(_row(f"target {point['target']:g}", point))
     lines.append(f"| MostPop | | | {report['mostpop']['ndcg@10']:.4f} | {report['mostpop']['hr@10']:.4f} | |")
     if report.get("sasrec"):
         lines.append(f"| SASRec (RecBole) | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | |")
     return "\n".join(lines) + "\n"
+
+
+def _row(label: str, quality: dict[str, Any]) -> str:
+    retention = f"{quality['retention']:.3f}" if quality["retention"] is not None else "–"
+    return (f"| {label} | {quality['non_embedding']:,} | {100 * quality['removed']:.1f}% | {quality['ndcg@10']:.4f} | "
+            f"{quality['hr@10']:.4f} | {retention} |")
 
 
 def curve(report: dict[str, Any]) -> tuple[list[int], list[float]]:
@@ -185,9 +211,16 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--distill-minutes", type=float, default=None,
                         help="most minutes of distillation per stage (sizes the run to a GPU lease; [the profile's])")
     parser.add_argument("--distill-steps", type=int, default=None, help="most distillation steps per stage")
+    parser.add_argument("--distill-epochs", type=float, default=None,
+                        help="most passes over the distillation examples per stage ([the profile's])")
     parser.add_argument("--distill-examples", type=int, default=None,
                         help="seeded subset of training examples to distil on ([the profile's])")
     parser.add_argument("--distill-preset", default=None, help="distillation preset over the profile (prunerec)")
+    parser.add_argument("--distill-batch-size", type=int, default=None,
+                        help="rows a distillation step (packed rows under the gpu profile; [the profile's])")
+    parser.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate ([the profile's])")
+    parser.add_argument("--every-stage", action="store_true",
+                        help="evaluate every stage of every point, not only the last (which stage loses the quality)")
     parser.add_argument("--distill-vocab", choices=["full", "catalog"], default=None,
                         help="the loss over the whole vocabulary or the catalog's tokens (prunerec prune --distill-vocab)")
     parser.add_argument("--distill-lr-decay", choices=["constant", "linear", "cosine"], default=None,
@@ -206,8 +239,10 @@ def command_line() -> argparse.ArgumentParser:
 
 
 OPTION_PATHS = {"distill_minutes": "distill.max_minutes", "distill_steps": "distill.max_steps",
+                "distill_epochs": "distill.epochs",
                 "distill_examples": "distill.examples", "distill_vocab": "distill.vocab",
-                "distill_lr_decay": "distill.lr_decay", "gradual": "gradual", "distill_compile": "distill.compile"}
+                "distill_lr_decay": "distill.lr_decay", "gradual": "gradual", "distill_compile": "distill.compile",
+                "distill_batch_size": "distill.batch_size", "distill_lr": "distill.lr"}
 """Command-line options given straight to every point's PruneConfig (dotted paths)."""
 
 
@@ -234,7 +269,7 @@ def main() -> None:
     data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
     overrides = prune_overrides(args)
     config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,
-                             sasrec_epochs=args.sasrec_epochs, distill_preset=args.distill_preset,
+                             sasrec_epochs=args.sasrec_epochs, every_stage=args.every_stage, distill_preset=args.distill_preset,
                              prune_overrides=overrides, device=args.device, work=args.work, output=args.output)
     try:
         report = run_retention(config, data)

@@ -8,10 +8,14 @@ same model, data and device:
 - ``finetune d3``: the D3 instruction template, one example per row (padded to the longest in the batch);
 - ``finetune d3 packed``: the same examples packed into rows of ``--pack-tokens`` (positions restart per
   example; :mod:`pruning.packing`);
-- ``finetune compact``: the compact template's packed windows (one user's items, many targets per row);
-- ``distill d3 packed`` and ``distill compact``: a student (the same model, or ``--student ARTIFACT``, e.g.
-  a pruned stage) distilled from the teacher; ``distill compact catalog``: the same with the loss over the
-  catalog's tokens (``prunerec prune --distill-vocab catalog``: the LM head on a few thousand rows).
+- ``finetune compact``: the compact template's windows (one user's items, many targets per window), one
+  window per row (about 135 tokens);
+- ``finetune compact packed``: those windows packed into rows of ``--pack-tokens``: what the ``gpu`` profiles
+  of fine-tuning and distillation train on (rows of 2048 tokens, ~15 windows each);
+- ``distill d3 packed``, ``distill compact`` and ``distill compact packed``: a student (the same model, or
+  ``--student ARTIFACT``, e.g. a pruned stage) distilled from the teacher; ``distill compact catalog`` and
+  ``distill compact catalog packed``: the same with the loss over the catalog's tokens (``prunerec prune
+  --distill-vocab catalog``: the LM head on a few thousand rows).
 
 Each variant takes ``--warmup`` steps untimed, then ``--steps`` timed steps; tokens are the non-padding
 tokens of the timed batches. On CUDA the loss runs in bf16 autocast over fp32 weights with the fused AdamW
@@ -24,7 +28,12 @@ again with its decoder layers compiled (:func:`pruning.engine.compiled_layers`, 
 --compile`` does; every variant's warm-up is then at least 3 steps, so that a second row length's recompile
 falls in it and both time the same batches; the warm-up's time is reported as ``warmup_seconds``).
 
-    python -m bench.throughput --device cuda --batch-size 2,8 --pack-tokens 2048 --variants "finetune compact" --compile
+A batch size that does not fit the GPU's memory is recorded as ``"oom": true`` and the sweep goes on; on CUDA
+each run records its peak memory. ``--lease-settings REPORT`` turns a sweep into the batch and rate of a
+short GPU run (:func:`lease_settings`; ``bench/gpu_retention.sh`` with ``PROBE=1`` does both).
+
+    python -m bench.throughput --device cuda --batch-size 2,8,16 --pack-tokens 2048 \
+        --variants "finetune compact packed,distill compact packed" --compile
     python -m bench.throughput --device cuda --batch-size 32 --pack-tokens 2048
     python -m bench.throughput --device cpu --steps 6     # writes bench/results/cpu/throughput.json
     python -m bench.throughput --model runs/bench-cpu/0-dense --student runs/bench-cpu/3-depth \
@@ -78,6 +87,10 @@ def _as_list(items: list[Example]) -> list[Example]:
     return items
 
 
+MIN_BATCH_GAIN = 1.25
+"""A larger batch is only worth taking for a run of fixed minutes when it processes at least this many times
+the tokens a second: at an equal rate it gives fewer, larger steps (fewer updates for the same tokens)."""
+
 COMPILED_WARMUP = 3
 """Fewest untimed steps of a compiled variant: the first row length compiles, a second recompiles with
 symbolic shapes; neither belongs in the timed steps."""
@@ -88,9 +101,81 @@ def measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any
     """Train ``model`` on ``rows`` through the engine: ``warmup`` untimed steps, then ``steps`` timed, then
     ``profile_steps`` more under ``torch.profiler`` (apart from the timed ones, which it would slow down);
     with ``compile``, its decoder layers compiled throughout (give it at least :data:`COMPILED_WARMUP` warm-up
-    steps, or the timed ones include compiling)."""
-    with compiled_layers(model, compile):
-        return _measure(name, model, rows, loss_of, batch_size, warmup, steps, device, lr, profile_steps, compile)
+    steps, or the timed ones include compiling). A batch that does not fit the device's memory gives
+    :func:`out_of_memory`'s record instead, so a sweep goes on."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = None
+    try:
+        with compiled_layers(model, compile):
+            result = _measure(name, model, rows, loss_of, batch_size, warmup, steps, device, lr, profile_steps, compile)
+    except torch.OutOfMemoryError:
+        pass  # leaving the handler drops the exception and with it the failed run's frames and tensors
+    if result is None:
+        return out_of_memory(name, batch_size, compile, device)
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return result
+
+
+def out_of_memory(name: str, batch_size: int, compile: bool, device: torch.device) -> dict[str, Any]:
+    """The record of a run that did not fit the device's memory (its memory given back, so the sweep goes on)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    logger.warning("%s, %d rows a step: out of device memory", name, batch_size)
+    return {"name": name, "compiled": compile, "batch_rows": batch_size, "oom": True}
+
+
+def recommend(runs: list[dict[str, Any]], min_gain: float = MIN_BATCH_GAIN) -> dict[str, dict[str, Any]]:
+    """Per variant, the batch (rows a step) to train with for a fixed number of minutes: from the smallest
+    measured eager run up, the next larger batch is taken while its tokens/s is at least ``min_gain`` times
+    that of the batch taken so far (see :data:`MIN_BATCH_GAIN`); a batch that ran out of memory ends the walk.
+    Returns {variant: {batch_rows, tokens_per_s, gain (over the smallest batch), measured (the batch sizes)}}."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["name"] for r in runs if not r.get("compiled")):
+        measured = sorted((r for r in runs if r["name"] == name and not r.get("compiled")), key=lambda r: r["batch_rows"])
+        fitting = list(itertools.takewhile(lambda r: not r.get("oom"), measured))
+        if not fitting:
+            continue
+        best = fitting[0]
+        for run in fitting[1:]:
+            if run["tokens_per_s"] >= min_gain * best["tokens_per_s"]:
+                best = run
+        chosen[name] = {"batch_rows": best["batch_rows"], "tokens_per_s": best["tokens_per_s"],
+                        "gain": round(best["tokens_per_s"] / fitting[0]["tokens_per_s"], 2),
+                        "measured": [r["batch_rows"] for r in measured]}
+    return chosen
+
+
+def sqrt_scaled_lr(lr: float, batch_rows: int, base_rows: int) -> float:
+    """``lr`` for ``batch_rows`` rows a step when it was set for ``base_rows``: the square-root rule for Adam
+    (Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"), the rate grown
+    with the square root of the batch, so a larger batch's fewer steps still move the weights about as far."""
+    return lr * math.sqrt(batch_rows / base_rows)
+
+
+def lease_settings(report: dict[str, Any], profile: str = "gpu", finetune: str = "finetune compact packed",
+                   distillation: str = "distill compact packed") -> dict[str, Any]:
+    """Fine-tuning and distillation settings for a run of fixed minutes on the device a sweep measured: each
+    loop's :func:`recommend`-ed batch, its rate :func:`sqrt_scaled_lr` from the profile's batch and rate (the
+    ``gpu`` profiles: 2 packed rows, fine-tuning at 5e-5 and distillation at 3e-4). A variant the sweep lacks
+    keeps the profile's values."""
+    from pruning.distill import DistillConfig
+    from pruning.prune import PROFILES as PRUNE_PROFILES
+    from pruning.train import PROFILES as TRAIN_PROFILES
+    from pruning.train import TrainConfig
+
+    chosen = recommend(report["runs"])
+    train, distillation_profile = TRAIN_PROFILES[profile], PRUNE_PROFILES[profile].get("distill", {})
+    settings: dict[str, Any] = {}
+    for prefix, variant, batch, lr in (
+            ("train", finetune, train.get("batch_size", TrainConfig.batch_size), train.get("lr", TrainConfig.lr)),
+            ("distill", distillation, distillation_profile.get("batch_size", DistillConfig.batch_size),
+             distillation_profile.get("lr", DistillConfig.lr))):
+        rows = chosen[variant]["batch_rows"] if variant in chosen else batch
+        settings[f"{prefix}_batch"] = rows
+        settings[f"{prefix}_lr"] = float(f"{sqrt_scaled_lr(lr, rows, batch):.3g}")
+    return settings
 
 
 def _measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any, batch_size: int, warmup: int,
@@ -107,21 +192,23 @@ def _measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: An
         seen["rows"] += len(lengths)
         return loss_of(items)
 
-    started = time.perf_counter()
-    if warmup:
-        engine.fit(rows, _as_list, counted, until_step=warmup)
-    _sync(device)
-    warmup_seconds = time.perf_counter() - started
-    seen.update(tokens=0, slots=0, rows=0)
-    started = time.perf_counter()
-    engine.fit(rows, _as_list, counted, until_step=warmup + steps)
-    _sync(device)
-    seconds = time.perf_counter() - started
-    tokens = seen["tokens"]
-    profiled = None
-    if profile_steps:
-        profiled = profile_table(lambda: engine.fit(rows, _as_list, counted), device)
-    engine.close()
+    try:
+        started = time.perf_counter()
+        if warmup:
+            engine.fit(rows, _as_list, counted, until_step=warmup)
+        _sync(device)
+        warmup_seconds = time.perf_counter() - started
+        seen.update(tokens=0, slots=0, rows=0)
+        started = time.perf_counter()
+        engine.fit(rows, _as_list, counted, until_step=warmup + steps)
+        _sync(device)
+        seconds = time.perf_counter() - started
+        tokens = seen["tokens"]
+        profiled = None
+        if profile_steps:
+            profiled = profile_table(lambda: engine.fit(rows, _as_list, counted), device)
+    finally:  # the progress bar closed also when the batch does not fit the device
+        engine.close()
     seen["tokens"] = tokens
     result = {
         "name": name, "compiled": compile, "steps": steps, "seconds": round(seconds, 3),
@@ -181,7 +268,20 @@ def main() -> None:
                              "GPU, the share of the wall time its kernels were busy (in the JSON, per variant)")
     parser.add_argument("--variants", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path [bench/results/<device>/throughput.json]")
+    parser.add_argument("--lease-settings", type=Path, default=None, metavar="REPORT",
+                        help="measure nothing: print 'train_batch train_lr distill_batch distill_lr' for a run of fixed "
+                             "minutes on the device REPORT (an earlier sweep's JSON) measured, from its packed compact "
+                             "variants (for bench/gpu_retention.sh)")
+    parser.add_argument("--distill-variant", default="distill compact packed",
+                        help="with --lease-settings: the distillation variant to choose from (the catalog loss: "
+                             "'distill compact catalog packed')")
     args = parser.parse_args()
+    if args.lease_settings is not None:
+        import json
+
+        settings = lease_settings(json.loads(args.lease_settings.read_text()), distillation=args.distill_variant)
+        print(settings["train_batch"], settings["train_lr"], settings["distill_batch"], settings["distill_lr"])
+        return
     try:
         batch_sizes = [int(b) for b in str(args.batch_size).split(",") if b.strip()]
     except ValueError:
@@ -205,6 +305,7 @@ def main() -> None:
     d3_examples = training_examples(data, d3, packing=False, limit=args.examples, seed=0)
     windows = training_examples(data, compact, packing=True, limit=args.examples, seed=0)
     d3_packed = pack(d3_examples, args.pack_tokens, seed=0)
+    windows_packed = pack(windows, args.pack_tokens, seed=0)
 
     def finetune_loss(model: torch.nn.Module) -> Any:
         def move(tensor: torch.Tensor) -> torch.Tensor:  # pinned, so the copy does not wait for the GPU
@@ -226,14 +327,14 @@ def main() -> None:
 
         return loss
 
-    names = ["finetune d3", "finetune d3 packed", "finetune compact", "distill d3 packed", "distill compact",
-             "distill compact catalog"]
+    names = ["finetune d3", "finetune d3 packed", "finetune compact", "finetune compact packed", "distill d3 packed",
+             "distill compact", "distill compact packed", "distill compact catalog", "distill compact catalog packed"]
     chosen = [n.strip() for n in args.variants.split(",")] if args.variants else names
     if unknown := sorted(set(chosen) - set(names)):
         parser.error(f"unknown variants {unknown}; choose from {names}")
     runs = []
     finetune = [(n, r) for n, r in (("finetune d3", d3_examples), ("finetune d3 packed", d3_packed),
-                                    ("finetune compact", windows)) if n in chosen]
+                                    ("finetune compact", windows), ("finetune compact packed", windows_packed)) if n in chosen]
     for (name, rows), batch_size, compile in itertools.product(finetune, batch_sizes, modes):
         model = copy.deepcopy(base).train()
         runs.append(measure(name + (" compiled" if compile else ""), model, rows, finetune_loss(model), batch_size,
@@ -245,13 +346,15 @@ def main() -> None:
     student_base = load_model(args.student, device=str(device), dtype=torch.float32).model if args.student else base
     catalog: LossVocabulary = catalog_vocabulary(teacher, compact, data, windows)
     distilled = [(n, r, v) for n, r, v in (("distill d3 packed", d3_packed, None), ("distill compact", windows, None),
-                                           ("distill compact catalog", windows, catalog)) if n in chosen]
+                                           ("distill compact packed", windows_packed, None),
+                                           ("distill compact catalog", windows, catalog),
+                                           ("distill compact catalog packed", windows_packed, catalog)) if n in chosen]
     for (name, rows, vocabulary), batch_size, compile in itertools.product(distilled, batch_sizes, modes):
         student = copy.deepcopy(student_base).train()
         cache = distill.TeacherCache(teacher, rows, pad_id, top_k=64, temperature=weights.temperature, vocabulary=vocabulary)
         runs.append(measure(name + (" compiled" if compile else ""), student, rows, distill_loss(student, cache), batch_size,
                             warmup, args.steps, device, args.lr, args.profile_steps, compile))
-        del student
+        del student, cache
 
     slug = device_slug(device)
     report = {
@@ -264,6 +367,7 @@ def main() -> None:
                      "warmup": args.warmup, "examples": args.examples,
                      "tokens": "non-padding tokens of the timed batches (student's, for distillation)"},
         "runs": runs,
+        "recommended": recommend(runs),
     }
     emit_json(report, args.output or Path("bench/results") / slug / "throughput.json")
 

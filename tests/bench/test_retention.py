@@ -15,7 +15,7 @@ from llmrec.artifact import read_manifest
 
 def test_retention_curve_prunes_evaluates_and_plots(tmp_path, tiny_dense, prepared):
     config = RetentionConfig(teacher=str(tiny_dense), profile="cpu", targets=[0.75, 0.5], users=None, prune_overrides=TINY_PRUNE,
-                             distill_preset="prunerec", work=str(tmp_path / "work"), output=str(tmp_path / "out"))
+                             distill_preset="prunerec", every_stage=True, work=str(tmp_path / "work"), output=str(tmp_path / "out"))
     report = run_retention(config, prepared)
     points = report["points"]
     assert [p["target"] for p in points] == [0.5, 0.75]  # sorted
@@ -25,6 +25,12 @@ def test_retention_curve_prunes_evaluates_and_plots(tmp_path, tiny_dense, prepar
         assert point["retention"] == pytest.approx(point["ndcg@10"] / report["dense"]["ndcg@10"]) if report["dense"]["ndcg@10"] else True
     assert report["protocol"]["users"] == len(prepared.splits["test"]) and report["sasrec"] is None
     assert 0.0 <= report["mostpop"]["ndcg@10"] <= 1.0
+    for point in points:  # every stage evaluated: sizes falling stage by stage, the last one the point itself
+        stages = point["stages"]
+        assert [s["stage"] for s in stages] == ["1-attn", "2-mlp", "3-depth"]
+        assert stages[0]["non_embedding"] > stages[1]["non_embedding"] > stages[2]["non_embedding"] == point["non_embedding"]
+        assert stages[-1]["ndcg@10"] == point["ndcg@10"] and all(0.0 <= s["ndcg@10"] <= 1.0 for s in stages)
+    assert "| target 0.75, after 1-attn |" in (tmp_path / "out" / "report.md").read_text()
     distilled = read_manifest(points[0]["artifact"])["stage_config"]["distill"]
     assert (distilled["epochs"], distilled["patience"]) == (3.0, 1) and distilled["max_steps"] == 2  # the preset, under the overrides
     for name in ("report.json", "report.md", "retention.png"):
@@ -51,7 +57,9 @@ def test_the_command_lines_distillation_options_reach_every_points_prune_config(
     from bench.retention import command_line, prune_overrides
 
     given = command_line().parse_args(["dense", "--distill-steps", "64", "--distill-lr-decay", "linear",
-                                       "--distill-vocab", "catalog", "--no-reconstruct", "--distill-compile"])
+                                       "--distill-vocab", "catalog", "--no-reconstruct", "--distill-compile",
+                                       "--distill-batch-size", "16", "--distill-lr", "6e-4", "--distill-epochs", "3"])
     assert prune_overrides(given) == {"distill.max_steps": 64, "distill.lr_decay": "linear", "distill.vocab": "catalog",
-                                      "distill.compile": True, "reconstruct": False}
+                                      "distill.compile": True, "reconstruct": False, "distill.batch_size": 16,
+                                      "distill.lr": 6e-4, "distill.epochs": 3.0}
     assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own

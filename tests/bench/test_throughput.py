@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 from helpers import save_model_dir, tiny_llama
 
 from bench import throughput
@@ -21,12 +22,19 @@ def test_throughput_reports_every_variant_with_its_batch_shape(tmp_path, tokeniz
     report = json.loads(output.read_text())
     assert report["device"] == "cpu" and report["precision"] == "fp32"
     runs = {run["name"]: run for run in report["runs"]}
-    assert set(runs) == {"finetune d3", "finetune d3 packed", "finetune compact", "distill d3 packed", "distill compact",
-                         "distill compact catalog"}
+    assert set(runs) == {"finetune d3", "finetune d3 packed", "finetune compact", "finetune compact packed",
+                         "distill d3 packed", "distill compact", "distill compact packed", "distill compact catalog",
+                         "distill compact catalog packed"}
     assert 0 < report["catalog_tokens"] < len(tokenizer)
     assert all(run["tokens_per_s"] > 0 and run["steps"] == 2 for run in runs.values())
     # packing: several examples per row, so more real tokens per step at the same rows per step
     assert runs["finetune d3 packed"]["tokens_per_step"] > 1.5 * runs["finetune d3"]["tokens_per_step"]
+    # the compact windows packed as the gpu profiles train on them: several windows a row, no padding to speak of
+    for loop in ("finetune", "distill"):
+        assert runs[f"{loop} compact packed"]["tokens_per_step"] > 1.5 * runs[f"{loop} compact"]["tokens_per_step"]
+        assert runs[f"{loop} compact packed"]["mean_row_tokens"] > 1.5 * runs[f"{loop} compact"]["mean_row_tokens"]
+    assert set(report["recommended"]) == set(runs)  # one batch size measured: that one
+    assert all(choice["batch_rows"] == 4 and choice["gain"] == 1.0 for choice in report["recommended"].values())
     assert all(0 <= run["padding_share"] < 1 for run in runs.values())
 
 
@@ -89,3 +97,80 @@ def test_batch_sizes_and_compiled_layers_run_side_by_side(tmp_path, tokenizer, m
         monkeypatch.setattr(sys, "argv", [*arguments, "--batch-size", bad])
         with pytest.raises(SystemExit):
             throughput.main()
+
+
+def _run(name, rows, tokens_per_s, compiled=False, oom=False):
+    if oom:
+        return {"name": name, "batch_rows": rows, "compiled": compiled, "oom": True}
+    return {"name": name, "batch_rows": rows, "compiled": compiled, "tokens_per_s": tokens_per_s}
+
+
+def test_recommend_takes_a_larger_batch_only_for_enough_more_tokens_a_second_and_stops_at_memory():
+    runs = [
+        # host-bound: the step time hardly grows with the rows, so tokens/s grows with them
+        _run("finetune compact packed", 2, 16_000), _run("finetune compact packed", 8, 60_000),
+        _run("finetune compact packed", 16, 100_000), _run("finetune compact packed", 32, 0, oom=True),
+        _run("finetune compact packed", 64, 900_000),  # past an out-of-memory batch: never taken
+        _run("finetune compact packed compiled", 16, 400_000, compiled=True),  # compiling is a separate choice
+        # device-bound: 8 rows are barely faster, 16 not enough over the batch taken (2)
+        _run("distill compact packed", 2, 50_000), _run("distill compact packed", 8, 55_000),
+        _run("distill compact packed", 16, 61_000),
+        _run("distill compact catalog packed", 2, 0, oom=True),
+    ]
+    chosen = throughput.recommend(runs)
+    assert chosen["finetune compact packed"] == {"batch_rows": 16, "tokens_per_s": 100_000, "gain": 6.25,
+                                                 "measured": [2, 8, 16, 32, 64]}
+    assert chosen["distill compact packed"]["batch_rows"] == 2 and chosen["distill compact packed"]["gain"] == 1.0
+    assert "distill compact catalog packed" not in chosen  # nothing fitted
+    assert "finetune compact packed compiled" not in chosen
+    # a lower bar takes the 16 rows of distillation (61k >= 1.2 x 50k)
+    assert throughput.recommend(runs, min_gain=1.2)["distill compact packed"]["batch_rows"] == 16
+
+
+def test_lease_settings_scale_the_profiles_rates_with_the_square_root_of_the_batch(tmp_path, monkeypatch, capsys):
+    from pruning.prune import PROFILES as PRUNE_PROFILES
+    from pruning.train import PROFILES as TRAIN_PROFILES
+
+    assert TRAIN_PROFILES["gpu"]["batch_size"] == 2 and PRUNE_PROFILES["gpu"]["distill"]["batch_size"] == 2
+    report = {"runs": [_run("finetune compact packed", 2, 10_000), _run("finetune compact packed", 8, 40_000),
+                       _run("distill compact packed", 2, 10_000), _run("distill compact packed", 8, 11_000),
+                       _run("distill compact catalog packed", 2, 10_000), _run("distill compact catalog packed", 8, 30_000)]}
+    settings = throughput.lease_settings(report)
+    assert settings == {"train_batch": 8, "train_lr": pytest.approx(TRAIN_PROFILES["gpu"]["lr"] * 2),
+                        "distill_batch": 2, "distill_lr": pytest.approx(3e-4)}
+    assert throughput.lease_settings(report, distillation="distill compact catalog packed")["distill_batch"] == 8
+    # a sweep without the variants keeps the profile's batch and rate
+    assert throughput.lease_settings({"runs": []}) == {"train_batch": 2, "train_lr": TRAIN_PROFILES["gpu"]["lr"],
+                                                       "distill_batch": 2, "distill_lr": pytest.approx(3e-4)}
+    # the command line the GPU script reads: four values on one line
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(report))
+    monkeypatch.setattr(sys, "argv", ["throughput", "--lease-settings", str(path), "--distill-variant",
+                                      "distill compact catalog packed"])
+    throughput.main()
+    batch, lr, distill_batch, distill_lr = capsys.readouterr().out.split()
+    assert (int(batch), float(lr), int(distill_batch), float(distill_lr)) == (8, pytest.approx(1e-4), 8, pytest.approx(6e-4))
+
+
+def test_a_batch_that_runs_out_of_device_memory_is_recorded_and_the_sweep_goes_on(tmp_path, tokenizer, monkeypatch):
+    model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    output = tmp_path / "throughput.json"
+    real = throughput._measure
+
+    def measure_or_oom(name, model, rows, loss_of, batch_size, *args):
+        if batch_size > 4:  # as a GPU would: the loss's tensors do not fit
+            def too_big(items):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(name, model, rows, too_big, batch_size, *args)
+        return real(name, model, rows, loss_of, batch_size, *args)
+
+    monkeypatch.setattr(throughput, "_measure", measure_or_oom)
+    monkeypatch.setattr(sys, "argv", ["throughput", "--model", str(model_dir), "--variants", "finetune compact packed",
+                                      "--device", "cpu", "--steps", "1", "--warmup", "0", "--examples", "48",
+                                      "--batch-size", "2,8,4", "--output", str(output)])
+    throughput.main()
+    report = json.loads(output.read_text())
+    assert [(r["batch_rows"], r.get("oom", False)) for r in report["runs"]] == [(2, False), (8, True), (4, False)]
+    assert "tokens_per_s" not in report["runs"][1]
+    assert report["recommended"]["finetune compact packed"]["measured"] == [2, 4, 8]
+    assert report["recommended"]["finetune compact packed"]["batch_rows"] in (2, 4)
