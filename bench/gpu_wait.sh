@@ -10,7 +10,7 @@ limit=${3:-540}
 started=$(date +%s)
 state=running
 while :; do
-  if grep -q '^== [0-9:]* done' "$log" 2>/dev/null; then state=done; break; fi
+  if tr '\r' '\n' < "$log" 2>/dev/null | grep -q '^== [0-9:]* done'; then state=done; break; fi
   [ $(( $(date +%s) - started )) -ge "$limit" ] && break
   sleep 20
   echo "== $(date +%T) $(tr '\r' '\n' < "$log" 2>/dev/null | grep -v '^$' | tail -1 | cut -c1-160)"

@@ -1,0 +1,85 @@
+"""bench/gpu_retention.sh and bench/gpu_wait.sh, the scripts a GPU lease runs, with a stand-in python3 that
+records its command lines: the knobs reach the right options, the probe's settings fill what is not given, and
+the wait returns with the results copied."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STUB = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in
+  *--lease-settings*) echo "16 0.000141 8 0.000849" ;;
+  *"bench.throughput --device"*) echo '{}' > "${@: -1}" ;;
+  *"cli.main train"*) out="${@: -1}"; mkdir -p "$out" && echo '{}' > "$out/prunerec.json" ;;
+esac
+"""
+
+
+def run_retention_script(tmp_path: Path, **knobs: str) -> list[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub = bin_dir / "python3"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+           "WORK": str(tmp_path / "work"), **knobs}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_retention.sh"), str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "== " in result.stdout and result.stdout.rstrip().endswith("done")
+    return calls.read_text().splitlines()
+
+
+def test_the_probe_picks_the_batches_and_rates_where_none_are_given(tmp_path):
+    calls = run_retention_script(tmp_path, PROBE="1", EVERY_STAGE="1", TARGETS="0.955", DISTILL_EPOCHS="3")
+    probe, settings, train, retention = calls
+    assert "bench.throughput --device cuda --batch-size 2,8,16 --pack-tokens 2048" in probe
+    assert "finetune compact packed,distill compact packed" in probe
+    assert "--lease-settings" in settings and "--distill-variant distill compact packed" in settings
+    assert "--batch-size 16 --lr 0.000141" in train and "--profile gpu" in train
+    assert "--distill-batch-size 8 --distill-lr 0.000849" in retention
+    assert "--distill-epochs 3" in retention and "--every-stage" in retention and "--targets 0.955" in retention
+    # the dense model is there now: a second run trains nothing, and a given knob wins over the probe
+    calls = run_retention_script(tmp_path, PROBE="1", DISTILL_BATCH="4", PRESET="prunerec", VOCAB="catalog")
+    assert not any("cli.main train" in call for call in calls)
+    retention = calls[-1]
+    assert "--distill-batch-size 4" in retention
+    assert "--distill-lr" not in retention  # a preset keeps its own rate
+    assert "--distill-preset prunerec" in retention and "--distill-vocab catalog" in retention
+    assert "--every-stage" not in retention
+    assert not any("bench.throughput --device" in call for call in calls)  # the probe's report is reused
+
+
+def test_without_the_probe_only_the_knobs_given_reach_the_commands(tmp_path):
+    calls = run_retention_script(tmp_path, TRAIN_BATCH="8", DISTILL_LR="0.0005")
+    assert not any("bench.throughput" in call for call in calls)
+    train, retention = calls
+    assert "--batch-size 8" in train and "--lr" not in train
+    assert "--distill-lr 0.0005" in retention and "--distill-batch-size" not in retention
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_the_wait_returns_when_the_job_is_done_and_brings_its_results(tmp_path, finished):
+    log = tmp_path / "job.log"
+    log.write_text("== 10:00:00 train\nprogress 50%\r" + ("== 10:09:00 done\n" if finished else ""))
+    results = tmp_path / "results"
+    (results / "retention").mkdir(parents=True)
+    (results / "probe.json").write_text("{}")
+    (results / "retention" / "report.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_wait.sh"), str(log), str(results), "0"],
+                            env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.rstrip().endswith("== done" if finished else "== running")
+    assert (out / "probe.json").is_file() and (out / "retention" / "report.json").is_file()
+    assert (out / "job.log").read_text() == log.read_text()
