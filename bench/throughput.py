@@ -128,8 +128,10 @@ def out_of_memory(name: str, batch_size: int, compile: bool, device: torch.devic
 
 def recommend(runs: list[dict[str, Any]], min_gain: float = MIN_BATCH_GAIN) -> dict[str, dict[str, Any]]:
     """Per variant, the batch (rows a step) to train with for a fixed number of minutes: from the smallest
-    measured eager run up, the next larger batch is taken while its tokens/s is at least ``min_gain`` times
-    that of the batch taken so far (see :data:`MIN_BATCH_GAIN`); a batch that ran out of memory ends the walk.
+    measured eager run up, each larger batch is taken if its tokens/s is at least ``min_gain`` times that of
+    the batch taken so far (see :data:`MIN_BATCH_GAIN`); a batch that ran out of memory ends the walk. (The
+    distillation variants time the dense model as its own student; a pruned student is smaller still, so its
+    step waits on the host at least as much.)
     Returns {variant: {batch_rows, tokens_per_s, gain (over the smallest batch), measured (the batch sizes)}}."""
     chosen: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["name"] for r in runs if not r.get("compiled")):
