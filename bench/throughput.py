@@ -156,12 +156,18 @@ def sqrt_scaled_lr(lr: float, batch_rows: int, base_rows: int) -> float:
     return lr * math.sqrt(batch_rows / base_rows)
 
 
+MAX_DISTILL_LR = 1e-3
+"""The highest distillation rate a scaled one may reach: on the benchmark's attention stage (CPU, 2026-11-27,
+``bench/results/cpu/distill_batch_lr.json``) 1e-3 recovered the student at 8 and at 32 windows a step, while
+2e-3 at 32 (the square-root rule from 1e-3 at 8) diverged (validation loss 3.55 → 4.55 after 20 steps)."""
+
+
 def lease_settings(report: dict[str, Any], profile: str = "gpu", finetune: str = "finetune compact packed",
                    distillation: str = "distill compact packed") -> dict[str, Any]:
     """Fine-tuning and distillation settings for a run of fixed minutes on the device a sweep measured: each
     loop's :func:`recommend`-ed batch, its rate :func:`sqrt_scaled_lr` from the profile's batch and rate (the
-    ``gpu`` profiles: 2 packed rows, fine-tuning at 5e-5 and distillation at 3e-4). A variant the sweep lacks
-    keeps the profile's values."""
+    ``gpu`` profiles: 2 packed rows, fine-tuning at 5e-5 and distillation at 3e-4), distillation's at most
+    :data:`MAX_DISTILL_LR`. A variant the sweep lacks keeps the profile's values."""
     from pruning.distill import DistillConfig
     from pruning.prune import PROFILES as PRUNE_PROFILES
     from pruning.train import PROFILES as TRAIN_PROFILES
@@ -170,13 +176,13 @@ def lease_settings(report: dict[str, Any], profile: str = "gpu", finetune: str =
     chosen = recommend(report["runs"])
     train, distillation_profile = TRAIN_PROFILES[profile], PRUNE_PROFILES[profile].get("distill", {})
     settings: dict[str, Any] = {}
-    for prefix, variant, batch, lr in (
-            ("train", finetune, train.get("batch_size", TrainConfig.batch_size), train.get("lr", TrainConfig.lr)),
+    for prefix, variant, batch, lr, most in (
+            ("train", finetune, train.get("batch_size", TrainConfig.batch_size), train.get("lr", TrainConfig.lr), math.inf),
             ("distill", distillation, distillation_profile.get("batch_size", DistillConfig.batch_size),
-             distillation_profile.get("lr", DistillConfig.lr))):
+             distillation_profile.get("lr", DistillConfig.lr), MAX_DISTILL_LR)):
         rows = chosen[variant]["batch_rows"] if variant in chosen else batch
         settings[f"{prefix}_batch"] = rows
-        settings[f"{prefix}_lr"] = float(f"{sqrt_scaled_lr(lr, rows, batch):.3g}")
+        settings[f"{prefix}_lr"] = float(f"{min(sqrt_scaled_lr(lr, rows, batch), max(most, lr)):.3g}")
     return settings
 
 

@@ -139,6 +139,10 @@ def test_lease_settings_scale_the_profiles_rates_with_the_square_root_of_the_bat
     assert settings == {"train_batch": 8, "train_lr": pytest.approx(TRAIN_PROFILES["gpu"]["lr"] * 2),
                         "distill_batch": 2, "distill_lr": pytest.approx(3e-4)}
     assert throughput.lease_settings(report, distillation="distill compact catalog packed")["distill_batch"] == 8
+    # distillation's rate never grows past the highest seen stable (a 32-row batch: 3e-4 x 4 = 1.2e-3 -> 1e-3)
+    wide = {"runs": [_run("distill compact packed", 2, 10_000), _run("distill compact packed", 32, 90_000)]}
+    assert throughput.lease_settings(wide)["distill_batch"] == 32
+    assert throughput.lease_settings(wide)["distill_lr"] == pytest.approx(throughput.MAX_DISTILL_LR)
     # a sweep without the variants keeps the profile's batch and rate
     assert throughput.lease_settings({"runs": []}) == {"train_batch": 2, "train_lr": TRAIN_PROFILES["gpu"]["lr"],
                                                        "distill_batch": 2, "distill_lr": pytest.approx(3e-4)}
