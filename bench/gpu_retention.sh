@@ -15,11 +15,12 @@
 # DISTILL_LR (packed rows a step and rates; none = the gpu profiles': 2 rows, 5e-5 and 3e-4), DISTILL_EPOCHS (the
 # profile's 1; most passes over the distillation examples per stage), PROBE (0; 1 = first
 # a ~1-minute sweep of 2, 8 and 16 packed rows of fine-tuning and distillation, `python -m bench.throughput`,
-# written to OUT/probe.json, and the batches and sqrt-scaled rates it recommends used where TRAIN_* / DISTILL_*
-# are not given, except a PRESET's own distillation rate: on a GPU that waits for its host, more rows a step cost
-# little, so a run of fixed minutes sees more data), EVERY_STAGE (0; 1 = every stage of every point evaluated, not only the last). Over 10 minutes
-# in all: start it with setsid nohup and keep the machine busy with `bash bench/gpu_wait.sh` (or
-# ../shared/gpu/README.md's poll); a second configuration needs its own WORK.
+# written to OUT/probe.json, and the batches and sqrt-scaled rates it recommends (distillation's at most 1e-3)
+# used where TRAIN_* / DISTILL_* are not given, except a PRESET's own distillation rate: on a GPU that waits for
+# its host, more rows a step cost little, so a run of fixed minutes sees more data), EVERY_STAGE (0; 1 = every
+# stage of every point evaluated, not only the last). Over 10 minutes in all: start it with setsid nohup and keep
+# the machine busy with `bash bench/gpu_wait.sh` (or ../shared/gpu/README.md's poll); a second configuration
+# needs its own WORK.
 # One 15-minute lease (README, "One GPU lease"): the 95.5% point with the distillation it can afford, ~10 minutes
 # after setup (estimated, not run yet): PROBE=1 EVERY_STAGE=1 TARGETS=0.955 TRAIN_MINUTES=2 DISTILL_MINUTES=1
 # DISTILL_EXAMPLES=20000 DISTILL_EPOCHS=3 SASREC_EPOCHS=0 bash bench/gpu_retention.sh OUT
