@@ -101,12 +101,13 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
         evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog", work / "eval" / f"{name}.json",
                                      config.device)
         point = {"target": target, "artifact": str(final), **_quality(final, evaluation, dense_params, dense_ndcg)}
-        if config.every_stage:
-            point["stages"] = [
-                {"stage": path.name, **_quality(path, evaluate_cached(path, data, config.users, config.seed, "catalog",
-                                                                      work / "eval" / f"{name}-{path.name}.json",
-                                                                      config.device), dense_params, dense_ndcg)}
-                for path in artifacts[:-1]] + [{"stage": final.name, **{k: point[k] for k in _QUALITY}}]
+        if config.every_stage:  # the earlier stages evaluated too; the last one is the point itself
+            stages = []
+            for path in artifacts[:-1]:
+                stage_evaluation = evaluate_cached(path, data, config.users, config.seed, "catalog",
+                                                   work / "eval" / f"{name}-{path.name}.json", config.device)
+                stages.append({"stage": path.name, **_quality(path, stage_evaluation, dense_params, dense_ndcg)})
+            point["stages"] = [*stages, {"stage": final.name, **{key: point[key] for key in _QUALITY}}]
         points.append(point)
     sasrec = None
     if config.sasrec_epochs:
