@@ -17,7 +17,10 @@ users and, when asked, RecBole SASRec. Resumable: finished stages and evaluation
 Writes ``report.json`` (``points``: target, removed, non_embedding, NDCG@10, HR@10, retention; ``stages``, the
 same for each stage, with ``--every-stage``), ``report.md``
 and ``retention.png`` (NDCG@10 against non-embedding parameters, log scale, with the dense point and the
-SASRec and MostPop lines) to ``bench/results/<profile>/retention``.
+SASRec and MostPop lines) to ``bench/results/<profile>/retention``. All three are rewritten after every
+evaluation (``protocol.complete`` false until the end; ``in_progress``: the point being pruned, its stages
+evaluated as each is written under ``--every-stage``), so a run cut short, a GPU lease that ends, keeps what it
+finished; run again, it resumes.
 """
 
 from __future__ import annotations
@@ -88,27 +91,59 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
                                  work / "eval" / "dense.json", config.device)
     dense_params = read_manifest(config.teacher)["params"]["non_embedding"]
     dense_ndcg = dense_eval["metrics"]["ndcg@10"]
-    points = []
+    points: list[dict[str, Any]] = []
+    partial: dict[str, Any] | None = None  # the point being pruned, its stages evaluated so far (--every-stage)
+
+    def write(sasrec: dict[str, Any] | None = None, complete: bool = False) -> dict[str, Any]:
+        """The report as it stands, rewritten after every evaluation: a run cut short (a GPU lease that ends)
+        keeps every figure it finished."""
+        report = {
+            "protocol": {"teacher": config.teacher, "profile": config.profile, "users": dense_eval["protocol"]["users"],
+                         "seed": config.seed, "plan": "uniform plan per target (prunerec prune --target)",
+                         "stages": config.stages,
+                         "ranking": "full catalog, 20 beams, history excluded, catalog head, no assistant",
+                         "minutes": round((time.perf_counter() - started) / 60, 1), "complete": complete,
+                         "config": asdict(config)},
+            "dense": {"non_embedding": dense_params, "ndcg@10": dense_ndcg, "hr@10": dense_eval["metrics"]["hr@10"]},
+            "mostpop": dense_eval["mostpop"],
+            "sasrec": sasrec,
+            "points": points,
+        }
+        if partial is not None:
+            report["in_progress"] = partial
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "report.json").write_text(json.dumps(report, indent=2))
+        (output / "report.md").write_text(markdown(report))
+        plot(report, output / "retention.png")
+        return report
+
+    write()
     for target in sorted(config.targets):
         name = f"target-{target:g}"
         prune_config = merge(PruneConfig, with_preset(PROFILES[config.profile], config.distill_preset),
                              {"device": config.device, **config.prune_overrides},
                              output=str(work / name), teacher=config.teacher, target=target, stages=list(config.stages),
                              evaluate=False)
+        partial = {"target": target, "stages": []}
+
+        def evaluate_stage(path: Path, name: str = name, partial: dict[str, Any] = partial) -> None:
+            """A stage evaluated as soon as it is written (--every-stage), the report rewritten."""
+            stage_evaluation = evaluate_cached(path, data, config.users, config.seed, "catalog",
+                                               work / "eval" / f"{name}-{path.name}.json", config.device)
+            partial["stages"].append({"stage": path.name, **_quality(path, stage_evaluation, dense_params, dense_ndcg)})
+            write()
+
         logger.info("retention: pruning to %.1f%% removed", 100 * target)
-        artifacts = prune(prune_config, data)
+        artifacts = prune(prune_config, data, on_stage=evaluate_stage if config.every_stage else None)
         final = artifacts[-1]
-        evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog", work / "eval" / f"{name}.json",
-                                     config.device)
+        evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog",  # --every-stage's file too
+                                     work / "eval" / f"{name}-{final.name}.json", config.device)
         point = {"target": target, "artifact": str(final), **_quality(final, evaluation, dense_params, dense_ndcg)}
-        if config.every_stage:  # the earlier stages evaluated too; the last one is the point itself
-            stages = []
-            for path in artifacts[:-1]:
-                stage_evaluation = evaluate_cached(path, data, config.users, config.seed, "catalog",
-                                                   work / "eval" / f"{name}-{path.name}.json", config.device)
-                stages.append({"stage": path.name, **_quality(path, stage_evaluation, dense_params, dense_ndcg)})
-            point["stages"] = [*stages, {"stage": final.name, **{key: point[key] for key in _QUALITY}}]
+        if config.every_stage:  # the stages as evaluated when written; the last one is the point itself
+            point["stages"] = [*partial["stages"][:-1], {"stage": final.name, **{key: point[key] for key in _QUALITY}}]
         points.append(point)
+        partial = None
+        write()
     sasrec = None
     if config.sasrec_epochs:
         from bench import sasrec as sasrec_bench
@@ -118,21 +153,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
                                                   device=config.device or "cpu")
         pairs = sample_users(data.splits["test"], config.users, config.seed)
         sasrec = sasrec_bench.run(sasrec_config, data, users=pairs)["metrics"]
-    report = {
-        "protocol": {"teacher": config.teacher, "profile": config.profile, "users": dense_eval["protocol"]["users"],
-                     "seed": config.seed, "plan": "uniform plan per target (prunerec prune --target)",
-                     "stages": config.stages, "ranking": "full catalog, 20 beams, history excluded, catalog head, no assistant",
-                     "minutes": round((time.perf_counter() - started) / 60, 1), "config": asdict(config)},
-        "dense": {"non_embedding": dense_params, "ndcg@10": dense_ndcg, "hr@10": dense_eval["metrics"]["hr@10"]},
-        "mostpop": dense_eval["mostpop"],
-        "sasrec": sasrec,
-        "points": points,
-    }
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "report.json").write_text(json.dumps(report, indent=2))
-    (output / "report.md").write_text(markdown(report))
-    plot(report, output / "retention.png")
-    return report
+    return write(sasrec, complete=True)
 
 
 _QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention")
@@ -149,13 +170,17 @@ def _quality(artifact: Path, evaluation: dict[str, Any], dense_params: int, dens
 def markdown(report: dict[str, Any]) -> str:
     """The curve as a table."""
     dense = report["dense"]
-    lines = [f"# Retention curve ({report['protocol']['profile']}, {report['protocol']['users']} users)", "",
+    unfinished = "" if report["protocol"].get("complete", True) else ", unfinished: the run has not ended"
+    lines = [f"# Retention curve ({report['protocol']['profile']}, {report['protocol']['users']} users{unfinished})", "",
              "| model | non-embedding params | removed | NDCG@10 | HR@10 | retention |", "| --- | ---: | ---: | ---: | ---: | ---: |",
              f"| dense | {dense['non_embedding']:,} | 0% | {dense['ndcg@10']:.4f} | {dense['hr@10']:.4f} | 1.000 |"]
     for point in report["points"]:
         for row in point.get("stages", [])[:-1]:  # a point's earlier stages, when every stage was evaluated
             lines.append(_row(f"target {point['target']:g}, after {row['stage']}", row))
         lines.append(_row(f"target {point['target']:g}", point))
+    if report.get("in_progress"):  # a point whose pruning has not finished (yet, or ever: a cut-short run)
+        for row in report["in_progress"]["stages"]:
+            lines.append(_row(f"target {report['in_progress']['target']:g}, after {row['stage']} (unfinished)", row))
     lines.append(f"| MostPop | | | {report['mostpop']['ndcg@10']:.4f} | {report['mostpop']['hr@10']:.4f} | |")
     if report.get("sasrec"):
         lines.append(f"| SASRec (RecBole) | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | |")

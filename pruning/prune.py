@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -162,8 +163,11 @@ def make_plan(model: PreTrainedModel, config: PruneConfig) -> Plan:
     return plan_from_ratios(shape, config.ratios, bias)
 
 
-def run(config: PruneConfig, data: PreparedData) -> list[Path]:
-    """Run the stages in order (each from :data:`pruning.stages.STAGES`); returns their artifact directories."""
+def run(config: PruneConfig, data: PreparedData, on_stage: Callable[[Path], None] | None = None) -> list[Path]:
+    """Run the stages in order (each from :data:`pruning.stages.STAGES`); returns their artifact directories.
+
+    ``on_stage`` is called with each stage's artifact directory as soon as it is written (a caller that
+    evaluates stages keeps what a cut-short run finished)."""
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown or not config.stages:
         raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
@@ -206,6 +210,8 @@ def run(config: PruneConfig, data: PreparedData) -> list[Path]:
         artifact = STAGES[name].run(split_budget(scale_budget(config, scales[name]), steps), inputs)
         inputs.parent, inputs.student, inputs.tokenizer = str(artifact.path), artifact.model, artifact.tokenizer
         written.append(artifact.path)
+        if on_stage is not None:
+            on_stage(artifact.path)
     summary = summarize(config.teacher, written)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return written

@@ -13,10 +13,37 @@ from bench.retention import RetentionConfig, curve, run_retention
 from llmrec.artifact import read_manifest
 
 
-def test_retention_curve_prunes_evaluates_and_plots(tmp_path, tiny_dense, prepared):
+class LeaseEnded(Exception):
+    pass
+
+
+def test_retention_curve_prunes_evaluates_and_plots(tmp_path, tiny_dense, prepared, monkeypatch):
+    import pruning.prune
+
     config = RetentionConfig(teacher=str(tiny_dense), profile="cpu", targets=[0.75, 0.5], users=None, prune_overrides=TINY_PRUNE,
                              distill_preset="prunerec", every_stage=True, work=str(tmp_path / "work"), output=str(tmp_path / "out"))
-    report = run_retention(config, prepared)
+    real_prune = pruning.prune.run
+
+    def cut_short(prune_config, data, on_stage=None):  # the run ends after the second point's 2-mlp stage
+        def stage_then_end(path):
+            on_stage(path)
+            if prune_config.target == 0.75 and path.name == "2-mlp":
+                raise LeaseEnded
+        return real_prune(prune_config, data, on_stage=stage_then_end)
+
+    monkeypatch.setattr(pruning.prune, "run", cut_short)
+    with pytest.raises(LeaseEnded):
+        run_retention(config, prepared)
+    kept = json.loads((tmp_path / "out" / "report.json").read_text())  # what the cut-short run had finished
+    assert kept["protocol"]["complete"] is False and [p["target"] for p in kept["points"]] == [0.5]
+    assert kept["in_progress"]["target"] == 0.75 and [s["stage"] for s in kept["in_progress"]["stages"]] == ["1-attn", "2-mlp"]
+    assert "| target 0.75, after 2-mlp (unfinished) |" in (tmp_path / "out" / "report.md").read_text()
+    monkeypatch.setattr(pruning.prune, "run", real_prune)
+
+    report = run_retention(config, prepared)  # resumed: the finished stages and evaluations reused
+    assert report["protocol"]["complete"] is True and "in_progress" not in report
+    assert report["points"][0] == kept["points"][0]
+    assert report["points"][1]["stages"][:2] == kept["in_progress"]["stages"]
     points = report["points"]
     assert [p["target"] for p in points] == [0.5, 0.75]  # sorted
     assert points[0]["non_embedding"] > points[1]["non_embedding"]  # more removed, fewer parameters
