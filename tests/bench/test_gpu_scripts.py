@@ -83,3 +83,20 @@ def test_the_wait_returns_when_the_job_is_done_and_brings_its_results(tmp_path, 
     assert result.stdout.rstrip().endswith("== done" if finished else "== running")
     assert (out / "probe.json").is_file() and (out / "retention" / "report.json").is_file()
     assert (out / "job.log").read_text() == log.read_text()
+
+
+def test_a_wait_killed_midway_has_already_brought_the_results(tmp_path):
+    """A device call killed when the session's time runs out returns what is in $OUT: the wait must have copied
+    the reports before its first 20-second sleep, not only when it returns."""
+    log = tmp_path / "job.log"
+    log.write_text("== 10:00:00 retention\n")
+    results = tmp_path / "results" / "retention"
+    results.mkdir(parents=True)
+    (results / "report.json").write_text('{"protocol": {"complete": false}}')
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["timeout", "3", "bash", str(ROOT / "bench" / "gpu_wait.sh"), str(log), str(results.parent), "600"],
+                            env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 124  # killed while waiting
+    assert (out / "retention" / "report.json").read_text() == '{"protocol": {"complete": false}}'
+    assert (out / "job.log").is_file()
