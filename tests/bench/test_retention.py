@@ -90,3 +90,22 @@ def test_the_command_lines_distillation_options_reach_every_points_prune_config(
                                       "distill.compile": True, "reconstruct": False, "distill.batch_size": 16,
                                       "distill.lr": 6e-4, "distill.epochs": 3.0}
     assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own
+
+
+def test_the_leases_retention_settings_run_under_the_gpu_profile_on_the_cpu(tmp_path, tiny_dense, prepared):
+    """README "One GPU lease": the gpu pruning profile (256 calibration samples, packed rows of 2048 tokens) with
+    the lease's distillation batch, rate, epochs, minutes and every stage evaluated, on a tiny model here, so a
+    wrong combination fails in CI and not in a 15-minute lease. Only the step count is capped (seconds)."""
+    overrides = {"distill.batch_size": 16, "distill.lr": 8.5e-4, "distill.epochs": 3.0, "distill.max_minutes": 1.0,
+                 "distill.examples": 20000, "distill.max_steps": 2}
+    config = RetentionConfig(teacher=str(tiny_dense), profile="gpu", targets=[0.955], users=None, every_stage=True,
+                             prune_overrides=overrides, device="cpu", work=str(tmp_path / "work"), output=str(tmp_path / "out"))
+    report = run_retention(config, prepared)
+    assert report["protocol"]["complete"] is True and report["protocol"]["users"] == len(prepared.splits["test"])
+    (point,) = report["points"]
+    assert [s["stage"] for s in point["stages"]] == ["1-attn", "2-mlp", "3-depth"] and point["removed"] > 0.9
+    manifest = read_manifest(point["artifact"])
+    distilled = manifest["stage_config"]["distill"]
+    assert (distilled["batch_size"], distilled["lr"], distilled["epochs"], distilled["pack_tokens"]) == (16, 8.5e-4, 3.0, 2048)
+    assert manifest["stage_config"]["calibration"]["samples"] == 256
+    assert manifest["distillation"]["steps"] == 2
