@@ -156,15 +156,18 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     return write(sasrec, complete=True)
 
 
-_QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention")
+_QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention", "distill_steps", "distill_stop")
 
 
 def _quality(artifact: Path, evaluation: dict[str, Any], dense_params: int, dense_ndcg: float) -> dict[str, Any]:
     """An evaluated artifact's size and quality against the dense model's (the fields of :data:`_QUALITY`)."""
-    params = read_manifest(artifact)["params"]["non_embedding"]
+    manifest = read_manifest(artifact)
+    params = manifest["params"]["non_embedding"]
     ndcg = evaluation["metrics"]["ndcg@10"]
+    distilled = manifest.get("distillation") or {}  # what the stage's recovery got (a run capped in minutes varies)
     return {"non_embedding": params, "removed": 1 - params / dense_params, "ndcg@10": ndcg,
-            "hr@10": evaluation["metrics"]["hr@10"], "retention": ndcg / dense_ndcg if dense_ndcg else None}
+            "hr@10": evaluation["metrics"]["hr@10"], "retention": ndcg / dense_ndcg if dense_ndcg else None,
+            "distill_steps": distilled.get("steps"), "distill_stop": distilled.get("stop_reason")}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -172,8 +175,9 @@ def markdown(report: dict[str, Any]) -> str:
     dense = report["dense"]
     unfinished = "" if report["protocol"].get("complete", True) else ", unfinished: the run has not ended"
     lines = [f"# Retention curve ({report['protocol']['profile']}, {report['protocol']['users']} users{unfinished})", "",
-             "| model | non-embedding params | removed | NDCG@10 | HR@10 | retention |", "| --- | ---: | ---: | ---: | ---: | ---: |",
-             f"| dense | {dense['non_embedding']:,} | 0% | {dense['ndcg@10']:.4f} | {dense['hr@10']:.4f} | 1.000 |"]
+             "| model | non-embedding params | removed | NDCG@10 | HR@10 | retention | distillation steps (stop) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| dense | {dense['non_embedding']:,} | 0% | {dense['ndcg@10']:.4f} | {dense['hr@10']:.4f} | 1.000 | |"]
     for point in report["points"]:
         for row in point.get("stages", [])[:-1]:  # a point's earlier stages, when every stage was evaluated
             lines.append(_row(f"target {point['target']:g}, after {row['stage']}", row))
@@ -181,16 +185,18 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("in_progress"):  # a point whose pruning has not finished (yet, or ever: a cut-short run)
         for row in report["in_progress"]["stages"]:
             lines.append(_row(f"target {report['in_progress']['target']:g}, after {row['stage']} (unfinished)", row))
-    lines.append(f"| MostPop | | | {report['mostpop']['ndcg@10']:.4f} | {report['mostpop']['hr@10']:.4f} | |")
+    lines.append(f"| MostPop | | | {report['mostpop']['ndcg@10']:.4f} | {report['mostpop']['hr@10']:.4f} | | |")
     if report.get("sasrec"):
-        lines.append(f"| SASRec (RecBole) | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | |")
+        lines.append(f"| SASRec (RecBole) | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | | |")
     return "\n".join(lines) + "\n"
 
 
 def _row(label: str, quality: dict[str, Any]) -> str:
     retention = f"{quality['retention']:.3f}" if quality["retention"] is not None else "–"
+    steps = quality.get("distill_steps")
+    distilled = "" if steps is None else f"{steps} ({quality.get('distill_stop')})"
     return (f"| {label} | {quality['non_embedding']:,} | {100 * quality['removed']:.1f}% | {quality['ndcg@10']:.4f} | "
-            f"{quality['hr@10']:.4f} | {retention} |")
+            f"{quality['hr@10']:.4f} | {retention} | {distilled} |")
 
 
 def curve(report: dict[str, Any]) -> tuple[list[int], list[float]]:
@@ -245,6 +251,8 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--distill-batch-size", type=int, default=None,
                         help="rows a distillation step (packed rows under the gpu profile; [the profile's])")
     parser.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate ([the profile's])")
+    parser.add_argument("--distill-hidden-weight", type=float, default=None,
+                        help="weight of the hidden-state term (prunerec prune --distill-hidden-weight; [0: logits only])")
     parser.add_argument("--every-stage", action="store_true",
                         help="evaluate every stage of every point, not only the last (which stage loses the quality)")
     parser.add_argument("--distill-vocab", choices=["full", "catalog"], default=None,
@@ -268,7 +276,8 @@ OPTION_PATHS = {"distill_minutes": "distill.max_minutes", "distill_steps": "dist
                 "distill_epochs": "distill.epochs",
                 "distill_examples": "distill.examples", "distill_vocab": "distill.vocab",
                 "distill_lr_decay": "distill.lr_decay", "gradual": "gradual", "distill_compile": "distill.compile",
-                "distill_batch_size": "distill.batch_size", "distill_lr": "distill.lr"}
+                "distill_batch_size": "distill.batch_size", "distill_lr": "distill.lr",
+                "distill_hidden_weight": "distill.hidden_weight"}
 """Command-line options given straight to every point's PruneConfig (dotted paths)."""
 
 

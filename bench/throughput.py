@@ -126,17 +126,23 @@ def out_of_memory(name: str, batch_size: int, compile: bool, device: torch.devic
     return {"name": name, "compiled": compile, "batch_rows": batch_size, "oom": True}
 
 
-def recommend(runs: list[dict[str, Any]], min_gain: float = MIN_BATCH_GAIN) -> dict[str, dict[str, Any]]:
+def recommend(runs: list[dict[str, Any]], min_gain: float = MIN_BATCH_GAIN,
+              memory_mb: float | None = None) -> dict[str, dict[str, Any]]:
     """Per variant, the batch (rows a step) to train with for a fixed number of minutes: from the smallest
     measured eager run up, each larger batch is taken if its tokens/s is at least ``min_gain`` times that of
-    the batch taken so far (see :data:`MIN_BATCH_GAIN`); a batch that ran out of memory ends the walk. (The
+    the batch taken so far (see :data:`MIN_BATCH_GAIN`); a batch that ran out of memory, or whose peak device
+    memory exceeds ``memory_mb`` (a share of the card, when several runs share it), ends the walk. (The
     distillation variants time the dense model as its own student; a pruned student is smaller still, so its
-    step waits on the host at least as much.)
+    step waits on the host at least as much, and its memory is less.)
     Returns {variant: {batch_rows, tokens_per_s, gain (over the smallest batch), measured (the batch sizes)}}."""
+
+    def fits(run: dict[str, Any]) -> bool:
+        return not run.get("oom") and (memory_mb is None or run.get("peak_gpu_mb", 0) <= memory_mb)
+
     chosen: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["name"] for r in runs if not r.get("compiled")):
         measured = sorted((r for r in runs if r["name"] == name and not r.get("compiled")), key=lambda r: r["batch_rows"])
-        fitting = list(itertools.takewhile(lambda r: not r.get("oom"), measured))
+        fitting = list(itertools.takewhile(fits, measured))
         if not fitting:
             continue
         best = fitting[0]
@@ -156,6 +162,10 @@ def sqrt_scaled_lr(lr: float, batch_rows: int, base_rows: int) -> float:
     return lr * math.sqrt(batch_rows / base_rows)
 
 
+CARD_SHARE = 0.85
+"""Share of the card's memory that runs sharing it may plan on together (the rest: CUDA contexts, the
+allocator's fragmentation, the evaluations' decoding)."""
+
 MAX_DISTILL_LR = 1e-3
 """The highest distillation rate a scaled one may reach: on the benchmark's attention stage (CPU, 2026-11-27,
 ``bench/results/cpu/distill_batch_lr.json``) 1e-3 recovered the student at 8 and at 32 windows a step, while
@@ -163,17 +173,26 @@ MAX_DISTILL_LR = 1e-3
 
 
 def lease_settings(report: dict[str, Any], profile: str = "gpu", finetune: str = "finetune compact packed",
-                   distillation: str = "distill compact packed") -> dict[str, Any]:
+                   distillation: str = "distill compact packed", arms: int = 1) -> dict[str, Any]:
     """Fine-tuning and distillation settings for a run of fixed minutes on the device a sweep measured: each
     loop's :func:`recommend`-ed batch, its rate :func:`sqrt_scaled_lr` from the profile's batch and rate (the
     ``gpu`` profiles: 2 packed rows, fine-tuning at 5e-5 and distillation at 3e-4), distillation's at most
-    :data:`MAX_DISTILL_LR`. A variant the sweep lacks keeps the profile's values."""
+    :data:`MAX_DISTILL_LR`. A variant the sweep lacks keeps the profile's values. ``arms``: distillations that
+    will share the card at once (``bench/gpu_arms.sh``; the fine-tune runs alone before them): the distillation
+    batch is then one whose measured peak fits :data:`CARD_SHARE` of the card's memory divided among them."""
     from pruning.distill import DistillConfig
     from pruning.prune import PROFILES as PRUNE_PROFILES
     from pruning.train import PROFILES as TRAIN_PROFILES
     from pruning.train import TrainConfig
 
+    if arms < 1:
+        raise ValueError(f"arms must be at least 1, got {arms}")
     chosen = recommend(report["runs"])
+    total_mb = report.get("gpu_total_mb")
+    if arms > 1 and total_mb:
+        chosen[distillation] = recommend(report["runs"], memory_mb=CARD_SHARE * total_mb / arms).get(distillation, {})
+        if not chosen[distillation]:  # not even the smallest batch fits its share: the profile's
+            del chosen[distillation]
     train, distillation_profile = TRAIN_PROFILES[profile], PRUNE_PROFILES[profile].get("distill", {})
     settings: dict[str, Any] = {}
     for prefix, variant, batch, lr, most in (
@@ -283,11 +302,15 @@ def main() -> None:
     parser.add_argument("--distill-variant", default="distill compact packed",
                         help="with --lease-settings: the distillation variant to choose from (the catalog loss: "
                              "'distill compact catalog packed')")
+    parser.add_argument("--arms", type=int, default=1,
+                        help="with --lease-settings: distillations that will share the card at once (bench/gpu_arms.sh); "
+                             "the distillation batch is then one whose measured peak memory fits their share")
     args = parser.parse_args()
     if args.lease_settings is not None:
         import json
 
-        settings = lease_settings(json.loads(args.lease_settings.read_text()), distillation=args.distill_variant)
+        settings = lease_settings(json.loads(args.lease_settings.read_text()), distillation=args.distill_variant,
+                                  arms=args.arms)
         print(settings["train_batch"], settings["train_lr"], settings["distill_batch"], settings["distill_lr"])
         return
     try:
@@ -371,6 +394,7 @@ def main() -> None:
         "precision": "bf16 autocast, fp32 weights, fused AdamW" if device.type == "cuda" else "fp32",
         "attention": getattr(base.config, "_attn_implementation", None),
         "student": args.student or args.model, "catalog_tokens": len(catalog),
+        "gpu_total_mb": round(torch.cuda.get_device_properties(device).total_memory / 2**20) if device.type == "cuda" else None,
         "protocol": {"batch_rows": batch_sizes, "compiled": args.compile, "pack_tokens": args.pack_tokens, "steps": args.steps,
                      "warmup": args.warmup, "examples": args.examples,
                      "tokens": "non-padding tokens of the timed batches (student's, for distillation)"},

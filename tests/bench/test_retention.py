@@ -85,10 +85,11 @@ def test_the_command_lines_distillation_options_reach_every_points_prune_config(
 
     given = command_line().parse_args(["dense", "--distill-steps", "64", "--distill-lr-decay", "linear",
                                        "--distill-vocab", "catalog", "--no-reconstruct", "--distill-compile",
-                                       "--distill-batch-size", "16", "--distill-lr", "6e-4", "--distill-epochs", "3"])
+                                       "--distill-batch-size", "16", "--distill-lr", "6e-4", "--distill-epochs", "3",
+                                       "--distill-hidden-weight", "0.5"])
     assert prune_overrides(given) == {"distill.max_steps": 64, "distill.lr_decay": "linear", "distill.vocab": "catalog",
                                       "distill.compile": True, "reconstruct": False, "distill.batch_size": 16,
-                                      "distill.lr": 6e-4, "distill.epochs": 3.0}
+                                      "distill.lr": 6e-4, "distill.epochs": 3.0, "distill.hidden_weight": 0.5}
     assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own
 
 
@@ -109,3 +110,5 @@ def test_the_leases_retention_settings_run_under_the_gpu_profile_on_the_cpu(tmp_
     assert (distilled["batch_size"], distilled["lr"], distilled["epochs"], distilled["pack_tokens"]) == (16, 8.5e-4, 3.0, 2048)
     assert manifest["stage_config"]["calibration"]["samples"] == 256
     assert manifest["distillation"]["steps"] == 2
+    assert all(stage["distill_steps"] == 2 and stage["distill_stop"] for stage in point["stages"])  # what each recovery got
+    assert "| 2 (" in (tmp_path / "out" / "report.md").read_text()

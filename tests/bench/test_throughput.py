@@ -20,7 +20,7 @@ def test_throughput_reports_every_variant_with_its_batch_shape(tmp_path, tokeniz
                                       "--output", str(output)])
     throughput.main()
     report = json.loads(output.read_text())
-    assert report["device"] == "cpu" and report["precision"] == "fp32"
+    assert report["device"] == "cpu" and report["precision"] == "fp32" and report["gpu_total_mb"] is None
     runs = {run["name"]: run for run in report["runs"]}
     assert set(runs) == {"finetune d3", "finetune d3 packed", "finetune compact", "finetune compact packed",
                          "distill d3 packed", "distill compact", "distill compact packed", "distill compact catalog",
@@ -154,6 +154,27 @@ def test_lease_settings_scale_the_profiles_rates_with_the_square_root_of_the_bat
     throughput.main()
     batch, lr, distill_batch, distill_lr = capsys.readouterr().out.split()
     assert (int(batch), float(lr), int(distill_batch), float(distill_lr)) == (8, pytest.approx(1e-4), 8, pytest.approx(6e-4))
+
+
+def test_lease_settings_for_arms_sharing_the_card_keep_each_distillation_within_its_share_of_memory():
+    def run(name, rows, tokens_per_s, peak_mb):
+        return {**_run(name, rows, tokens_per_s), "peak_gpu_mb": peak_mb}
+
+    runs = [run("finetune compact packed", 2, 10_000, 30_000), run("finetune compact packed", 16, 60_000, 70_000),
+            run("distill compact packed", 2, 10_000, 6_000), run("distill compact packed", 8, 30_000, 15_000),
+            run("distill compact packed", 16, 50_000, 28_000)]
+    report = {"runs": runs, "gpu_total_mb": 80_000}
+    assert throughput.lease_settings(report)["distill_batch"] == 16  # alone, the fastest that fits
+    # three arms: 0.85 x 80 GB / 3 = 22.7 GB each -> 8 rows (15 GB), not 16 (28 GB)
+    three = throughput.lease_settings(report, arms=3)
+    assert three["distill_batch"] == 8 and three["distill_lr"] == pytest.approx(3e-4 * 2)
+    assert three["train_batch"] == 16  # the fine-tune runs alone before the arms
+    # so many arms that no measured batch fits its share: the profile's own batch
+    assert throughput.lease_settings(report, arms=20)["distill_batch"] == 2
+    # a sweep without the card's memory (a CPU one): nothing to divide
+    assert throughput.lease_settings({"runs": runs}, arms=3)["distill_batch"] == 16
+    with pytest.raises(ValueError, match="at least 1"):
+        throughput.lease_settings(report, arms=0)
 
 
 def test_a_batch_that_runs_out_of_device_memory_is_recorded_and_the_sweep_goes_on(tmp_path, tokenizer, monkeypatch):
