@@ -14,11 +14,15 @@
 # fine-tuning and distilling: `train --compile`, `--distill-compile`), TRAIN_BATCH / TRAIN_LR and DISTILL_BATCH /
 # DISTILL_LR (packed rows a step and rates; none = the gpu profiles': 2 rows, 5e-5 and 3e-4), DISTILL_EPOCHS (the
 # profile's 1; most passes over the distillation examples per stage), PROBE (0; 1 = first
-# a ~1-minute sweep of 2, 8 and 16 packed rows of fine-tuning and distillation, `python -m bench.throughput`,
+# a ~1.5-minute sweep of 2, 8 and 16 packed rows of fine-tuning and distillation (both losses), `python -m bench.throughput`,
 # written to OUT/probe.json, and the batches and sqrt-scaled rates it recommends (distillation's at most 1e-3)
 # used where TRAIN_* / DISTILL_* are not given, except a PRESET's own distillation rate: on a GPU that waits for
 # its host, more rows a step cost little, so a run of fixed minutes sees more data), EVERY_STAGE (0; 1 = every
-# stage of every point evaluated, not only the last). Over 10 minutes in all: start it with setsid nohup and keep
+# stage of every point evaluated, not only the last), HIDDEN (0; the hidden-state term's weight,
+# --distill-hidden-weight), ARM (none; names the retention's work and report directories, retention-ARM, so that
+# several configurations share one dense model: bench/gpu_arms.sh), ARMS (1; distillations sharing the card at
+# once, for the probe's batch choice), RETENTION (1; 0 = stop after the probe and the dense model).
+# Over 10 minutes in all: start it with setsid nohup and keep
 # the machine busy with `bash bench/gpu_wait.sh` (or ../shared/gpu/README.md's poll); a second configuration
 # needs its own WORK.
 # One 15-minute lease (README, "One GPU lease"): the 95.5% point with the distillation it can afford, ~10 minutes
@@ -37,10 +41,13 @@ if [ "${PROBE:-0}" = 1 ]; then
   log probe
   distill_variant="distill compact packed"
   [ "${VOCAB:-full}" = catalog ] && distill_variant="distill compact catalog packed"
+  # both distillation losses measured, whichever this run uses: arms sharing the probe (gpu_arms.sh) may differ
   [ -f "$out/probe.json" ] || python3 -m bench.throughput --device cuda --batch-size 2,8,16 --pack-tokens 2048 \
-    --variants "finetune compact packed,$distill_variant" --steps 4 --warmup 2 --examples 3000 --output "$out/probe.json"
+    --variants "finetune compact packed,distill compact packed,distill compact catalog packed" --steps 4 --warmup 2 \
+    --examples 3000 --output "$out/probe.json"
   if read -r probe_train_batch probe_train_lr probe_distill_batch probe_distill_lr < <(
-      python3 -m bench.throughput --lease-settings "$out/probe.json" --distill-variant "$distill_variant"); then
+      python3 -m bench.throughput --lease-settings "$out/probe.json" --distill-variant "$distill_variant" \
+        --arms "${ARMS:-1}"); then
     TRAIN_BATCH=${TRAIN_BATCH:-$probe_train_batch} TRAIN_LR=${TRAIN_LR:-$probe_train_lr}
     DISTILL_BATCH=${DISTILL_BATCH:-$probe_distill_batch}
     [ -z "${PRESET:-}" ] && DISTILL_LR=${DISTILL_LR:-$probe_distill_lr}  # a preset keeps its own rate
@@ -57,7 +64,12 @@ if [ ! -f "$work/dense/prunerec.json" ]; then
   [ -n "${TRAIN_LR:-}" ] && options+=(--lr "$TRAIN_LR")
   python3 -m cli.main train --profile gpu --max-minutes "${TRAIN_MINUTES:-3}" "${options[@]}" --output "$work/dense" || exit 1
 fi
-log retention
+if [ "${RETENTION:-1}" = 0 ]; then
+  log done
+  exit 0
+fi
+retention=retention${ARM:+-$ARM}
+log "$retention"
 preset=()
 [ -n "${PRESET:-}" ] && preset=(--distill-preset "$PRESET")
 [ -n "${GRADUAL:-}" ] && preset+=(--gradual "$GRADUAL")
@@ -70,7 +82,8 @@ preset=()
 [ -n "${DISTILL_LR:-}" ] && preset+=(--distill-lr "$DISTILL_LR")
 [ -n "${DISTILL_EPOCHS:-}" ] && preset+=(--distill-epochs "$DISTILL_EPOCHS")
 [ "${EVERY_STAGE:-0}" = 1 ] && preset+=(--every-stage)
+[ -n "${HIDDEN:-}" ] && preset+=(--distill-hidden-weight "$HIDDEN")
 python3 -m bench.retention "$work/dense" --profile gpu --users 0 --targets "${TARGETS:-0.5,0.9,0.955}" \
   --distill-minutes "${DISTILL_MINUTES:-0.3}" --distill-examples "${DISTILL_EXAMPLES:-5000}" "${preset[@]}" --sasrec-epochs "${SASREC_EPOCHS:-50}" \
-  --work "$work/retention" --output "$out/retention" || log retention FAILED
+  --work "$work/$retention" --output "$out/$retention" || log "$retention" FAILED
 log done

@@ -17,12 +17,21 @@ echo "$*" >> "$CALLS"
 case "$*" in
   *--lease-settings*) echo "16 0.000141 8 0.000849" ;;
   *"bench.throughput --device"*) echo '{}' > "${@: -1}" ;;
-  *"cli.main train"*) out="${@: -1}"; mkdir -p "$out" && echo '{}' > "$out/prunerec.json" ;;
+  *"cli.main train"*) [ -n "${FAIL_TRAIN:-}" ] && exit 1; out="${@: -1}"; mkdir -p "$out" && echo '{}' > "$out/prunerec.json" ;;
 esac
 """
 
 
 def run_retention_script(tmp_path: Path, **knobs: str) -> list[str]:
+    return run_script(tmp_path, "gpu_retention.sh", [str(tmp_path / "out")], knobs).calls
+
+
+class Ran:
+    def __init__(self, result: subprocess.CompletedProcess, calls: list[str]) -> None:
+        self.result, self.calls = result, calls
+
+
+def run_script(tmp_path: Path, script: str, arguments: list[str], knobs: dict[str, str], ok: bool = True) -> Ran:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stub = bin_dir / "python3"
@@ -32,19 +41,20 @@ def run_retention_script(tmp_path: Path, **knobs: str) -> list[str]:
     calls.unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
            "WORK": str(tmp_path / "work"), **knobs}
-    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_retention.sh"), str(tmp_path / "out")], env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "== " in result.stdout and result.stdout.rstrip().endswith("done")
-    return calls.read_text().splitlines()
+    result = subprocess.run(["bash", str(ROOT / "bench" / script), *arguments], env=env,
+                            capture_output=True, text=True, timeout=120)
+    if ok:
+        assert result.returncode == 0, result.stderr
+        assert "== " in result.stdout and result.stdout.rstrip().endswith("done")
+    return Ran(result, calls.read_text().splitlines() if calls.exists() else [])
 
 
 def test_the_probe_picks_the_batches_and_rates_where_none_are_given(tmp_path):
     calls = run_retention_script(tmp_path, PROBE="1", EVERY_STAGE="1", TARGETS="0.955", DISTILL_EPOCHS="3")
     probe, settings, train, retention = calls
     assert "bench.throughput --device cuda --batch-size 2,8,16 --pack-tokens 2048" in probe
-    assert "finetune compact packed,distill compact packed" in probe
-    assert "--lease-settings" in settings and "--distill-variant distill compact packed" in settings
+    assert "finetune compact packed,distill compact packed,distill compact catalog packed" in probe  # both losses
+    assert "--lease-settings" in settings and "--distill-variant distill compact packed --arms 1" in settings
     assert "--batch-size 16 --lr 0.000141" in train and "--profile gpu" in train
     assert "--distill-batch-size 8 --distill-lr 0.000849" in retention
     assert "--distill-epochs 3" in retention and "--every-stage" in retention and "--targets 0.955" in retention
@@ -55,6 +65,7 @@ def test_the_probe_picks_the_batches_and_rates_where_none_are_given(tmp_path):
     assert "--distill-batch-size 4" in retention
     assert "--distill-lr" not in retention  # a preset keeps its own rate
     assert "--distill-preset prunerec" in retention and "--distill-vocab catalog" in retention
+    assert "--distill-variant distill compact catalog packed" in calls[0]  # the batch of the loss it runs
     assert "--every-stage" not in retention
     assert not any("bench.throughput --device" in call for call in calls)  # the probe's report is reused
 
@@ -100,3 +111,38 @@ def test_a_wait_killed_midway_has_already_brought_the_results(tmp_path):
     assert result.returncode == 124  # killed while waiting
     assert (out / "retention" / "report.json").read_text() == '{"protocol": {"complete": false}}'
     assert (out / "job.log").is_file()
+
+
+def test_arms_share_the_probe_and_the_dense_model_and_each_runs_its_own_retention(tmp_path):
+    out = tmp_path / "out"
+    ran = run_script(tmp_path, "gpu_arms.sh", [str(out), "base", "catalog:VOCAB=catalog", "deep:GRADUAL=2 HIDDEN=1"],
+                     {"PROBE": "1", "EVERY_STAGE": "1", "TARGETS": "0.955"})
+    calls = ran.calls
+    assert sum("bench.throughput --device" in call for call in calls) == 1  # one probe
+    assert sum("cli.main train" in call for call in calls) == 1  # one dense model
+    settings = [call for call in calls if "--lease-settings" in call]
+    assert len(settings) == 4 and all("--arms 3" in call for call in settings)  # the dense run's, then each arm's
+    retentions = {call.split("--output ")[1].split()[0].rsplit("/", 1)[1]: call for call in calls if "bench.retention" in call}
+    assert set(retentions) == {"retention-base", "retention-catalog", "retention-deep"}
+    assert all("--every-stage" in call and "--targets 0.955" in call for call in retentions.values())  # shared knobs
+    assert "--distill-vocab catalog" in retentions["retention-catalog"] and "--distill-vocab" not in retentions["retention-base"]
+    assert "--gradual 2" in retentions["retention-deep"] and "--distill-hidden-weight 1" in retentions["retention-deep"]
+    assert "--work " + str(tmp_path / "work" / "retention-deep") in retentions["retention-deep"]
+    assert all((out / f"arm-{name}.log").read_text().rstrip().endswith("done") for name in ("base", "catalog", "deep"))
+    assert "arm catalog ended" in ran.result.stdout
+
+
+@pytest.mark.parametrize("arms, complaint", [
+    (["base", "base"], "given twice"), (["a:TRAIN_LR=1e-4"], "the whole run's"), (["a:vocab=catalog"], "not KNOB=VALUE"),
+    (["a b"], "letters, digits"), ([], "usage")])
+def test_arms_refuse_a_bad_spec_before_any_work(tmp_path, arms, complaint):
+    ran = run_script(tmp_path, "gpu_arms.sh", [str(tmp_path / "out"), *arms], {}, ok=False)
+    assert ran.result.returncode == 2 and complaint in ran.result.stderr
+    assert ran.calls == []
+
+
+def test_arms_stop_when_the_dense_model_fails_and_still_say_done(tmp_path):
+    ran = run_script(tmp_path, "gpu_arms.sh", [str(tmp_path / "out"), "base"], {"FAIL_TRAIN": "1"}, ok=False)
+    assert ran.result.returncode == 1 and "dense model FAILED" in ran.result.stdout
+    assert ran.result.stdout.rstrip().endswith("done")  # bench/gpu_wait.sh returns at once
+    assert not any("bench.retention" in call for call in ran.calls)
