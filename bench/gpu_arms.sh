@@ -50,6 +50,10 @@ if ! [ -f "${WORK:-/tmp/prunerec-gpu-retention}/dense/prunerec.json" ]; then
   log done
   exit 1
 fi
+if [ "${PROBE:-0}" = 1 ] && ! [ -s "$out/probe.json" ]; then  # not one probe per arm, all at once
+  log "probe FAILED (dense.log): the arms run at the profiles' batches and rates"
+  export PROBE=0
+fi
 for i in "${!names[@]}"; do
   # the arm's knobs are checked words KNOB=VALUE, split on purpose
   # shellcheck disable=SC2086

@@ -16,7 +16,7 @@ STUB = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case "$*" in
   *--lease-settings*) echo "16 0.000141 8 0.000849" ;;
-  *"bench.throughput --device"*) echo '{}' > "${@: -1}" ;;
+  *"bench.throughput --device"*) [ -n "${FAIL_PROBE:-}" ] && exit 1; echo '{}' > "${@: -1}" ;;
   *"cli.main train"*) [ -n "${FAIL_TRAIN:-}" ] && exit 1; out="${@: -1}"; mkdir -p "$out" && echo '{}' > "$out/prunerec.json" ;;
 esac
 """
@@ -146,3 +146,10 @@ def test_arms_stop_when_the_dense_model_fails_and_still_say_done(tmp_path):
     assert ran.result.returncode == 1 and "dense model FAILED" in ran.result.stdout
     assert ran.result.stdout.rstrip().endswith("done")  # bench/gpu_wait.sh returns at once
     assert not any("bench.retention" in call for call in ran.calls)
+
+
+def test_arms_after_a_failed_probe_run_without_it_rather_than_probing_each(tmp_path):
+    ran = run_script(tmp_path, "gpu_arms.sh", [str(tmp_path / "out"), "a", "b"], {"PROBE": "1", "FAIL_PROBE": "1"})
+    assert sum("bench.throughput --device" in call for call in ran.calls) == 1  # the dense run's only
+    assert "probe FAILED" in ran.result.stdout
+    assert sum("bench.retention" in call for call in ran.calls) == 2
