@@ -54,11 +54,13 @@ if [ "${PROBE:-0}" = 1 ] && ! [ -s "$out/probe.json" ]; then  # not one probe pe
   log "probe FAILED (dense.log): the arms run at the profiles' batches and rates"
   export PROBE=0
 fi
+threads=$(( $(nproc) / ARMS ))  # the host's cores divided among the arms, not each arm's torch taking them all
+[ "$threads" -ge 1 ] || threads=1
 for i in "${!names[@]}"; do
   # the arm's knobs are checked words KNOB=VALUE, split on purpose
   # shellcheck disable=SC2086
-  env ARM="${names[$i]}" ${settings[$i]} bash "$here/gpu_retention.sh" "$out" > "$out/arm-${names[$i]}.log" 2>&1 &
-  log "arm ${names[$i]}: ${settings[$i]:-the shared settings}"
+  env OMP_NUM_THREADS="$threads" ARM="${names[$i]}" ${settings[$i]} bash "$here/gpu_retention.sh" "$out" > "$out/arm-${names[$i]}.log" 2>&1 &
+  log "arm ${names[$i]} ($threads threads): ${settings[$i]:-the shared settings}"
 done
 ticks=0
 while [ -n "$(jobs -rp)" ]; do
