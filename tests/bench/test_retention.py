@@ -93,22 +93,37 @@ def test_the_command_lines_distillation_options_reach_every_points_prune_config(
     assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own
 
 
-def test_the_leases_retention_settings_run_under_the_gpu_profile_on_the_cpu(tmp_path, tiny_dense, prepared):
+ARMS = {  # README "One GPU lease": the arms of bench/gpu_arms.sh, as retention overrides
+    "base": ({}, ["1-attn", "2-mlp", "3-depth"]),
+    "catalog": ({"distill.vocab": "catalog"}, ["1-attn", "2-mlp", "3-depth"]),
+    "hidden": ({"distill.hidden_weight": 1.0}, ["1-attn", "2-mlp", "3-depth"]),
+    "gradual": ({"gradual": 2}, ["1-attn", "2-attn", "3-mlp", "4-mlp", "5-depth", "6-depth"]),
+}
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_the_leases_retention_arms_run_under_the_gpu_profile_on_the_cpu(tmp_path, tiny_dense, prepared, arm):
     """README "One GPU lease": the gpu pruning profile (256 calibration samples, packed rows of 2048 tokens) with
-    the lease's distillation batch, rate, epochs, minutes and every stage evaluated, on a tiny model here, so a
-    wrong combination fails in CI and not in a 15-minute lease. Only the step count is capped (seconds)."""
+    the lease's distillation batch, rate, epochs, minutes and every stage evaluated, each arm's change on top, on
+    a tiny model here, so a wrong combination fails in CI and not in a 15-minute lease. Only the step count is
+    capped (seconds); a gradual arm's budget is split over its cuts (one step each)."""
+    changed, stages = ARMS[arm]
     overrides = {"distill.batch_size": 16, "distill.lr": 8.5e-4, "distill.epochs": 3.0, "distill.max_minutes": 1.0,
-                 "distill.examples": 20000, "distill.max_steps": 2}
+                 "distill.examples": 20000, "distill.max_steps": 2, **changed}
     config = RetentionConfig(teacher=str(tiny_dense), profile="gpu", targets=[0.955], users=None, every_stage=True,
                              prune_overrides=overrides, device="cpu", work=str(tmp_path / "work"), output=str(tmp_path / "out"))
     report = run_retention(config, prepared)
     assert report["protocol"]["complete"] is True and report["protocol"]["users"] == len(prepared.splits["test"])
     (point,) = report["points"]
-    assert [s["stage"] for s in point["stages"]] == ["1-attn", "2-mlp", "3-depth"] and point["removed"] > 0.9
+    assert [s["stage"] for s in point["stages"]] == stages and point["removed"] > 0.9
     manifest = read_manifest(point["artifact"])
     distilled = manifest["stage_config"]["distill"]
-    assert (distilled["batch_size"], distilled["lr"], distilled["epochs"], distilled["pack_tokens"]) == (16, 8.5e-4, 3.0, 2048)
+    cuts = changed.get("gradual", 1)  # a gradual stage's budget is split over its cuts
+    assert (distilled["batch_size"], distilled["lr"], distilled["pack_tokens"]) == (16, 8.5e-4, 2048)
+    assert distilled["epochs"] == pytest.approx(3.0 / cuts)
+    assert distilled["vocab"] == changed.get("distill.vocab", "full")
+    assert distilled["hidden_weight"] == changed.get("distill.hidden_weight", 0.0)
     assert manifest["stage_config"]["calibration"]["samples"] == 256
-    assert manifest["distillation"]["steps"] == 2
-    assert all(stage["distill_steps"] == 2 and stage["distill_stop"] for stage in point["stages"])  # what each recovery got
-    assert "| 2 (" in (tmp_path / "out" / "report.md").read_text()
+    steps = 2 // cuts
+    assert all(stage["distill_steps"] == steps and stage["distill_stop"] for stage in point["stages"])  # what each got
+    assert f"| {steps} (" in (tmp_path / "out" / "report.md").read_text()
