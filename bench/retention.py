@@ -111,10 +111,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
         }
         if partial is not None:
             report["in_progress"] = partial
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "report.json").write_text(json.dumps(report, indent=2))
-        (output / "report.md").write_text(markdown(report))
-        plot(report, output / "retention.png")
+        write_report(report, output)
         return report
 
     write()
@@ -232,9 +229,59 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+_SAME_IN_A_CURVE = ("teacher", "profile", "users", "seed", "plan", "stages", "ranking")
+"""Protocol fields every merged report must share (one dense model, one evaluation, one plan kind)."""
+_SAME_SETTINGS = ("stages", "users", "seed", "distill_preset", "prune_overrides", "every_stage")
+"""RetentionConfig fields every merged report must share: one configuration's points, whatever their targets."""
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One curve from reports that pruned the same dense model to different targets with the same settings
+    (``bench/gpu_arms.sh`` runs such reports at once, a target an arm): their points together, in target order.
+    Refuses reports of another dense model, users, protocol or distillation settings, and a target in two."""
+    if not reports:
+        raise ValueError("no reports to merge")
+    first = reports[0]
+    for report in reports[1:]:
+        for key in _SAME_IN_A_CURVE:
+            if report["protocol"][key] != first["protocol"][key]:
+                raise ValueError(f"reports differ in {key}: {first['protocol'][key]!r} and {report['protocol'][key]!r}")
+        for key in _SAME_SETTINGS:
+            if report["protocol"]["config"][key] != first["protocol"]["config"][key]:
+                raise ValueError(f"reports differ in their settings' {key}: {first['protocol']['config'][key]!r} and "
+                                 f"{report['protocol']['config'][key]!r}; a curve is one configuration's points")
+        if report["dense"] != first["dense"]:
+            raise ValueError("reports differ in the dense model's evaluation")
+    points = sorted((point for report in reports for point in report["points"]), key=lambda point: point["target"])
+    targets = [point["target"] for point in points]
+    if len(set(targets)) < len(targets):
+        raise ValueError(f"a target in two reports: {sorted(t for t in set(targets) if targets.count(t) > 1)}")
+    protocol = {**first["protocol"], "complete": all(r["protocol"].get("complete", True) for r in reports),
+                "minutes": max(r["protocol"]["minutes"] for r in reports),  # run at once: the longest
+                "merged": len(reports), "config": {**first["protocol"]["config"], "targets": targets}}
+    merged = {**first, "protocol": protocol, "points": points,
+              "sasrec": next((r["sasrec"] for r in reports if r.get("sasrec")), None)}
+    unfinished = [r["in_progress"] for r in reports if r.get("in_progress")]
+    merged.pop("in_progress", None)
+    if unfinished:  # a cut-short report's unfinished point: the first one's (the table shows one)
+        merged["in_progress"] = unfinished[0]
+    return merged
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    """report.json, report.md and retention.png in ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2))
+    (output / "report.md").write_text(markdown(report))
+    plot(report, output / "retention.png")
+
+
 def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("teacher", help="the dense fine-tuned artifact")
+    parser.add_argument("teacher", nargs="?", help="the dense fine-tuned artifact")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT_DIR",
+                        help="prune nothing: one curve from these reports' points (the same dense model and settings, "
+                             "other targets: bench/gpu_arms.sh's target arms), written to --output")
     parser.add_argument("--profile", default="cpu", help="pruning profile: cpu or gpu")
     parser.add_argument("--targets", default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
                         help="comma-separated shares of non-embedding parameters to remove")
@@ -294,6 +341,18 @@ def main() -> None:
     parser = command_line()
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        if args.output is None:
+            parser.error("--merge needs --output, the merged report's directory")
+        try:
+            merged = merge_reports([json.loads((path / "report.json").read_text()) for path in args.merge])
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+        write_report(merged, Path(args.output))
+        print(markdown(merged))
+        return
+    if args.teacher is None:
+        parser.error("give the dense artifact (or --merge REPORT_DIR ...)")
     from recdata.prep import prepare
     from recdata.sources import read_ml100k
 

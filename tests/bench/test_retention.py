@@ -127,3 +127,53 @@ def test_the_leases_retention_arms_run_under_the_gpu_profile_on_the_cpu(tmp_path
     steps = 2 // cuts
     assert all(stage["distill_steps"] == steps and stage["distill_stop"] for stage in point["stages"])  # what each got
     assert f"| {steps} (" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _report(targets, complete=True, **settings):
+    config = {"teacher": "dense", "profile": "gpu", "targets": targets, "stages": ["attn", "mlp", "depth"], "users": None,
+              "seed": 0, "sasrec_epochs": 0, "every_stage": True, "distill_preset": None, "prune_overrides": {},
+              "device": None, "work": None, "output": None, **settings}
+    protocol = {"teacher": "dense", "profile": "gpu", "users": 943, "seed": 0, "plan": "uniform", "stages": config["stages"],
+                "ranking": "catalog head", "minutes": 3.0 + len(targets), "complete": complete, "config": config}
+    points = [{"target": t, "artifact": f"t{t}", "non_embedding": int(1e6 * (1 - t)), "removed": t, "ndcg@10": 0.05 * (1 - t / 2),
+               "hr@10": 0.1, "retention": 1 - t / 2, "distill_steps": 40, "distill_stop": "epochs"} for t in targets]
+    return {"protocol": protocol, "dense": {"non_embedding": 1_000_000, "ndcg@10": 0.05, "hr@10": 0.1},
+            "mostpop": {"ndcg@10": 0.045, "hr@10": 0.086}, "sasrec": None, "points": points}
+
+
+def test_reports_of_one_configuration_merge_into_one_curve(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from bench import retention
+
+    for name, targets in (("t50", [0.5]), ("t90", [0.9, 0.75]), ("base", [0.955])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(_report(targets)))
+    monkeypatch.setattr(sys, "argv", ["retention", "--merge", str(tmp_path / "t90"), str(tmp_path / "base"),
+                                      str(tmp_path / "t50"), "--output", str(tmp_path / "curve")])
+    retention.main()
+    merged = json.loads((tmp_path / "curve" / "report.json").read_text())
+    assert [p["target"] for p in merged["points"]] == [0.5, 0.75, 0.9, 0.955]
+    assert merged["protocol"]["merged"] == 3 and merged["protocol"]["minutes"] == 5.0 and merged["protocol"]["complete"]
+    assert (tmp_path / "curve" / "retention.png").stat().st_size > 0 and "| target 0.75 |" in capsys.readouterr().out
+    xs, _ = curve(merged)
+    assert xs == sorted(xs) and len(xs) == 5  # four points and the dense model
+
+    unfinished = _report([0.98], complete=False)
+    unfinished["in_progress"] = {"target": 0.98, "stages": []}
+    merged = retention.merge_reports([_report([0.5]), unfinished])
+    assert merged["protocol"]["complete"] is False and merged["in_progress"]["target"] == 0.98
+
+
+@pytest.mark.parametrize("other, complaint", [
+    (_report([0.9], prune_overrides={"distill.vocab": "catalog"}), "prune_overrides"),  # another configuration
+    (_report([0.5]), "a target in two reports"),
+    ({**_report([0.9]), "dense": {"non_embedding": 1_000_000, "ndcg@10": 0.06, "hr@10": 0.1}}, "dense model"),
+])
+def test_a_merge_refuses_reports_that_are_not_one_curve(other, complaint):
+    from bench.retention import merge_reports
+
+    with pytest.raises(ValueError, match=complaint):
+        merge_reports([_report([0.5]), other])
+    with pytest.raises(ValueError, match="no reports"):
+        merge_reports([])
