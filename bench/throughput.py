@@ -59,11 +59,10 @@ from bench.harness import emit_json
 from llmrec.model import DEFAULT_MODEL, load_model, select_device
 from llmrec.prompting import PromptEncoder
 from pruning import distill
-from pruning.calibration import LossVocabulary, collate_batch, response_logits, response_targets
+from pruning.calibration import LossVocabulary, catalog_vocabulary, collate_batch, response_logits, response_targets
 from pruning.engine import Engine, Schedule, adamw, compiled_layers
 from pruning.examples import Example, collate, model_inputs, training_examples
 from pruning.packing import pack
-from pruning.prune import catalog_vocabulary
 from recdata.prep import prepare
 from recdata.prompts import get_template
 from recdata.sources import read_ml100k

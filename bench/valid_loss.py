@@ -19,9 +19,8 @@ from pathlib import Path
 
 from bench.harness import emit_json
 from llmrec.recommender import Recommender
-from pruning.calibration import LossVocabulary, batches, mean_ces
+from pruning.calibration import LossVocabulary, batches, catalog_vocabulary, mean_ces
 from pruning.examples import split_examples
-from pruning.prune import catalog_vocabulary
 from recdata.prep import prepare
 from recdata.sources import read_ml100k
 

@@ -189,6 +189,23 @@ class LossVocabulary:
         return columns
 
 
+def catalog_vocabulary(model: PreTrainedModel, encoder: PromptEncoder, data: PreparedData,
+                       examples: list[Example]) -> LossVocabulary:
+    """The tokens of the served catalog head (every title's response tokens and the end token) with any label
+    token of ``examples`` outside them: a loss's softmax over these (distillation's ``vocab``, fine-tuning's
+    ``loss_vocab``) covers every label."""
+    tokens = {encoder.end_id}
+    for title in data.catalog.titles:
+        tokens.update(encoder.response_ids(title))
+    titles = len(tokens)
+    for example in examples:
+        tokens.update(label for label in example.labels if label != IGNORE)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    logger.info("loss vocabulary: the catalog's %d tokens%s (of %d)", titles,
+                f" and {len(tokens) - titles} other label tokens" if len(tokens) > titles else "", vocab_size)
+    return LossVocabulary.of(tokens, vocab_size)
+
+
 def response_logits(model: PreTrainedModel, batch: Batch, vocabulary: LossVocabulary | None = None) -> torch.Tensor:
     """Logits at the response positions only, (n, V), or (n, U) over ``vocabulary``'s rows of the LM head: the
     head never runs on other positions (nor, with a vocabulary, on other tokens)."""

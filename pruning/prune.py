@@ -31,14 +31,14 @@ from llmrec.prompting import PromptEncoder
 from pruning import distill
 from pruning.calibration import (
     CalibrationConfig,
-    LossVocabulary,
     calibration_batches,
+    catalog_vocabulary,
     distillation_examples,
     teacher_targets,
 )
 from pruning.distill import DistillConfig
 from pruning.evaluate import run as evaluate_artifact
-from pruning.examples import IGNORE, Example, split_examples, training_example_count
+from pruning.examples import split_examples, training_example_count
 from pruning.packing import pack
 from pruning.plan import (
     DEFAULT_RATIOS,
@@ -278,22 +278,6 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
                                  shared=True)
     return SharedData(calibration, targets, examples, valid, pad_id, cache, examples_available=available,
                       examples_used=used, reconstruction=reconstruction)
-
-
-def catalog_vocabulary(model: PreTrainedModel, encoder: PromptEncoder, data: PreparedData,
-                       examples: list[Example]) -> LossVocabulary:
-    """The tokens of the served catalog head (every title's response tokens and the end token) with any label
-    token of ``examples`` outside them: the distillation's softmax over these covers every label."""
-    tokens = {encoder.end_id}
-    for title in data.catalog.titles:
-        tokens.update(encoder.response_ids(title))
-    titles = len(tokens)
-    for example in examples:
-        tokens.update(label for label in example.labels if label != IGNORE)
-    vocab_size = int(model.get_output_embeddings().weight.shape[0])
-    logger.info("loss vocabulary: the catalog's %d tokens%s (of %d)", titles,
-                f" and {len(tokens) - titles} other label tokens" if len(tokens) > titles else "", vocab_size)
-    return LossVocabulary.of(tokens, vocab_size)
 
 
 def summarize(teacher: str, stages: list[Path]) -> list[dict]:

@@ -23,10 +23,10 @@ from llmrec import configs, item_tokens
 from llmrec.artifact import write_artifact
 from llmrec.model import DEFAULT_MODEL, load_model
 from llmrec.prompting import PromptEncoder
-from pruning.calibration import mean_ce, validation_batches
+from pruning.calibration import LossVocabulary, catalog_vocabulary, head_logits, mean_ce, validation_batches
 from pruning.engine import Engine, Schedule, adamw, compiled_layers, eager_layers, warmup_scheduler
 from pruning.evaluate import RankingCheck
-from pruning.examples import collate, model_inputs, split_examples, training_examples
+from pruning.examples import IGNORE, collate, model_inputs, split_examples, training_examples
 from pruning.packing import pack
 from recdata.prep import PreparedData
 from recdata.prompts import get_template
@@ -105,6 +105,12 @@ class TrainConfig:
     minute before the first steps. Changes the speed, not what is learned (to float tolerance; with dropout,
     LoRA's, the compiled layers draw other random masks, from inductor's own generator, so such runs agree in
     distribution, not number for number), so a checkpoint resumes across it."""
+    loss_vocab: Literal["full", "catalog"] = "full"
+    """The tokens the loss's softmax runs over: the whole vocabulary (the causal LM loss), or the catalog's
+    (every title token and the end token: the softmax the served catalog head ranks with, so the model learns
+    the scores it is ranked by, and the LM head runs on a few thousand rows at the labelled positions instead
+    of the whole vocabulary at every position). The validation loss then runs over the same tokens. One
+    process only (it calls the decoder under any wrapper, which multi-GPU gradient synchronisation forbids)."""
     valid_examples: int = 200
     """Validation users (seeded subset of the valid split) for the loss."""
     patience: int = 3
@@ -217,6 +223,17 @@ def attach_item_tokens(config: TrainConfig, model: PreTrainedModel, encoder: Pro
     item_tokens.attach(model, item_tokens.from_sasrec(model, table, config.seed))
 
 
+def catalog_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], vocabulary: LossVocabulary) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens over ``vocabulary``'s tokens (``loss_vocab`` 'catalog'): the
+    decoder's final states at the positions before a label, (n, d), through those rows of the LM head only."""
+    inputs = {key: value for key, value in model_inputs(batch).items() if key != "labels"}
+    hidden = model.model(**inputs).last_hidden_state  # (B, T, d) after the final norm
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1, as the causal LM loss shifts
+    labelled = labels != IGNORE
+    logits = head_logits(model, hidden[:, :-1][labelled], vocabulary)  # (n, U)
+    return torch.nn.functional.cross_entropy(logits.float(), vocabulary.columns(labels[labelled]))
+
+
 def run(config: TrainConfig, data: PreparedData) -> Path:
     """Fine-tune ``config.model`` on ``data`` and write the artifact at ``config.output``."""
     from accelerate import Accelerator
@@ -287,15 +304,25 @@ def run(config: TrainConfig, data: PreparedData) -> Path:
                             config.select_beams, max_prompt_tokens=max_prompt_tokens)
                if config.select_metric == "ndcg@10" else None)
 
+    vocabulary = None
+    if config.loss_vocab == "catalog":
+        if accelerator.num_processes > 1:
+            raise ValueError("loss_vocab 'catalog' trains on one process; use 'full' with several GPUs")
+        vocabulary = catalog_vocabulary(inner, encoder, data, [*train_set, *valid_set]).to(accelerator.device)
+
     def validate() -> float:
         with accelerator.autocast(), eager_layers(inner):
-            return ranking() if ranking is not None else mean_ce(inner, valid_batches)
+            return ranking() if ranking is not None else mean_ce(inner, valid_batches, vocabulary)
 
-    # the loss through the (possibly DDP-wrapped) model's own forward, so that gradients synchronise; the
-    # layers compiled in place are the same modules under any wrapper
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if vocabulary is None:  # through the (possibly DDP-wrapped) model's own forward, so gradients synchronise
+            return model(**model_inputs(batch)).loss
+        with accelerator.autocast():  # the decoder called directly misses the prepared model's autocast
+            return catalog_loss(inner, batch, vocabulary)
+
+    # the layers compiled in place are the same modules under any wrapper
     with compiled_layers(inner, config.compile) as compiled:
-        engine.fit(train_set, lambda examples: collate(examples, pad_id), lambda batch: model(**model_inputs(batch)).loss,
-                   validate)
+        engine.fit(train_set, lambda examples: collate(examples, pad_id), loss_of, validate)
 
     accelerator.wait_for_everyone()
     output = Path(config.output)

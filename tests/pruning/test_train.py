@@ -118,3 +118,45 @@ def test_two_process_accelerate_launch(tmp_path, tokenizer, prepared):
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(tmp_path / "out")
     assert manifest["training"]["processes"] == 2 and manifest["training"]["steps"] == 4
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_catalog_loss_is_the_causal_lm_loss_renormalised_over_the_catalogs_tokens(tokenizer, prepared, packed):
+    from llmrec.prompting import PromptEncoder
+    from pruning.calibration import catalog_vocabulary
+    from pruning.examples import IGNORE, collate, training_examples
+    from pruning.packing import pack
+    from pruning.train import catalog_loss
+    from recdata.prompts import get_template
+
+    model = tiny_llama(len(tokenizer)).eval()
+    encoder = PromptEncoder(tokenizer, get_template("compact"), 10)
+    examples = training_examples(prepared, encoder, True, None, 6, 0)
+    if packed:
+        examples = pack(examples, 256, 0)
+    vocabulary = catalog_vocabulary(model, encoder, prepared, examples)
+    assert 1 < len(vocabulary) < len(tokenizer)
+    batch = collate(examples[:4], int(tokenizer.pad_token_id))
+    with torch.no_grad():
+        ours = catalog_loss(model, batch, vocabulary)
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "attention_mask" if packed else "")}
+        logits = model(**inputs, use_cache=False).logits[:, :-1]  # the whole head at every position
+        labels = batch["labels"][:, 1:]
+        labelled = labels != IGNORE
+        restricted = logits[labelled][:, vocabulary.ids]  # (n, U): the catalog's columns, renormalised
+        expected = torch.nn.functional.cross_entropy(restricted, vocabulary.local[labels[labelled]])
+        full = torch.nn.functional.cross_entropy(logits[labelled], labels[labelled])
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert float(ours) < float(full)  # fewer competitors: a smaller loss, the same labels
+
+
+def test_finetuning_over_the_catalogs_tokens_lowers_that_loss_and_is_recorded(tmp_path, tokenizer, prepared):
+    model_dir = save_model_dir(tmp_path / "base", tiny_llama(len(tokenizer)), tokenizer)
+    out = run(tiny_config(tmp_path, model_dir, loss_vocab="catalog"), prepared)
+    manifest = read_manifest(out)
+    history = manifest["training"]["valid_history"]
+    assert manifest["stage_config"]["loss_vocab"] == "catalog"
+    assert manifest["training"]["best_valid_loss"] < 0.8 * history[0]["valid_loss"]
+    full = read_manifest(run(tiny_config(tmp_path / "full", model_dir), prepared))["training"]["valid_history"]
+    assert history[0]["valid_loss"] < full[0]["valid_loss"]  # the same untrained model: validated over the catalog
+    assert _config_key(tiny_config(tmp_path, model_dir, loss_vocab="catalog")) != _config_key(tiny_config(tmp_path, model_dir))
