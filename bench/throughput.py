@@ -12,6 +12,9 @@ same model, data and device:
   window per row (about 135 tokens);
 - ``finetune compact packed``: those windows packed into rows of ``--pack-tokens``: what the ``gpu`` profiles
   of fine-tuning and distillation train on (rows of 2048 tokens, ~15 windows each);
+- ``finetune compact catalog`` and ``finetune compact catalog packed``: the same with the loss over the
+  catalog's tokens (``prunerec train --loss-vocab catalog``: the LM head on a few thousand rows, at the
+  labelled positions only);
 - ``distill d3 packed``, ``distill compact`` and ``distill compact packed``: a student (the same model, or
   ``--student ARTIFACT``, e.g. a pruned stage) distilled from the teacher; ``distill compact catalog`` and
   ``distill compact catalog packed``: the same with the loss over the catalog's tokens (``prunerec prune
@@ -63,6 +66,7 @@ from pruning.calibration import LossVocabulary, catalog_vocabulary, collate_batc
 from pruning.engine import Engine, Schedule, adamw, compiled_layers
 from pruning.examples import Example, collate, model_inputs, training_examples
 from pruning.packing import pack
+from pruning.train import catalog_loss
 from recdata.prep import prepare
 from recdata.prompts import get_template
 from recdata.sources import read_ml100k
@@ -337,10 +341,15 @@ def main() -> None:
     d3_packed = pack(d3_examples, args.pack_tokens, seed=0)
     windows_packed = pack(windows, args.pack_tokens, seed=0)
 
-    def finetune_loss(model: torch.nn.Module) -> Any:
+    catalog: LossVocabulary = catalog_vocabulary(base, compact, data, windows)
+
+    def finetune_loss(model: Any, vocabulary: LossVocabulary | None) -> Any:
         def move(tensor: torch.Tensor) -> torch.Tensor:  # pinned, so the copy does not wait for the GPU
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
+        if vocabulary is not None:  # prunerec train --loss-vocab catalog
+            on_device = vocabulary.to(device)
+            return lambda items: catalog_loss(model, {k: move(v) for k, v in collate(items, pad_id).items()}, on_device)
         return lambda items: model(**model_inputs({k: move(v) for k, v in collate(items, pad_id).items()})).loss
 
     weights = distill.DistillConfig()  # the stages' loss weights
@@ -357,24 +366,26 @@ def main() -> None:
 
         return loss
 
-    names = ["finetune d3", "finetune d3 packed", "finetune compact", "finetune compact packed", "distill d3 packed",
-             "distill compact", "distill compact packed", "distill compact catalog", "distill compact catalog packed"]
+    names = ["finetune d3", "finetune d3 packed", "finetune compact", "finetune compact packed", "finetune compact catalog",
+             "finetune compact catalog packed", "distill d3 packed", "distill compact", "distill compact packed",
+             "distill compact catalog", "distill compact catalog packed"]
     chosen = [n.strip() for n in args.variants.split(",")] if args.variants else names
     if unknown := sorted(set(chosen) - set(names)):
         parser.error(f"unknown variants {unknown}; choose from {names}")
     runs = []
-    finetune = [(n, r) for n, r in (("finetune d3", d3_examples), ("finetune d3 packed", d3_packed),
-                                    ("finetune compact", windows), ("finetune compact packed", windows_packed)) if n in chosen]
-    for (name, rows), batch_size, compile in itertools.product(finetune, batch_sizes, modes):
+    finetune = [(n, r, v) for n, r, v in (("finetune d3", d3_examples, None), ("finetune d3 packed", d3_packed, None),
+                                          ("finetune compact", windows, None), ("finetune compact packed", windows_packed, None),
+                                          ("finetune compact catalog", windows, catalog),
+                                          ("finetune compact catalog packed", windows_packed, catalog)) if n in chosen]
+    for (name, rows, vocabulary), batch_size, compile in itertools.product(finetune, batch_sizes, modes):
         model = copy.deepcopy(base).train()
-        runs.append(measure(name + (" compiled" if compile else ""), model, rows, finetune_loss(model), batch_size,
-                            warmup, args.steps, device, args.lr, args.profile_steps, compile))
+        runs.append(measure(name + (" compiled" if compile else ""), model, rows, finetune_loss(model, vocabulary),
+                            batch_size, warmup, args.steps, device, args.lr, args.profile_steps, compile))
         del model
     teacher = copy.deepcopy(base).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     student_base = load_model(args.student, device=str(device), dtype=torch.float32).model if args.student else base
-    catalog: LossVocabulary = catalog_vocabulary(teacher, compact, data, windows)
     distilled = [(n, r, v) for n, r, v in (("distill d3 packed", d3_packed, None), ("distill compact", windows, None),
                                            ("distill compact packed", windows_packed, None),
                                            ("distill compact catalog", windows, catalog),

@@ -23,6 +23,7 @@ def test_throughput_reports_every_variant_with_its_batch_shape(tmp_path, tokeniz
     assert report["device"] == "cpu" and report["precision"] == "fp32" and report["gpu_total_mb"] is None
     runs = {run["name"]: run for run in report["runs"]}
     assert set(runs) == {"finetune d3", "finetune d3 packed", "finetune compact", "finetune compact packed",
+                         "finetune compact catalog", "finetune compact catalog packed",
                          "distill d3 packed", "distill compact", "distill compact packed", "distill compact catalog",
                          "distill compact catalog packed"}
     assert 0 < report["catalog_tokens"] < len(tokenizer)
@@ -33,6 +34,8 @@ def test_throughput_reports_every_variant_with_its_batch_shape(tmp_path, tokeniz
     for loop in ("finetune", "distill"):
         assert runs[f"{loop} compact packed"]["tokens_per_step"] > 1.5 * runs[f"{loop} compact"]["tokens_per_step"]
         assert runs[f"{loop} compact packed"]["mean_row_tokens"] > 1.5 * runs[f"{loop} compact"]["mean_row_tokens"]
+    for shape in ("compact", "compact packed"):  # the catalog loss: the same rows, another head
+        assert runs[f"finetune {shape.replace('compact', 'compact catalog')}"]["tokens_per_step"] == runs[f"finetune {shape}"]["tokens_per_step"]
     assert set(report["recommended"]) == set(runs)  # one batch size measured: that one
     assert all(choice["batch_rows"] == 4 and choice["gain"] == 1.0 for choice in report["recommended"].values())
     assert all(0 <= run["padding_share"] < 1 for run in runs.values())
