@@ -231,8 +231,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 _SAME_IN_A_CURVE = ("teacher", "profile", "users", "seed", "plan", "stages", "ranking")
 """Protocol fields every merged report must share (one dense model, one evaluation, one plan kind)."""
-_SAME_SETTINGS = ("stages", "users", "seed", "distill_preset", "prune_overrides", "every_stage")
-"""RetentionConfig fields every merged report must share: one configuration's points, whatever their targets."""
+_SAME_SETTINGS = ("distill_preset", "prune_overrides")
+"""RetentionConfig fields every merged report must share besides the protocol's: one configuration's points,
+whatever their targets."""
 
 
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
