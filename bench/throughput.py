@@ -347,10 +347,13 @@ def main() -> None:
         def move(tensor: torch.Tensor) -> torch.Tensor:  # pinned, so the copy does not wait for the GPU
             return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
+        def batch_of(items: list[Example]) -> dict[str, torch.Tensor]:
+            return {k: move(v) for k, v in collate(items, pad_id).items()}
+
         if vocabulary is not None:  # prunerec train --loss-vocab catalog
             on_device = vocabulary.to(device)
-            return lambda items: catalog_loss(model, {k: move(v) for k, v in collate(items, pad_id).items()}, on_device)
-        return lambda items: model(**model_inputs({k: move(v) for k, v in collate(items, pad_id).items()})).loss
+            return lambda items: catalog_loss(model, batch_of(items), on_device)
+        return lambda items: model(**model_inputs(batch_of(items))).loss
 
     weights = distill.DistillConfig()  # the stages' loss weights
 
