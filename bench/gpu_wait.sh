@@ -6,15 +6,31 @@
 # at the end: a call killed because the session's device time ran out still brings back $OUT, so it brings the
 # latest reports (bench.retention rewrites its report after every evaluation). Call it again while it says
 # "running"; give the last call SECONDS a little under the device time left (`status`'s budget_left_s).
+# MAX_FILES (8): how many files a device call brings back.
 # usage: bash bench/gpu_wait.sh LOG RESULTS [SECONDS]
 log=${1:?usage: bash bench/gpu_wait.sh LOG RESULTS [SECONDS]}
 results=${2:?usage: bash bench/gpu_wait.sh LOG RESULTS [SECONDS]}
 limit=${3:-540}
 started=$(date +%s)
+# A device call brings back at most 8 files from $OUT (the rest are left out, whichever they are), so the copy
+# chooses: every JSON report first (a retention run's report.md and plot are drawn again from its report.json:
+# python -m bench.retention --merge DIR --output DIR), then the log, then the other logs while room is left; and
+# what an earlier copy brought that this one does not choose is removed from $OUT.
+max_files=${MAX_FILES:-8}
 bring() {
   [ -n "${OUT:-}" ] || return 0
+  local chosen=() file keep
+  if [ -d "$results" ]; then
+    mapfile -t chosen < <(cd "$results" && { find . -type f -name '*.json' | sort; find . -type f -name '*.log' | sort; } \
+      | sed 's|^\./||' | grep -vxF "$(basename "$log")" | head -n $((max_files - 1)))
+  fi
+  for file in "${chosen[@]}"; do
+    mkdir -p "$OUT/$(dirname "$file")" && cp "$results/$file" "$OUT/$file" 2>/dev/null
+  done
   cp "$log" "$OUT/" 2>/dev/null
-  [ -d "$results" ] && cp -r "$results"/. "$OUT/" 2>/dev/null
+  keep=$(printf '%s\n' "${chosen[@]}" "$(basename "$log")")
+  (cd "$OUT" && find . -type f | sed 's|^\./||' | while IFS= read -r file; do
+    grep -qxF "$file" <<< "$keep" || rm -f "$file"; done)
   return 0
 }
 state=running

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
                                  work / "eval" / "dense.json", config.device)
     dense_params = read_manifest(config.teacher)["params"]["non_embedding"]
     dense_ndcg = dense_eval["metrics"]["ndcg@10"]
+    dense_ranks = _ranks(work / "eval" / "dense.json")
     points: list[dict[str, Any]] = []
     partial: dict[str, Any] | None = None  # the point being pruned, its stages evaluated so far (--every-stage)
 
@@ -104,8 +106,9 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
                          "ranking": "full catalog, 20 beams, history excluded, catalog head, no assistant",
                          "minutes": round((time.perf_counter() - started) / 60, 1), "complete": complete,
                          "config": asdict(config)},
-            "dense": {"non_embedding": dense_params, "ndcg@10": dense_ndcg, "hr@10": dense_eval["metrics"]["hr@10"]},
-            "mostpop": dense_eval["mostpop"],
+            "dense": {"non_embedding": dense_params, "ndcg@10": dense_ndcg, "hr@10": dense_eval["metrics"]["hr@10"],
+                      "ranks": dense_ranks},
+            "mostpop": {**dense_eval["mostpop"], "ranks": _ranks(work / "eval" / "dense.json", "mostpop_rank")},
             "sasrec": sasrec,
             "points": points,
         }
@@ -125,17 +128,20 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
 
         def evaluate_stage(path: Path, name: str = name, partial: dict[str, Any] = partial) -> None:
             """A stage evaluated as soon as it is written (--every-stage), the report rewritten."""
-            stage_evaluation = evaluate_cached(path, data, config.users, config.seed, "catalog",
-                                               work / "eval" / f"{name}-{path.name}.json", config.device)
-            partial["stages"].append({"stage": path.name, **_quality(path, stage_evaluation, dense_params, dense_ndcg)})
+            evaluation_path = work / "eval" / f"{name}-{path.name}.json"
+            stage_evaluation = evaluate_cached(path, data, config.users, config.seed, "catalog", evaluation_path,
+                                               config.device)
+            partial["stages"].append({"stage": path.name, **_quality(path, stage_evaluation, _ranks(evaluation_path),
+                                                                     dense_params, dense_ranks)})
             write()
 
         logger.info("retention: pruning to %.1f%% removed", 100 * target)
         artifacts = prune(prune_config, data, on_stage=evaluate_stage if config.every_stage else None)
         final = artifacts[-1]
-        evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog",  # --every-stage's file too
-                                     work / "eval" / f"{name}-{final.name}.json", config.device)
-        point = {"target": target, "artifact": str(final), **_quality(final, evaluation, dense_params, dense_ndcg)}
+        evaluation_path = work / "eval" / f"{name}-{final.name}.json"  # --every-stage's file too
+        evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog", evaluation_path, config.device)
+        point = {"target": target, "artifact": str(final),
+                 **_quality(final, evaluation, _ranks(evaluation_path), dense_params, dense_ranks)}
         if config.every_stage:  # the stages as evaluated when written; the last one is the point itself
             point["stages"] = [*partial["stages"][:-1], {"stage": final.name, **{key: point[key] for key in _QUALITY}}]
         points.append(point)
@@ -153,18 +159,50 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     return write(sasrec, complete=True)
 
 
-_QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention", "distill_steps", "distill_stop")
+_QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention", "retention_ci95", "distill_steps",
+            "distill_stop", "ranks")
 
 
-def _quality(artifact: Path, evaluation: dict[str, Any], dense_params: int, dense_ndcg: float) -> dict[str, Any]:
+def _ranks(evaluation_path: Path, column: str = "rank") -> list[int]:
+    """Per-user 0-based rank of the next item (−1: not in the list), in the evaluated users' order, from the
+    ranks file :mod:`pruning.evaluate` writes beside its JSON (``column`` mostpop_rank: MostPop's)."""
+    import pandas as pd
+
+    return pd.read_csv(evaluation_path.with_suffix(".ranks.csv"))[column].astype(int).tolist()
+
+
+def retention_interval(dense_ranks: list[int], ranks: list[int], resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of the retention (mean NDCG@10 of ``ranks`` over the dense model's), users
+    resampled together for both (paired: the same users each time). None where a resample's dense NDCG is 0."""
+    import numpy as np
+
+    from bench.report import per_user_ndcg
+
+    dense, pruned = per_user_ndcg(dense_ranks), per_user_ndcg(ranks)
+    if dense.shape != pruned.shape or dense.size == 0:
+        raise ValueError("the retention interval needs the same non-empty users for both models")
+    users = np.random.default_rng(seed).integers(0, dense.size, size=(resamples, dense.size))
+    dense_means = dense[users].mean(1)  # (resamples,)
+    if np.any(dense_means == 0):
+        return None
+    ratios = pruned[users].mean(1) / dense_means
+    return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
+
+
+def _quality(artifact: Path, evaluation: dict[str, Any], ranks: list[int], dense_params: int,
+             dense_ranks: list[int]) -> dict[str, Any]:
     """An evaluated artifact's size and quality against the dense model's (the fields of :data:`_QUALITY`)."""
+    from bench.report import per_user_ndcg
+
     manifest = read_manifest(artifact)
     params = manifest["params"]["non_embedding"]
     ndcg = evaluation["metrics"]["ndcg@10"]
+    dense_ndcg = float(per_user_ndcg(dense_ranks).mean())
     distilled = manifest.get("distillation") or {}  # what the stage's recovery got (a run capped in minutes varies)
     return {"non_embedding": params, "removed": 1 - params / dense_params, "ndcg@10": ndcg,
             "hr@10": evaluation["metrics"]["hr@10"], "retention": ndcg / dense_ndcg if dense_ndcg else None,
-            "distill_steps": distilled.get("steps"), "distill_stop": distilled.get("stop_reason")}
+            "retention_ci95": retention_interval(dense_ranks, ranks), "distill_steps": distilled.get("steps"),
+            "distill_stop": distilled.get("stop_reason"), "ranks": ranks}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -172,7 +210,7 @@ def markdown(report: dict[str, Any]) -> str:
     dense = report["dense"]
     unfinished = "" if report["protocol"].get("complete", True) else ", unfinished: the run has not ended"
     lines = [f"# Retention curve ({report['protocol']['profile']}, {report['protocol']['users']} users{unfinished})", "",
-             "| model | non-embedding params | removed | NDCG@10 | HR@10 | retention | distillation steps (stop) |",
+             "| model | non-embedding params | removed | NDCG@10 | HR@10 | retention [95% CI] | distillation steps (stop) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
              f"| dense | {dense['non_embedding']:,} | 0% | {dense['ndcg@10']:.4f} | {dense['hr@10']:.4f} | 1.000 | |"]
     for point in report["points"]:
@@ -190,6 +228,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _row(label: str, quality: dict[str, Any]) -> str:
     retention = f"{quality['retention']:.3f}" if quality["retention"] is not None else "–"
+    if quality.get("retention_ci95"):  # reports since 2026-11-27 (per-user ranks)
+        retention += " [{:.2f}, {:.2f}]".format(*quality["retention_ci95"])
     steps = quality.get("distill_steps")
     distilled = "" if steps is None else f"{steps} ({quality.get('distill_stop')})"
     return (f"| {label} | {quality['non_embedding']:,} | {100 * quality['removed']:.1f}% | {quality['ndcg@10']:.4f} | "
@@ -269,10 +309,59 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Two configurations' reports on the same test users (``bench/gpu_arms.sh``'s arms), model by model: the
+    dense models, each target's final point (whatever stages led there: gradual against three stages) and each
+    earlier stage evaluated in both, with :func:`bench.report.paired_test` of their per-user NDCG@10 (B − A).
+    Refuses reports of other users and reports written before per-user ranks were kept (2026-11-27)."""
+    from bench.report import paired_test, per_user_ndcg
+
+    for key in ("users", "seed"):
+        if a["protocol"][key] != b["protocol"][key]:
+            raise ValueError(f"reports differ in {key}: {a['protocol'][key]!r} and {b['protocol'][key]!r}")
+
+    def models(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        found = {"dense": report["dense"]}
+        for point in report["points"]:
+            for stage in point.get("stages", [])[:-1]:
+                found[f"target {point['target']:g}, after {stage['stage']}"] = stage
+            found[f"target {point['target']:g}"] = point
+        return found
+
+    in_a, in_b = models(a), models(b)
+    rows = []
+    for label in [name for name in in_a if name in in_b]:
+        if "ranks" not in in_a[label] or "ranks" not in in_b[label]:
+            raise ValueError(f"{label}: a report without per-user ranks (written before 2026-11-27); nothing to pair")
+        test = paired_test(per_user_ndcg(in_a[label]["ranks"]), per_user_ndcg(in_b[label]["ranks"]))
+        rows.append({"model": label, **test})
+    if not rows:
+        raise ValueError("the reports share no model to compare")
+    return rows
+
+
+def compare_markdown(rows: list[dict[str, Any]], names: tuple[str, str]) -> str:
+    a, b = names
+    lines = [f"| model | NDCG@10 {a} | NDCG@10 {b} | {b} − {a} [95% CI] | users better ({a} / {b}) | Wilcoxon p | t-test p |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        low, high = row["ci95"]
+        lines.append(f"| {row['model']} | {row['mean_a']:.4f} | {row['mean_b']:.4f} | {row['mean_difference']:+.4f} "
+                     f"[{low:+.4f}, {high:+.4f}] | {row['users_better_a']} / {row['users_better_b']} | "
+                     f"{row['wilcoxon_p']:.2f} | {row['ttest_p']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _dumps(report: dict[str, Any]) -> str:
+    """Indented JSON with every list of integers (the per-user ranks) on one line."""
+    return re.sub(r"\[\s+(-?\d+(?:,\s+-?\d+)*)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]",
+                  json.dumps(report, indent=2))
+
+
 def write_report(report: dict[str, Any], output: Path) -> None:
     """report.json, report.md and retention.png in ``output``."""
     output.mkdir(parents=True, exist_ok=True)
-    (output / "report.json").write_text(json.dumps(report, indent=2))
+    (output / "report.json").write_text(_dumps(report))
     (output / "report.md").write_text(markdown(report))
     plot(report, output / "retention.png")
 
@@ -283,6 +372,9 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT_DIR",
                         help="prune nothing: one curve from these reports' points (the same dense model and settings, "
                              "other targets: bench/gpu_arms.sh's target arms), written to --output")
+    parser.add_argument("--compare", nargs=2, type=Path, default=None, metavar=("REPORT_DIR_A", "REPORT_DIR_B"),
+                        help="measure nothing: pair two reports on the same users (arms of one lease), model by model, "
+                             "per-user NDCG@10 (B − A) with a bootstrap interval and Wilcoxon/t p-values")
     parser.add_argument("--profile", default="cpu", help="pruning profile: cpu or gpu")
     parser.add_argument("--targets", default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
                         help="comma-separated shares of non-embedding parameters to remove")
@@ -342,6 +434,18 @@ def main() -> None:
     parser = command_line()
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.compare:
+        try:
+            rows = compare_reports(*[json.loads((path / "report.json").read_text()) for path in args.compare])
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+        table = compare_markdown(rows, (args.compare[0].name, args.compare[1].name))
+        if args.output:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+            (Path(args.output) / "compare.json").write_text(json.dumps(rows, indent=2))
+            (Path(args.output) / "compare.md").write_text(table)
+        print(table)
+        return
     if args.merge:
         if args.output is None:
             parser.error("--merge needs --output, the merged report's directory")

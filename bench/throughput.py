@@ -175,14 +175,18 @@ MAX_DISTILL_LR = 1e-3
 2e-3 at 32 (the square-root rule from 1e-3 at 8) diverged (validation loss 3.55 → 4.55 after 20 steps)."""
 
 
-def lease_settings(report: dict[str, Any], profile: str = "gpu", finetune: str = "finetune compact packed",
-                   distillation: str = "distill compact packed", arms: int = 1) -> dict[str, Any]:
-    """Fine-tuning and distillation settings for a run of fixed minutes on the device a sweep measured: each
-    loop's :func:`recommend`-ed batch, its rate :func:`sqrt_scaled_lr` from the profile's batch and rate (the
-    ``gpu`` profiles: 2 packed rows, fine-tuning at 5e-5 and distillation at 3e-4), distillation's at most
-    :data:`MAX_DISTILL_LR`. A variant the sweep lacks keeps the profile's values. ``arms``: distillations that
-    will share the card at once (``bench/gpu_arms.sh``; the fine-tune runs alone before them): the distillation
-    batch is then one whose measured peak fits :data:`CARD_SHARE` of the card's memory divided among them."""
+def lease_settings(report: dict[str, Any], profile: str = "gpu", distillation: str = "distill compact packed",
+                   arms: int = 1) -> dict[str, Any]:
+    """Fine-tuning and distillation settings for a run of fixed minutes on the device a sweep measured.
+
+    Fine-tuning keeps the profile's batch and rate (the ``gpu`` profile's 2 packed rows at 5e-5, 3 epochs): a
+    throughput sweep cannot say what a larger batch does to the model, and on one H100 the 16 rows it picked
+    (rate sqrt-scaled to 1.4e-4, the profile's 3 epochs = 126 steps, 2026-11-27) gave a dense NDCG@10 of 0.052 on
+    all test users, against 0.082 for the profile's 951 steps (2026-11-25; README, "One GPU lease").
+    Distillation takes the :func:`recommend`-ed batch, its rate :func:`sqrt_scaled_lr` from the profile's (3e-4 at
+    2 rows), at most :data:`MAX_DISTILL_LR`; a variant the sweep lacks keeps the profile's. ``arms``:
+    distillations that will share the card at once (``bench/gpu_arms.sh``): the distillation batch is then one
+    whose measured peak fits :data:`CARD_SHARE` of the card's memory divided among them."""
     from pruning.distill import DistillConfig
     from pruning.prune import PROFILES as PRUNE_PROFILES
     from pruning.train import PROFILES as TRAIN_PROFILES
@@ -190,22 +194,15 @@ def lease_settings(report: dict[str, Any], profile: str = "gpu", finetune: str =
 
     if arms < 1:
         raise ValueError(f"arms must be at least 1, got {arms}")
-    chosen = recommend(report["runs"])
     total_mb = report.get("gpu_total_mb")
-    if arms > 1 and total_mb:
-        chosen[distillation] = recommend(report["runs"], memory_mb=CARD_SHARE * total_mb / arms).get(distillation, {})
-        if not chosen[distillation]:  # not even the smallest batch fits its share: the profile's
-            del chosen[distillation]
+    memory_mb = CARD_SHARE * total_mb / arms if arms > 1 and total_mb else None
+    chosen = recommend(report["runs"], memory_mb=memory_mb).get(distillation)
     train, distillation_profile = TRAIN_PROFILES[profile], PRUNE_PROFILES[profile].get("distill", {})
-    settings: dict[str, Any] = {}
-    for prefix, variant, batch, lr, most in (
-            ("train", finetune, train.get("batch_size", TrainConfig.batch_size), train.get("lr", TrainConfig.lr), math.inf),
-            ("distill", distillation, distillation_profile.get("batch_size", DistillConfig.batch_size),
-             distillation_profile.get("lr", DistillConfig.lr), MAX_DISTILL_LR)):
-        rows = chosen[variant]["batch_rows"] if variant in chosen else batch
-        settings[f"{prefix}_batch"] = rows
-        settings[f"{prefix}_lr"] = float(f"{min(sqrt_scaled_lr(lr, rows, batch), max(most, lr)):.3g}")
-    return settings
+    batch, lr = distillation_profile.get("batch_size", DistillConfig.batch_size), distillation_profile.get("lr", DistillConfig.lr)
+    rows = chosen["batch_rows"] if chosen else batch  # none measured, or none fits its share: the profile's
+    return {"train_batch": train.get("batch_size", TrainConfig.batch_size), "train_lr": train.get("lr", TrainConfig.lr),
+            "distill_batch": rows,
+            "distill_lr": float(f"{min(sqrt_scaled_lr(lr, rows, batch), max(MAX_DISTILL_LR, lr)):.3g}")}
 
 
 def _measure(name: str, model: torch.nn.Module, rows: list[Example], loss_of: Any, batch_size: int, warmup: int,

@@ -96,6 +96,38 @@ def test_the_wait_returns_when_the_job_is_done_and_brings_its_results(tmp_path, 
     assert (out / "job.log").read_text() == log.read_text()
 
 
+def test_the_wait_brings_at_most_eight_files_the_reports_first(tmp_path):
+    """A device call brings back 8 files of $OUT and leaves out the rest whichever they are (the first lease,
+    2026-11-27, lost three arms' reports to their report.md and plots): every JSON report, then the log, then
+    the other logs; what an earlier copy brought and this one does not choose is dropped."""
+    log = tmp_path / "gpu.log"
+    log.write_text("== 10:00:00 arms\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("dense", "arm-a", "arm-b", "arm-c", "arm-d", "arm-e", "arm-f", "arm-g"):
+        (results / f"{name}.log").write_text(name)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def wait() -> set[str]:
+        subprocess.run(["bash", str(ROOT / "bench" / "gpu_wait.sh"), str(log), str(results), "0"],
+                       env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=60, check=True)
+        return {str(path.relative_to(out)) for path in out.rglob("*") if path.is_file()}
+
+    early = wait()  # only logs so far: they fill the call
+    assert len(early) == 8 and "gpu.log" in early
+    (results / "probe.json").write_text("{}")
+    for arm in "abcde":
+        (results / f"retention-{arm}").mkdir()
+        for name in ("report.json", "report.md", "retention.png"):
+            (results / f"retention-{arm}" / name).write_text(arm)
+    late = wait()
+    assert len(late) == 8
+    assert {"probe.json", "gpu.log"} | {f"retention-{arm}/report.json" for arm in "abcde"} < late
+    assert not any(name.endswith((".md", ".png")) for name in late)
+    assert (out / "retention-e" / "report.json").read_text() == "e"
+
+
 def test_a_wait_killed_midway_has_already_brought_the_results(tmp_path):
     """A device call killed when the session's time runs out returns what is in $OUT: the wait must have copied
     the reports before its first 20-second sleep, not only when it returns."""

@@ -51,6 +51,16 @@ def test_retention_curve_prunes_evaluates_and_plots(tmp_path, tiny_dense, prepar
         assert point["removed"] >= point["target"] - 0.05 and 0.0 <= point["ndcg@10"] <= 1.0
         assert point["retention"] == pytest.approx(point["ndcg@10"] / report["dense"]["ndcg@10"]) if report["dense"]["ndcg@10"] else True
     assert report["protocol"]["users"] == len(prepared.splits["test"]) and report["sasrec"] is None
+    users = len(prepared.splits["test"])  # per-user ranks kept for paired comparisons (--compare), one per test user
+    assert len(report["dense"]["ranks"]) == len(report["mostpop"]["ranks"]) == users
+    for point in points:
+        assert len(point["ranks"]) == users and all(-1 <= r < 20 for r in point["ranks"])
+        hits = sum(0 <= r < 10 for r in point["ranks"])
+        assert point["hr@10"] == pytest.approx(hits / users)  # the ranks are the evaluation's
+        if point["retention_ci95"] is not None:
+            low, high = point["retention_ci95"]
+            assert low <= point["retention"] <= high
+    assert '"ranks": [' in (tmp_path / "out" / "report.json").read_text()  # on one line, not one per rank
     assert 0.0 <= report["mostpop"]["ndcg@10"] <= 1.0
     for point in points:  # every stage evaluated: sizes falling stage by stage, the last one the point itself
         stages = point["stages"]
@@ -177,3 +187,56 @@ def test_a_merge_refuses_reports_that_are_not_one_curve(other, complaint):
         merge_reports([_report([0.5]), other])
     with pytest.raises(ValueError, match="no reports"):
         merge_reports([])
+
+
+def test_retention_interval_brackets_the_ratio_and_narrows_with_more_users():
+    from bench.retention import retention_interval
+
+    dense = [0, 3, -1, 1, -1, 5, 2, -1] * 10
+    same = retention_interval(dense, dense)
+    assert same == pytest.approx([1.0, 1.0])  # identical models: no spread
+    worse = [r if i % 2 else -1 for i, r in enumerate(dense)]  # half the hits lost
+    low, high = retention_interval(dense, worse)
+    assert low < 0.6 < high and high < 1.0
+    wide_low, wide_high = retention_interval(dense[:16], worse[:16])
+    assert wide_high - wide_low > high - low  # fewer users, a wider interval
+    assert retention_interval([-1] * 8, [0] * 8) is None  # a dense model with no hit: no ratio
+    with pytest.raises(ValueError, match="same non-empty users"):
+        retention_interval(dense, dense[:-1])
+
+
+def test_two_arms_reports_compare_model_by_model(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from bench import retention
+
+    def arm(final_ranks, stage_names):
+        report = _report([0.955])
+        report["dense"]["ranks"] = [0, 1, -1, 4, 2, -1] * 20
+        point = report["points"][0]
+        point["ranks"] = final_ranks
+        point["stages"] = [{"stage": name, "ranks": [-1] * 120} for name in stage_names] + [{"stage": "last"}]
+        return report
+
+    base = arm([0, 1, -1, 4, 2, -1] * 20, ["1-attn", "2-mlp"])
+    better = arm([0, 0, 0, 0, 0, -1] * 20, ["1-attn", "2-attn", "3-mlp"])  # gradual: other stage names
+    for name, report in (("base", base), ("gradual", better)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    monkeypatch.setattr(sys, "argv", ["retention", "--compare", str(tmp_path / "base"), str(tmp_path / "gradual"),
+                                      "--output", str(tmp_path / "cmp")])
+    retention.main()
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [row["model"] for row in rows] == ["dense", "target 0.955, after 1-attn", "target 0.955"]
+    dense, _, final = rows
+    assert dense["mean_difference"] == 0 and dense["wilcoxon_p"] == 1.0  # one dense model for both arms
+    assert final["mean_difference"] > 0 and final["ci95"][0] > 0 and final["wilcoxon_p"] < 0.01
+    assert final["users_better_b"] == 80 and final["users_better_a"] == 0
+    assert "| target 0.955 |" in capsys.readouterr().out
+
+    other_users = {**base, "protocol": {**base["protocol"], "users": 300}}
+    with pytest.raises(ValueError, match="differ in users"):
+        retention.compare_reports(base, other_users)
+    old = _report([0.955])  # before per-user ranks were kept
+    with pytest.raises(ValueError, match="without per-user ranks"):
+        retention.compare_reports(old, old)

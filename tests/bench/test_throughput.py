@@ -130,7 +130,8 @@ def test_recommend_takes_a_larger_batch_only_for_enough_more_tokens_a_second_and
     assert throughput.recommend(runs, min_gain=1.2)["distill compact packed"]["batch_rows"] == 16
 
 
-def test_lease_settings_scale_the_profiles_rates_with_the_square_root_of_the_batch(tmp_path, monkeypatch, capsys):
+def test_lease_settings_scale_distillations_rate_with_the_square_root_of_the_batch_and_keep_fine_tuning(
+        tmp_path, monkeypatch, capsys):
     from pruning.prune import PROFILES as PRUNE_PROFILES
     from pruning.train import PROFILES as TRAIN_PROFILES
 
@@ -139,7 +140,9 @@ def test_lease_settings_scale_the_profiles_rates_with_the_square_root_of_the_bat
                        _run("distill compact packed", 2, 10_000), _run("distill compact packed", 8, 11_000),
                        _run("distill compact catalog packed", 2, 10_000), _run("distill compact catalog packed", 8, 30_000)]}
     settings = throughput.lease_settings(report)
-    assert settings == {"train_batch": 8, "train_lr": pytest.approx(TRAIN_PROFILES["gpu"]["lr"] * 2),
+    # fine-tuning 4x faster at 8 rows, yet the profile's batch and rate: a larger batch's quality is unmeasured
+    # (the 16 rows picked on an H100 gave a weaker dense model, 2026-11-27)
+    assert settings == {"train_batch": 2, "train_lr": TRAIN_PROFILES["gpu"]["lr"],
                         "distill_batch": 2, "distill_lr": pytest.approx(3e-4)}
     assert throughput.lease_settings(report, distillation="distill compact catalog packed")["distill_batch"] == 8
     # distillation's rate never grows past the highest seen stable (a 32-row batch: 3e-4 x 4 = 1.2e-3 -> 1e-3)
@@ -156,7 +159,7 @@ def test_lease_settings_scale_the_profiles_rates_with_the_square_root_of_the_bat
                                       "distill compact catalog packed"])
     throughput.main()
     batch, lr, distill_batch, distill_lr = capsys.readouterr().out.split()
-    assert (int(batch), float(lr), int(distill_batch), float(distill_lr)) == (8, pytest.approx(1e-4), 8, pytest.approx(6e-4))
+    assert (int(batch), float(lr), int(distill_batch), float(distill_lr)) == (2, pytest.approx(5e-5), 8, pytest.approx(6e-4))
 
 
 def test_lease_settings_for_arms_sharing_the_card_keep_each_distillation_within_its_share_of_memory():
@@ -171,7 +174,7 @@ def test_lease_settings_for_arms_sharing_the_card_keep_each_distillation_within_
     # three arms: 0.85 x 80 GB / 3 = 22.7 GB each -> 8 rows (15 GB), not 16 (28 GB)
     three = throughput.lease_settings(report, arms=3)
     assert three["distill_batch"] == 8 and three["distill_lr"] == pytest.approx(3e-4 * 2)
-    assert three["train_batch"] == 16  # the fine-tune runs alone before the arms
+    assert three["train_batch"] == 2  # the profile's, whatever the sweep
     # so many arms that no measured batch fits its share: the profile's own batch
     assert throughput.lease_settings(report, arms=20)["distill_batch"] == 2
     # a sweep without the card's memory (a CPU one): nothing to divide
