@@ -15,9 +15,10 @@
 # DISTILL_LR (packed rows a step and rates; none = the gpu profiles': 2 rows, 5e-5 and 3e-4), DISTILL_EPOCHS (the
 # profile's 1; most passes over the distillation examples per stage), PROBE (0; 1 = first
 # a ~1.5-minute sweep of 2, 8 and 16 packed rows of fine-tuning and distillation (both losses), `python -m bench.throughput`,
-# written to OUT/probe.json, and the batches and sqrt-scaled rates it recommends (distillation's at most 1e-3)
-# used where TRAIN_* / DISTILL_* are not given, except a PRESET's own distillation rate: on a GPU that waits for
-# its host, more rows a step cost little, so a run of fixed minutes sees more data), EVERY_STAGE (0; 1 = every
+# written to OUT/probe.json (an OUT/probe.json already there is reused), and the distillation batch and
+# sqrt-scaled rate it recommends (at most 1e-3) used where DISTILL_* are not given, except a PRESET's own rate: on
+# a GPU that waits for its host, more rows a step cost little, so a stage of fixed minutes sees more data;
+# fine-tuning keeps the profile's batch and rate, bench.throughput.lease_settings says why), EVERY_STAGE (0; 1 = every
 # stage of every point evaluated, not only the last), HIDDEN (0; the hidden-state term's weight,
 # --distill-hidden-weight), ARM (none; names the retention's work and report directories, retention-ARM, so that
 # several configurations share one dense model: bench/gpu_arms.sh), ARMS (1; distillations sharing the card at

@@ -13,6 +13,8 @@ users and, when asked, RecBole SASRec. Resumable: finished stages and evaluation
     python -m bench.retention runs/dense --profile gpu --users 0 --distill-minutes 0.5   # sized to a short lease
 
 ``--every-stage`` also evaluates each point's earlier stages (attn, mlp), to see which cut loses the quality.
+Every model's per-user ranks are kept (``ranks``), so each retention has a paired bootstrap interval
+(``retention_ci95``) and ``--compare DIR_A DIR_B`` pairs two reports on the same users model by model.
 
 Writes ``report.json`` (``points``: target, removed, non_embedding, NDCG@10, HR@10, retention; ``stages``, the
 same for each stage, with ``--every-stage``), ``report.md``
