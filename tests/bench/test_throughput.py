@@ -39,6 +39,9 @@ def test_throughput_reports_every_variant_with_its_batch_shape(tmp_path, tokeniz
     assert set(report["recommended"]) == set(runs)  # one batch size measured: that one
     assert all(choice["batch_rows"] == 4 and choice["gain"] == 1.0 for choice in report["recommended"].values())
     assert all(0 <= run["padding_share"] < 1 for run in runs.values())
+    # the process's first run made twice, the first discarded (it pays the device's one-time costs)
+    assert report["discarded_first_run"]["name"] == report["runs"][0]["name"] == "finetune d3"
+    assert report["discarded_first_run"]["steps"] == 2
 
 
 def test_throughput_runs_the_variants_named_on_the_student_given(tmp_path, tokenizer, monkeypatch):
