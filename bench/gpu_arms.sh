@@ -2,7 +2,7 @@
 # Several retention configurations ("arms") in one GPU lease, side by side from one dense model (issue 17).
 # A small student's distillation step waits on its host far more than on the card (one run kept an H100 ~2%
 # busy), and the lent machine has 16 cores, so arms run at once: the probe and the dense model first (one
-# bench/gpu_retention.sh with RETENTION=0), then one bench/gpu_retention.sh per arm in the background, each with
+# bench/gpu_retention.sh with RETENTION=0, which also evaluates the dense model once for all), then one bench/gpu_retention.sh per arm in the background, each with
 # its own knobs over the shared ones, its log in OUT/arm-NAME.log and its report in OUT/retention-NAME/.
 # Every arm sees the same dense model, the same users and (with PROBE=1) a distillation batch chosen so that all
 # arms' measured peaks fit the card together (`bench.throughput --lease-settings --arms N`). They share the

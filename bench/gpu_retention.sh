@@ -22,7 +22,8 @@
 # stage of every point evaluated, not only the last), HIDDEN (0; the hidden-state term's weight,
 # --distill-hidden-weight), ARM (none; names the retention's work and report directories, retention-ARM, so that
 # several configurations share one dense model: bench/gpu_arms.sh), ARMS (1; distillations sharing the card at
-# once, for the probe's batch choice), RETENTION (1; 0 = stop after the probe and the dense model).
+# once, for the probe's batch choice), RETENTION (1; 0 = stop after the probe, the dense model and its evaluation on
+# all users, which every retention run of the same WORK then reuses).
 # Over 10 minutes in all: start it with setsid nohup and keep
 # the machine busy with `bash bench/gpu_wait.sh` (or ../shared/gpu/README.md's poll); a second configuration
 # needs its own WORK.
@@ -67,12 +68,22 @@ if [ ! -f "$work/dense/prunerec.json" ]; then
   [ -n "${TRAIN_LR:-}" ] && options+=(--lr "$TRAIN_LR")
   python3 -m cli.main train --profile gpu --max-minutes "${TRAIN_MINUTES:-3}" "${options[@]}" --output "$work/dense" || exit 1
 fi
+shared_eval="$work/retention-dense/eval"  # the dense model evaluated once for every arm (RETENTION=0)
 if [ "${RETENTION:-1}" = 0 ]; then
+  if [ ! -f "$shared_eval/dense.json" ]; then
+    log "dense evaluation"
+    python3 -m bench.retention "$work/dense" --profile gpu --users 0 --dense-only --work "$work/retention-dense" \
+      --output "$work/retention-dense" || log "dense evaluation FAILED: each arm evaluates it"
+  fi
   log done
   exit 0
 fi
 retention=retention${ARM:+-$ARM}
 log "$retention"
+if [ -f "$shared_eval/dense.json" ] && [ ! -f "$work/$retention/eval/dense.json" ]; then
+  # reused by bench.retention when its users, seed and head match and the dense artifact is the same build
+  mkdir -p "$work/$retention/eval" && cp "$shared_eval"/dense.* "$work/$retention/eval/"
+fi
 preset=()
 [ -n "${PRESET:-}" ] && preset=(--distill-preset "$PRESET")
 [ -n "${GRADUAL:-}" ] && preset+=(--gradual "$GRADUAL")

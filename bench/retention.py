@@ -53,7 +53,8 @@ class RetentionConfig:
     profile: str = "cpu"
     """Pruning profile of every point (calibration and distillation settings): cpu or gpu."""
     targets: list[float] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    """Shares of non-embedding parameters to remove, one pruning run each."""
+    """Shares of non-embedding parameters to remove, one pruning run each. Empty: the dense model and MostPop
+    only (``--dense-only``: ``bench/gpu_arms.sh`` evaluates the dense model once, and each arm reuses it)."""
     stages: list[str] = field(default_factory=lambda: ["attn", "mlp", "depth"])
     """Stages of every pruning run."""
     users: int | None = 300
@@ -85,7 +86,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     if config.profile not in PROFILES:
         raise ValueError(f"unknown pruning profile {config.profile!r}; choose one of {sorted(PROFILES)}")
     with_preset(None, config.distill_preset)  # an unknown preset is refused before any work
-    if not config.targets or any(not 0.0 < t < 1.0 for t in config.targets):
+    if any(not 0.0 < t < 1.0 for t in config.targets):
         raise ValueError(f"targets must lie strictly between 0 and 1, got {config.targets}")
     work = Path(config.work or f"runs/retention-{config.profile}")
     output = Path(config.output or f"bench/results/{config.profile}/retention")
@@ -380,6 +381,9 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="cpu", help="pruning profile: cpu or gpu")
     parser.add_argument("--targets", default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
                         help="comma-separated shares of non-embedding parameters to remove")
+    parser.add_argument("--dense-only", action="store_true",
+                        help="evaluate the dense model (and MostPop) only, no target: its evaluation in WORK/eval is "
+                             "what other runs on the same users reuse (copied into their WORK/eval)")
     parser.add_argument("--users", type=int, default=300, help="seeded test users (0 = all)")
     parser.add_argument("--sasrec-epochs", type=int, default=0, help="most RecBole SASRec epochs (0: no SASRec line)")
     parser.add_argument("--distill-minutes", type=float, default=None,
@@ -464,9 +468,11 @@ def main() -> None:
     from recdata.sources import read_ml100k
 
     try:
-        targets = [float(t) for t in args.targets.split(",") if t.strip()]
+        targets = [] if args.dense_only else [float(t) for t in args.targets.split(",") if t.strip()]
     except ValueError:
         parser.error(f"--targets must be numbers, got {args.targets!r}")
+    if not targets and not args.dense_only:
+        parser.error("--targets is empty (the dense model alone: --dense-only)")
     data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
     overrides = prune_overrides(args)
     config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,

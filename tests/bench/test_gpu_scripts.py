@@ -18,6 +18,9 @@ case "$*" in
   *--lease-settings*) echo "16 0.000141 8 0.000849" ;;
   *"bench.throughput --device"*) [ -n "${FAIL_PROBE:-}" ] && exit 1; echo '{}' > "${@: -1}" ;;
   *"cli.main train"*) [ -n "${FAIL_TRAIN:-}" ] && exit 1; out="${@: -1}"; mkdir -p "$out" && echo '{}' > "$out/prunerec.json" ;;
+  *--dense-only*) mkdir -p "$WORK/retention-dense/eval" && echo '{"dense": 1}' > "$WORK/retention-dense/eval/dense.json" \
+    && echo rank > "$WORK/retention-dense/eval/dense.ranks.csv" ;;
+  *bench.retention*) all="$*"; work="${all##*--work }"; [ -f "${work%% *}/eval/dense.json" ] && echo "dense evaluation found" >> "$CALLS" ;;
 esac
 """
 
@@ -154,8 +157,14 @@ def test_arms_share_the_probe_and_the_dense_model_and_each_runs_its_own_retentio
     assert sum("cli.main train" in call for call in calls) == 1  # one dense model
     settings = [call for call in calls if "--lease-settings" in call]
     assert len(settings) == 4 and all("--arms 3" in call for call in settings)  # the dense run's, then each arm's
-    retentions = {call.split("--output ")[1].split()[0].rsplit("/", 1)[1]: call for call in calls if "bench.retention" in call}
+    dense_only = [call for call in calls if "--dense-only" in call]  # the dense model evaluated once, before the arms
+    assert len(dense_only) == 1 and "--users 0" in dense_only[0]
+    retentions = {call.split("--output ")[1].split()[0].rsplit("/", 1)[1]: call for call in calls
+                  if "bench.retention" in call and "--dense-only" not in call}
     assert set(retentions) == {"retention-base", "retention-catalog", "retention-deep"}
+    assert calls.count("dense evaluation found") == 3  # each arm's retention starts with it in its WORK/eval
+    for name in ("base", "catalog", "deep"):
+        assert (tmp_path / "work" / f"retention-{name}" / "eval" / "dense.ranks.csv").is_file()
     assert all("--every-stage" in call and "--targets 0.955" in call for call in retentions.values())  # shared knobs
     assert "--distill-vocab catalog" in retentions["retention-catalog"] and "--distill-vocab" not in retentions["retention-base"]
     assert "--gradual 2" in retentions["retention-deep"] and "--distill-hidden-weight 1" in retentions["retention-deep"]
@@ -184,4 +193,4 @@ def test_arms_after_a_failed_probe_run_without_it_rather_than_probing_each(tmp_p
     ran = run_script(tmp_path, "gpu_arms.sh", [str(tmp_path / "out"), "a", "b"], {"PROBE": "1", "FAIL_PROBE": "1"})
     assert sum("bench.throughput --device" in call for call in ran.calls) == 1  # the dense run's only
     assert "probe FAILED" in ran.result.stdout
-    assert sum("bench.retention" in call for call in ran.calls) == 2
+    assert sum("bench.retention" in call and "--dense-only" not in call for call in ran.calls) == 2

@@ -240,3 +240,22 @@ def test_two_arms_reports_compare_model_by_model(tmp_path, monkeypatch, capsys):
     old = _report([0.955])  # before per-user ranks were kept
     with pytest.raises(ValueError, match="without per-user ranks"):
         retention.compare_reports(old, old)
+
+
+def test_a_dense_only_evaluation_is_reused_by_a_run_that_finds_it_in_its_work(tmp_path, tiny_dense, prepared, monkeypatch):
+    """bench/gpu_arms.sh evaluates the dense model once (--dense-only) and copies it into each arm's WORK/eval."""
+    import shutil
+
+    import pruning.evaluate
+
+    shared = run_retention(RetentionConfig(teacher=str(tiny_dense), targets=[], users=None, work=str(tmp_path / "shared"),
+                                           output=str(tmp_path / "shared")), prepared)
+    assert shared["points"] == [] and shared["protocol"]["complete"] is True
+    assert len(shared["dense"]["ranks"]) == len(prepared.splits["test"])
+    (tmp_path / "arm" / "eval").mkdir(parents=True)
+    for path in (tmp_path / "shared" / "eval").glob("dense.*"):
+        shutil.copy(path, tmp_path / "arm" / "eval")
+    monkeypatch.setattr(pruning.evaluate, "run", lambda *args, **kwargs: pytest.fail("the dense model evaluated again"))
+    arm = run_retention(RetentionConfig(teacher=str(tiny_dense), targets=[], users=None, work=str(tmp_path / "arm"),
+                                        output=str(tmp_path / "arm-out")), prepared)
+    assert arm["dense"] == shared["dense"] and arm["mostpop"] == shared["mostpop"]
