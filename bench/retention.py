@@ -163,7 +163,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
 
 
 _QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention", "retention_ci95", "distill_steps",
-            "distill_stop", "ranks")
+            "distill_stop", "distill_peak_gpu_mb", "ranks")
 
 
 def _ranks(evaluation_path: Path, column: str = "rank") -> list[int]:
@@ -205,7 +205,9 @@ def _quality(artifact: Path, evaluation: dict[str, Any], ranks: list[int], dense
     return {"non_embedding": params, "removed": 1 - params / dense_params, "ndcg@10": ndcg,
             "hr@10": evaluation["metrics"]["hr@10"], "retention": ndcg / dense_ndcg if dense_ndcg else None,
             "retention_ci95": retention_interval(dense_ranks, ranks), "distill_steps": distilled.get("steps"),
-            "distill_stop": distilled.get("stop_reason"), "ranks": ranks}
+            "distill_stop": distilled.get("stop_reason"),
+            "distill_peak_gpu_mb": distilled.get("peak_gpu_mb"),  # on CUDA: sizes the batch of arms sharing a card
+            "ranks": ranks}
 
 
 def markdown(report: dict[str, Any]) -> str:

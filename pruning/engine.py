@@ -206,6 +206,8 @@ class Engine:
         self._loss_count = 0
         if checkpoint_dir is not None and resume and (checkpoint_dir / STATE_FILE).is_file():
             self._restore(on_mismatch)
+        if (device := self._device()) is not None and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # record()'s peak is this run's (the teacher's weights included)
 
     # -- properties of the run ------------------------------------------------------------------------
 
@@ -370,9 +372,13 @@ class Engine:
         self.optimizer.zero_grad()
         return loss, True
 
+    def _device(self) -> torch.device | None:
+        """Where the optimised parameters live."""
+        return next((p.device for group in self.optimizer.param_groups for p in group["params"]), None)
+
     def mixed_precision(self) -> Any:
         """The autocast context of the loss (bf16 on CUDA when asked for), usable around validation too."""
-        device = next((p.device for group in self.optimizer.param_groups for p in group["params"]), None)
+        device = self._device()
         if self.autocast and device is not None and device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -480,9 +486,13 @@ class Engine:
         logger.info("%s resumed from %s at step %d", self.desc, self.checkpoint_dir, self.state.step)
 
     def record(self) -> dict[str, Any]:
-        """What the manifests record of a finished run."""
+        """What the manifests record of a finished run; ``peak_gpu_mb``: the most device memory this process held
+        since the engine was made (None off CUDA), what sizes a batch for runs sharing a card."""
+        device = self._device()
+        peak = round(torch.cuda.max_memory_allocated(device) / 2**20) if device is not None and device.type == "cuda" else None
         return {"steps": self.state.step, "stop_reason": self.stop_reason, "minutes": round(self.state.elapsed / 60, 2),
-                f"best_{self.metric}": self.state.best, f"{self.metric.split('_')[0]}_history": self.state.history}
+                f"best_{self.metric}": self.state.best, f"{self.metric.split('_')[0]}_history": self.state.history,
+                "peak_gpu_mb": peak}
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -192,6 +192,16 @@ def test_on_cuda_the_loss_runs_in_bf16_autocast_with_the_fused_optimiser():
     engine.fit(DATA, collate, loss)
     assert dtypes == [torch.bfloat16] * 2 and engine.optimizer.defaults["fused"]
     assert model.weight.dtype == torch.float32  # fp32 master weights
+    assert engine.record()["peak_gpu_mb"] is not None  # the run's peak, for batches of runs sharing a card
+
+
+def test_the_record_says_the_runs_steps_and_no_device_peak_off_a_gpu():
+    model, engine = make(Schedule(batch_size=8, epochs=1, eval_every=2))
+    engine.fit(DATA, collate, loss_of(model), lambda: 1.0)
+    record = engine.record()
+    assert record["steps"] == engine.state.step > 0 and record["stop_reason"] == "epochs"
+    assert record[f"{engine.metric.split('_')[0]}_history"] == engine.state.history
+    assert record["peak_gpu_mb"] is None  # CPU: no device peak
 
 
 def test_compiled_layers_compute_the_same_loss_and_gradients():
