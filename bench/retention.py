@@ -93,9 +93,9 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     started = time.perf_counter()
     dense_eval = evaluate_cached(Path(config.teacher), data, config.users, config.seed, "catalog",
                                  work / "eval" / "dense.json", config.device)
-    dense_params = read_manifest(config.teacher)["params"]["non_embedding"]
-    dense_ndcg = dense_eval["metrics"]["ndcg@10"]
-    dense_ranks = _ranks(work / "eval" / "dense.json")
+    dense = {"non_embedding": read_manifest(config.teacher)["params"]["non_embedding"],
+             "ndcg@10": dense_eval["metrics"]["ndcg@10"], "hr@10": dense_eval["metrics"]["hr@10"],
+             "ranks": _ranks(work / "eval" / "dense.json")}
     points: list[dict[str, Any]] = []
     partial: dict[str, Any] | None = None  # the point being pruned, its stages evaluated so far (--every-stage)
 
@@ -109,8 +109,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
                          "ranking": "full catalog, 20 beams, history excluded, catalog head, no assistant",
                          "minutes": round((time.perf_counter() - started) / 60, 1), "complete": complete,
                          "config": asdict(config)},
-            "dense": {"non_embedding": dense_params, "ndcg@10": dense_ndcg, "hr@10": dense_eval["metrics"]["hr@10"],
-                      "ranks": dense_ranks},
+            "dense": dense,
             "mostpop": {**dense_eval["mostpop"], "ranks": _ranks(work / "eval" / "dense.json", "mostpop_rank")},
             "sasrec": sasrec,
             "points": points,
@@ -134,8 +133,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
             evaluation_path = work / "eval" / f"{name}-{path.name}.json"
             stage_evaluation = evaluate_cached(path, data, config.users, config.seed, "catalog", evaluation_path,
                                                config.device)
-            partial["stages"].append({"stage": path.name, **_quality(path, stage_evaluation, _ranks(evaluation_path),
-                                                                     dense_params, dense_ranks)})
+            partial["stages"].append({"stage": path.name, **_quality(path, stage_evaluation, _ranks(evaluation_path), dense)})
             write()
 
         logger.info("retention: pruning to %.1f%% removed", 100 * target)
@@ -144,7 +142,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
         evaluation_path = work / "eval" / f"{name}-{final.name}.json"  # --every-stage's file too
         evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog", evaluation_path, config.device)
         point = {"target": target, "artifact": str(final),
-                 **_quality(final, evaluation, _ranks(evaluation_path), dense_params, dense_ranks)}
+                 **_quality(final, evaluation, _ranks(evaluation_path), dense)}
         if config.every_stage:  # the stages as evaluated when written; the last one is the point itself
             point["stages"] = [*partial["stages"][:-1], {"stage": final.name, **{key: point[key] for key in _QUALITY}}]
         points.append(point)
@@ -192,19 +190,16 @@ def retention_interval(dense_ranks: list[int], ranks: list[int], resamples: int 
     return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
 
 
-def _quality(artifact: Path, evaluation: dict[str, Any], ranks: list[int], dense_params: int,
-             dense_ranks: list[int]) -> dict[str, Any]:
-    """An evaluated artifact's size and quality against the dense model's (the fields of :data:`_QUALITY`)."""
-    from bench.report import per_user_ndcg
-
+def _quality(artifact: Path, evaluation: dict[str, Any], ranks: list[int], dense: dict[str, Any]) -> dict[str, Any]:
+    """An evaluated artifact's size and quality against the dense model's (the report's ``dense`` entry), the
+    fields of :data:`_QUALITY`."""
     manifest = read_manifest(artifact)
     params = manifest["params"]["non_embedding"]
-    ndcg = evaluation["metrics"]["ndcg@10"]
-    dense_ndcg = float(per_user_ndcg(dense_ranks).mean())
+    ndcg, dense_ndcg = evaluation["metrics"]["ndcg@10"], dense["ndcg@10"]
     distilled = manifest.get("distillation") or {}  # what the stage's recovery got (a run capped in minutes varies)
-    return {"non_embedding": params, "removed": 1 - params / dense_params, "ndcg@10": ndcg,
+    return {"non_embedding": params, "removed": 1 - params / dense["non_embedding"], "ndcg@10": ndcg,
             "hr@10": evaluation["metrics"]["hr@10"], "retention": ndcg / dense_ndcg if dense_ndcg else None,
-            "retention_ci95": retention_interval(dense_ranks, ranks), "distill_steps": distilled.get("steps"),
+            "retention_ci95": retention_interval(dense["ranks"], ranks), "distill_steps": distilled.get("steps"),
             "distill_stop": distilled.get("stop_reason"),
             "distill_peak_gpu_mb": distilled.get("peak_gpu_mb"),  # on CUDA: sizes the batch of arms sharing a card
             "ranks": ranks}
