@@ -96,6 +96,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     dense = {"non_embedding": read_manifest(config.teacher)["params"]["non_embedding"],
              "ndcg@10": dense_eval["metrics"]["ndcg@10"], "hr@10": dense_eval["metrics"]["hr@10"],
              "ranks": _ranks(work / "eval" / "dense.json")}
+    mostpop = {**dense_eval["mostpop"], "ranks": _ranks(work / "eval" / "dense.json", "mostpop_rank")}
     points: list[dict[str, Any]] = []
     partial: dict[str, Any] | None = None  # the point being pruned, its stages evaluated so far (--every-stage)
 
@@ -110,7 +111,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
                          "minutes": round((time.perf_counter() - started) / 60, 1), "complete": complete,
                          "config": asdict(config)},
             "dense": dense,
-            "mostpop": {**dense_eval["mostpop"], "ranks": _ranks(work / "eval" / "dense.json", "mostpop_rank")},
+            "mostpop": mostpop,
             "sasrec": sasrec,
             "points": points,
         }
