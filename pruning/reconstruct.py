@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pruning.calibration import Batch
+from pruning.layerwise import decoder_inputs, run_layer
 from pruning.surgery import head_rows, shape_of
 
 logger = logging.getLogger(__name__)
@@ -271,46 +272,44 @@ def refit_depth(parent: PreTrainedModel, child: PreTrainedModel, kept: Sequence[
     contribution, and the error the child's stream carries so far, written as well as a linear map of ``a``
     can. Sequential, so that every layer is fit on the stream the refit layers before it produce; a refit that
     does not lower the layer's error on the calibration tokens is not applied. Returns, per kept layer, the
-    mean squared stream error before and after."""
+    mean squared stream error before and after.
+
+    Both models run a layer at a time (:mod:`pruning.layerwise`): the parent's stream and the child's are
+    carried from layer to layer per batch, so every parent layer runs once and every child layer twice (for
+    its moments, then refit, to carry the stream on), instead of both whole models per kept layer."""
     parent.eval()
     child.eval()
     device = next(child.parameters()).device
     if len(kept) != len(child.model.layers):
         raise ValueError(f"{len(kept)} kept layers for a child with {len(child.model.layers)}")
-    # where the parent's stream is read: entering its next kept layer, or the final norm after the last
-    points = [parent.model.layers[k].input_layernorm for k in kept[1:]] + [parent.model.norm]
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(name: str) -> Callable:
-        def hook(_module: nn.Module, args: tuple) -> None:
-            captured[name] = args[0][captured["mask"]].double()
-
-        return hook
-
+    masks = [batch.attention_mask.bool().to(device) for batch in calibration]
+    parent_inputs, child_inputs = decoder_inputs(parent, calibration), decoder_inputs(child, calibration)
+    parent_streams = [captured.hidden for captured in parent_inputs]  # entering parent layer ``position``
+    child_streams = [captured.hidden for captured in child_inputs]  # entering child layer j
+    position = 0
+    # the parent's stream is read entering its next kept layer, or the final norm after the last
+    ends = [*kept[1:], len(parent.model.layers)]
     record = []
     for j, layer in enumerate(tqdm(child.model.layers, desc="reconstruction (depth)", leave=False)):
-        handles = [points[j].register_forward_pre_hook(grab("target")),
-                   layer.post_attention_layernorm.register_forward_pre_hook(grab("mid")),
-                   layer.mlp.down_proj.register_forward_pre_hook(grab("act"))]
+        while position < ends[j]:
+            parent_streams = [run_layer(parent.model.layers[position], hidden, captured.kwargs[position])
+                              for hidden, captured in zip(parent_streams, parent_inputs, strict=True)]
+            position += 1
+        taps = _Taps(pre={"mid": layer.post_attention_layernorm, "act": layer.mlp.down_proj})
         cross = kept_moment = None
         residual_before = 0.0
         count = 0
         weight = layer.mlp.down_proj.weight.detach().double()
-        try:
-            for batch in calibration:
-                batch = batch.to(device)
-                captured["mask"] = batch.attention_mask.bool()
-                parent.model(**batch.model_inputs(), use_cache=False)
-                child.model(**batch.model_inputs(), use_cache=False)
-                target, act = captured["target"] - captured["mid"], captured["act"]
+        with taps:
+            for i, (hidden, captured) in enumerate(zip(child_streams, child_inputs, strict=True)):
+                taps.mask = masks[i]
+                run_layer(layer, hidden, captured.kwargs[j])
+                target, act = parent_streams[i][masks[i]].double() - taps.values["mid"], taps.values["act"]
                 a, b = act.T @ target, act.T @ act
                 cross = a if cross is None else cross + a
                 kept_moment = b if kept_moment is None else kept_moment + b
                 residual_before += float((target - act @ weight.T).pow(2).sum())
                 count += target.shape[0]
-        finally:
-            for handle in handles:
-                handle.remove()
         assert cross is not None and kept_moment is not None
         if count == 0:
             raise ValueError("reconstruction needs calibration tokens; the calibration set is empty")
@@ -321,10 +320,11 @@ def refit_depth(parent: PreTrainedModel, child: PreTrainedModel, kept: Sequence[
         applied = error_after < error_before
         if applied:
             layer.mlp.down_proj.weight.copy_(solved.to(layer.mlp.down_proj.weight.dtype))
+        child_streams = [run_layer(layer, hidden, captured.kwargs[j])
+                         for hidden, captured in zip(child_streams, child_inputs, strict=True)]
         record.append({"layer": j, "parent_layer": int(kept[j]), "stream_error_before": round(error_before, 5),
                        "stream_error_after": round(error_after if applied else error_before, 5), "applied": applied})
     return record
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,39 +346,6 @@ class Correspondence:
     """Per child layer, the parent KV heads it keeps."""
     mlp: list[list[int]] | None = None
     """Per child layer, the parent MLP channels it keeps."""
-
-
-class _Stop(Exception):
-    """Raised by the first layer's hook once its inputs are captured: nothing after it needs to run."""
-
-
-@torch.no_grad()
-def _layer_inputs(model: PreTrainedModel, calibration: list[Batch]) -> list[tuple[torch.Tensor, dict]]:
-    """Per calibration batch, the first decoder layer's input stream (B, T, d) and the keyword arguments the
-    decoder passes every layer (mask, positions, rotary tables), so that layers can be run one at a time."""
-    device = next(model.parameters()).device
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in calibration:
-            try:
-                model.model(**batch.to(device).model_inputs(), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    output = layer(hidden, **kwargs)
-    return output[0] if isinstance(output, tuple) else output
 
 
 class _Taps:
@@ -472,7 +439,7 @@ def _refit_group(layer: nn.Module, streams: list[tuple[torch.Tensor, dict]], mas
     with taps:
         for i, (hidden, kwargs) in enumerate(streams):
             taps.mask = masks[i]
-            _run_layer(layer, hidden, kwargs)
+            run_layer(layer, hidden, kwargs)
             for name, linear in linears.items():
                 target = targets[i][_TARGET[name]]
                 if name in ("o", "down"):  # a writer adds the parent's update to the stream, not its state
@@ -510,8 +477,14 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
         kept = per_layer[j] if per_layer is not None else range(count)
         return head_rows(sorted(int(h) for h in kept), width).to(device)
 
-    parent_streams = _layer_inputs(parent, calibration)
-    child_streams = _layer_inputs(child, calibration)
+    parent_inputs, child_inputs = decoder_inputs(parent, calibration), decoder_inputs(child, calibration)
+    parent_streams = [captured.hidden for captured in parent_inputs]  # entering parent layer ``position``
+    child_streams = [captured.hidden for captured in child_inputs]  # entering child layer j
+
+    def advance_parent(at: int) -> list[torch.Tensor]:
+        return [run_layer(parent.model.layers[at], hidden, captured.kwargs[at])
+                for hidden, captured in zip(parent_streams, parent_inputs, strict=True)]
+
     masks = [batch.attention_mask.bool().to(device) for batch in calibration]
     tokens = sum(int(mask.sum()) for mask in masks)
     if tokens == 0:
@@ -521,21 +494,21 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
     for j, layer in enumerate(tqdm(child.model.layers, desc="reconstruction (sequential)", leave=False)):
         source = parent.model.layers[layers[j]]
         while position < layers[j]:  # parent layers dropped before this one
-            parent_streams = [(_run_layer(parent.model.layers[position], h, kw), kw) for h, kw in parent_streams]
+            parent_streams = advance_parent(position)
             position += 1
         q_rows = rows(correspondence.heads, j, shape.heads, shape.head_dim)
         kv_rows = rows(correspondence.kv_heads, j, shape.kv_heads, shape.head_dim)
         mlp_rows = rows(correspondence.mlp, j, shape.intermediate, 1)  # channels: "heads" one wide
         # the parent's layer: its projections (the readers' targets) and its stream after attention
         targets: list[dict[str, torch.Tensor]] = []
-        advanced = []
+        advanced: list[torch.Tensor] = []
         taps = _Taps(pre={"mid": source.post_attention_layernorm},
                      post={"q": source.self_attn.q_proj, "k": source.self_attn.k_proj, "v": source.self_attn.v_proj,
                            "gate": source.mlp.gate_proj, "up": source.mlp.up_proj})
         with taps:
-            for i, (hidden, kwargs) in enumerate(parent_streams):
+            for i, hidden in enumerate(parent_streams):
                 taps.mask = masks[i]
-                advanced.append((_run_layer(source, hidden, kwargs), kwargs))
+                advanced.append(run_layer(source, hidden, parent_inputs[i].kwargs[position]))
                 targets.append({"in": hidden[masks[i]].double()[:, channels], "q": taps.values["q"][:, q_rows], "k": taps.values["k"][:, kv_rows],
                                 "v": taps.values["v"][:, kv_rows], "mid": taps.values["mid"][:, channels],
                                 "gate": taps.values["gate"][:, mlp_rows], "up": taps.values["up"][:, mlp_rows]})
@@ -543,20 +516,21 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
         # ... and the parent's stream where the child's layer must leave it: entering the next kept layer
         end = layers[j + 1] if j + 1 < len(layers) else shape.layers
         while position < end:
-            parent_streams = [(_run_layer(parent.model.layers[position], h, kw), kw) for h, kw in parent_streams]
+            parent_streams = advance_parent(position)
             position += 1
-        for i, (hidden, _kwargs) in enumerate(parent_streams):
+        for i, hidden in enumerate(parent_streams):
             targets[i]["after"] = hidden[masks[i]].double()[:, channels]
 
         attention, mlp = layer.self_attn, layer.mlp
         fits: dict[str, dict] = {}
+        streams = [(hidden, captured.kwargs[j]) for hidden, captured in zip(child_streams, child_inputs, strict=True)]
         for names, linears in ((["q", "k", "v"], [attention.q_proj, attention.k_proj, attention.v_proj]),
                                (["o"], [attention.o_proj]), (["gate", "up"], [mlp.gate_proj, mlp.up_proj]),
                                (["down"], [mlp.down_proj])):
-            fits.update(_refit_group(layer, child_streams, masks, targets, dict(zip(names, linears, strict=True)), ridge))
+            fits.update(_refit_group(layer, streams, masks, targets, dict(zip(names, linears, strict=True)), ridge))
 
-        child_streams = [(_run_layer(layer, h, kw), kw) for h, kw in child_streams]
-        error = sum(float((h[masks[i]].double() - targets[i]["after"]).pow(2).sum()) for i, (h, _kw) in enumerate(child_streams))
+        child_streams = [run_layer(layer, hidden, kwargs) for hidden, kwargs in streams]
+        error = sum(float((h[masks[i]].double() - targets[i]["after"]).pow(2).sum()) for i, h in enumerate(child_streams))
         record.append({"layer": j, "parent_layer": int(layers[j]), "refits": fits,
                        "stream_error_after": round(error / tokens, 6)})
     return record

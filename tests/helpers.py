@@ -55,7 +55,9 @@ def tiny_llama(vocab_size: int, seed: int = 0, tie: bool = True, layers: int = 2
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_qwen2(vocab_size: int, seed: int = 0, tie: bool = False, layers: int = 2) -> Qwen2ForCausalLM:
+def tiny_qwen2(vocab_size: int, seed: int = 0, tie: bool = False, layers: int = 2,
+               sliding_window: int | None = None) -> Qwen2ForCausalLM:
+    """``sliding_window``: the layers after the first attend over that many positions only (a mix of masks)."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size,
@@ -70,7 +72,9 @@ def tiny_qwen2(vocab_size: int, seed: int = 0, tie: bool = False, layers: int = 
         pad_token_id=0,
         bos_token_id=None,
         initializer_range=0.2,
-        use_sliding_window=False,
+        use_sliding_window=sliding_window is not None,
+        sliding_window=sliding_window,
+        max_window_layers=1,
     )
     return Qwen2ForCausalLM(config).eval()
 

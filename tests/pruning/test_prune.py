@@ -252,21 +252,33 @@ def test_attention_stage_keeps_uniform_gqa(tmp_path, dense, prepared):
     assert parameter_counts  # imported for the pipeline tests
 
 
-def test_greedy_layer_search_matches_removing_and_measuring(tokenizer, prepared):
+# 256 rows: every candidate copy of a batch in one layer call; 8: one copy (a batch of 8) a call
+@pytest.mark.parametrize(("kind", "rows"), [("llama", 256), ("qwen2-sliding", 256), ("llama", 8)])
+def test_greedy_layer_search_is_greedy_removal_by_the_calibration_loss(tokenizer, prepared, kind, rows):
+    """Each round removes the layer whose absence gives the lowest calibration CE, measured by running the
+    model without it (the search's one pass of branching copies must give the same losses)."""
     from pruning.calibration import mean_ce
     from pruning.importance import greedy_layer_removal, layers_replaced
 
-    model = tiny_llama(len(tokenizer), layers=4)
+    vocab = len(tokenizer)
+    model = tiny_llama(vocab, layers=5) if kind == "llama" else tiny_qwen2(vocab, layers=5, sliding_window=6)
     encoder = PromptEncoder(tokenizer, compact_template(), 10)
     calibration = calibration_batches(prepared, encoder, CalibrationConfig(samples=16), 0)
-    removed, losses = greedy_layer_removal(model, calibration, 1)
+    assert len(calibration) == 2 and any(not bool(b.attention_mask.all()) for b in calibration)  # padded batches
+    removed, losses = greedy_layer_removal(model, calibration, 3, max_rows=rows)
     layers = list(model.model.layers)
-    brute = []
-    for i in range(4):
-        with layers_replaced(model, [layer for j, layer in enumerate(layers) if j != i]):
-            brute.append(mean_ce(model, calibration))
-    assert removed == [min(range(4), key=brute.__getitem__)]
-    assert losses[0] == pytest.approx(min(brute), rel=1e-5)
+    kept, expected, expected_losses = list(range(5)), [], []
+    for _ in range(3):
+        trials = []
+        for candidate in kept:
+            with layers_replaced(model, [layers[j] for j in kept if j != candidate]):
+                trials.append(mean_ce(model, calibration))
+        best = min(range(len(kept)), key=trials.__getitem__)
+        expected.append(kept.pop(best))
+        expected_losses.append(trials[best])
+    assert removed == expected
+    assert losses == pytest.approx(expected_losses, rel=1e-5)
+    assert list(model.model.layers) == layers  # the model is left as it was
 
 
 # 256 rows: every unit of a layer in one pass; 10: two units (batches of 5) a pass, in chunks

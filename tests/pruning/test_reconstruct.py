@@ -169,6 +169,58 @@ def test_depth_refit_writes_the_dropped_layers_contribution(model, tokenizer):
         reconstruct.refit_depth(model, refit, [0], calibration, ridge=1e-6)
 
 
+def whole_model_depth_refit(parent, child, kept, calibration, ridge):
+    """The depth refit computed the plain way: for each kept layer, both whole models over every batch, the
+    parent's stream read where the child's layer must leave it, the child's mid stream and MLP activation
+    read inside it (after the refits before it); returns the down_proj weights it arrives at."""
+    points = [parent.model.layers[k].input_layernorm for k in kept[1:]] + [parent.model.norm]
+    weights = []
+    seen: dict[str, torch.Tensor] = {}
+    for j, layer in enumerate(child.model.layers):
+        handles = [points[j].register_forward_pre_hook(lambda _m, a: seen.__setitem__("target", a[0])),
+                   layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, a: seen.__setitem__("mid", a[0])),
+                   layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.__setitem__("act", a[0]))]
+        cross = gram = 0
+        with torch.no_grad():
+            for batch in calibration:
+                real = batch.attention_mask.bool()
+                parent.model(**batch.model_inputs(), use_cache=False)
+                child.model(**batch.model_inputs(), use_cache=False)
+                target = (seen["target"][real] - seen["mid"][real]).double()
+                act = seen["act"][real].double()
+                cross, gram = cross + act.T @ target, gram + act.T @ act
+            for handle in handles:
+                handle.remove()
+            solved = reconstruct._ridge_solve(gram, cross, ridge).T
+            weight = layer.mlp.down_proj.weight
+            old = weight.detach().double()
+            part = reconstruct._squared_error_part
+            if part(solved, cross, gram) < part(old, cross, gram):
+                weight.copy_(solved.to(weight.dtype))
+        weights.append(layer.mlp.down_proj.weight.detach().clone())
+    return weights
+
+
+@pytest.mark.parametrize(("kind", "removed"), [("llama", [1]), ("qwen2-sliding", [0, 2])])
+def test_depth_refit_carried_layer_by_layer_is_the_whole_model_refit(tokenizer, kind, removed):
+    """Carrying both streams from layer to layer gives the refit that whole-model passes give (also with
+    the first layer dropped, and with layers whose attention masks differ)."""
+    from helpers import tiny_llama, tiny_qwen2
+
+    from pruning.surgery import drop_layers
+
+    vocab = len(tokenizer)
+    parent = tiny_llama(vocab, layers=4) if kind == "llama" else tiny_qwen2(vocab, layers=4, sliding_window=5)
+    kept = [i for i in range(4) if i not in removed]
+    calibration = batches(vocab, count=3)
+    carried, plain = drop_layers(parent, removed), drop_layers(parent, removed)
+    reconstruct.refit_depth(parent, carried, kept, calibration, ridge=1e-4)
+    expected = whole_model_depth_refit(parent, plain, kept, calibration, ridge=1e-4)
+    for layer, weight in zip(carried.model.layers, expected, strict=True):
+        torch.testing.assert_close(layer.mlp.down_proj.weight.detach(), weight, atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(expected[0], parent.model.layers[kept[0]].mlp.down_proj.weight)  # a refit happened
+
+
 def every_cut(model):
     """The tiny model cut in every way (1 of 2 KV groups, half the residual and MLP width, layer 1 dropped),
     and where each part of the child came from."""
