@@ -291,7 +291,9 @@ def _loss_without_each(model: PreTrainedModel, layers: list[nn.Module], kept: li
             logits = model.lm_head(batch.response_states(hidden))
             totals[p] += nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum")
         count += int(batch.targets.numel())
-    return (totals / max(count, 1)).cpu()
+    if count == 0:
+        raise ValueError("the layer search needs calibration targets; the calibration set has none")
+    return (totals / count).cpu()
 
 
 @torch.no_grad()
@@ -309,8 +311,11 @@ def greedy_layer_removal(model: PreTrainedModel, calibration: list[Batch], remov
         max_rows = LAYER_SEARCH_ROWS if next(model.parameters()).device.type == "cuda" else 1
     layers = list(model.model.layers)
     kept = list(range(len(layers)))
+    removed: list[int] = []
+    losses: list[float] = []
+    if remove <= 0:
+        return removed, losses
     inputs = decoder_inputs(model, calibration)
-    removed, losses = [], []
     progress = tqdm(total=sum(len(layers) - r for r in range(remove)), desc="layer search", unit="trial")
     for _ in range(remove):
         without = _loss_without_each(model, layers, kept, inputs, calibration, max_rows)

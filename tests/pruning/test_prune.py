@@ -279,6 +279,9 @@ def test_greedy_layer_search_is_greedy_removal_by_the_calibration_loss(tokenizer
     assert removed == expected
     assert losses == pytest.approx(expected_losses, rel=1e-5)
     assert list(model.model.layers) == layers  # the model is left as it was
+    assert greedy_layer_removal(model, calibration, 0) == ([], [])
+    with pytest.raises(ValueError, match="calibration targets"):
+        greedy_layer_removal(model, [], 1)
 
 
 # 256 rows: every unit of a layer in one pass; 10: two units (batches of 5) a pass, in chunks
