@@ -71,6 +71,12 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     return output[0] if isinstance(output, tuple) else output
 
 
+def advance(model: PreTrainedModel, at: int, streams: Sequence[torch.Tensor], inputs: Sequence[LayerwiseBatch]) -> list[torch.Tensor]:
+    """Each batch's stream carried through ``model``'s decoder layer ``at`` (streams entering it -> leaving it)."""
+    layer = model.model.layers[at]
+    return [run_layer(layer, hidden, captured.kwargs[at]) for hidden, captured in zip(streams, inputs, strict=True)]
+
+
 def tiled(kwargs: dict[str, Any], rows: int, copies: int) -> dict[str, Any]:
     """``kwargs`` for ``copies`` copies of a batch of ``rows`` sequences stacked along the batch dimension
     (copy-major: rows 0..rows-1 are the first copy): every per-sequence tensor (two or more dimensions, the

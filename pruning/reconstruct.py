@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pruning.calibration import Batch
-from pruning.layerwise import decoder_inputs, run_layer
+from pruning.layerwise import advance, decoder_inputs, run_layer
 from pruning.surgery import head_rows, shape_of
 
 logger = logging.getLogger(__name__)
@@ -292,8 +292,7 @@ def refit_depth(parent: PreTrainedModel, child: PreTrainedModel, kept: Sequence[
     record = []
     for j, layer in enumerate(tqdm(child.model.layers, desc="reconstruction (depth)", leave=False)):
         while position < ends[j]:
-            parent_streams = [run_layer(parent.model.layers[position], hidden, captured.kwargs[position])
-                              for hidden, captured in zip(parent_streams, parent_inputs, strict=True)]
+            parent_streams = advance(parent, position, parent_streams, parent_inputs)
             position += 1
         taps = _Taps(pre={"mid": layer.post_attention_layernorm, "act": layer.mlp.down_proj})
         cross = kept_moment = None
@@ -320,8 +319,7 @@ def refit_depth(parent: PreTrainedModel, child: PreTrainedModel, kept: Sequence[
         applied = error_after < error_before
         if applied:
             layer.mlp.down_proj.weight.copy_(solved.to(layer.mlp.down_proj.weight.dtype))
-        child_streams = [run_layer(layer, hidden, captured.kwargs[j])
-                         for hidden, captured in zip(child_streams, child_inputs, strict=True)]
+        child_streams = advance(child, j, child_streams, child_inputs)
         record.append({"layer": j, "parent_layer": int(kept[j]), "stream_error_before": round(error_before, 5),
                        "stream_error_after": round(error_after if applied else error_before, 5), "applied": applied})
     return record
@@ -480,11 +478,6 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
     parent_inputs, child_inputs = decoder_inputs(parent, calibration), decoder_inputs(child, calibration)
     parent_streams = [captured.hidden for captured in parent_inputs]  # entering parent layer ``position``
     child_streams = [captured.hidden for captured in child_inputs]  # entering child layer j
-
-    def advance_parent(at: int) -> list[torch.Tensor]:
-        return [run_layer(parent.model.layers[at], hidden, captured.kwargs[at])
-                for hidden, captured in zip(parent_streams, parent_inputs, strict=True)]
-
     masks = [batch.attention_mask.bool().to(device) for batch in calibration]
     tokens = sum(int(mask.sum()) for mask in masks)
     if tokens == 0:
@@ -494,7 +487,7 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
     for j, layer in enumerate(tqdm(child.model.layers, desc="reconstruction (sequential)", leave=False)):
         source = parent.model.layers[layers[j]]
         while position < layers[j]:  # parent layers dropped before this one
-            parent_streams = advance_parent(position)
+            parent_streams = advance(parent, position, parent_streams, parent_inputs)
             position += 1
         q_rows = rows(correspondence.heads, j, shape.heads, shape.head_dim)
         kv_rows = rows(correspondence.kv_heads, j, shape.kv_heads, shape.head_dim)
@@ -516,7 +509,7 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
         # ... and the parent's stream where the child's layer must leave it: entering the next kept layer
         end = layers[j + 1] if j + 1 < len(layers) else shape.layers
         while position < end:
-            parent_streams = advance_parent(position)
+            parent_streams = advance(parent, position, parent_streams, parent_inputs)
             position += 1
         for i, hidden in enumerate(parent_streams):
             targets[i]["after"] = hidden[masks[i]].double()[:, channels]
@@ -529,7 +522,7 @@ def refit_sequential(parent: PreTrainedModel, child: PreTrainedModel, correspond
                                (["down"], [mlp.down_proj])):
             fits.update(_refit_group(layer, streams, masks, targets, dict(zip(names, linears, strict=True)), ridge))
 
-        child_streams = [run_layer(layer, hidden, kwargs) for hidden, kwargs in streams]
+        child_streams = advance(child, j, child_streams, child_inputs)
         error = sum(float((h[masks[i]].double() - targets[i]["after"]).pow(2).sum()) for i, h in enumerate(child_streams))
         record.append({"layer": j, "parent_layer": int(layers[j]), "refits": fits,
                        "stream_error_after": round(error / tokens, 6)})
