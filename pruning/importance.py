@@ -57,28 +57,8 @@ def layers_replaced(model: PreTrainedModel, layers: list[nn.Module]) -> Iterator
         model.model.layers = original
 
 
-@torch.no_grad()
-def layer_inputs(model: PreTrainedModel, calibration: list[Batch]) -> list[list[torch.Tensor]]:
-    """Per batch, the hidden states entering every decoder layer: [batch][layer] -> (B, T, d)."""
-    captured: list[torch.Tensor] = []
-
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-    device = next(model.parameters()).device
-    out = []
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
-    with _hooks(handles):
-        for batch in calibration:
-            captured.clear()
-            batch = batch.to(device)
-            model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            out.append(list(captured))
-    return out
-
-
 def _kl_from_layer(
-    model: PreTrainedModel, start: int, inputs: list[list[torch.Tensor]], calibration: list[Batch], targets: list[TeacherTargets],
+    model: PreTrainedModel, start: int, inputs: list[LayerwiseBatch], calibration: list[Batch], targets: list[TeacherTargets],
     copies: int,
 ) -> torch.Tensor:
     """(copies,) the mean KL(teacher ‖ model) over the calibration set's response positions, the layers from
@@ -89,7 +69,8 @@ def _kl_from_layer(
     with layers_replaced(model, list(model.model.layers)[start:]):
         for batch, cached, target in zip(calibration, inputs, targets, strict=True):
             batch = batch.to(device)
-            embeds = cached[start].repeat(copies, 1, 1)  # (copies·B, T, d): the batch once per copy
+            assert cached.streams is not None
+            embeds = cached.streams[start].repeat(copies, 1, 1)  # (copies·B, T, d): the batch once per copy
             hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.repeat(copies, 1),
                                  use_cache=False).last_hidden_state
             assert batch.response_index is not None
@@ -119,7 +100,7 @@ def head_importance(
         raise ValueError(f"level must be one of {sorted(LEVEL_PARTS)}, got {level!r}")
     model.eval()
     shape = shape_of(model)
-    inputs = layer_inputs(model, calibration)
+    inputs = decoder_inputs(model, calibration, streams=True)
     device = next(model.parameters()).device
     results: dict[str, torch.Tensor] = {}
     units: list[tuple[str, int]] = []

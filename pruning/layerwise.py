@@ -30,6 +30,9 @@ class LayerwiseBatch:
     """(B, T, d) the stream entering the first decoder layer (the embeddings)."""
     kwargs: list[dict[str, Any]]
     """Per decoder layer, the keyword arguments the decoder passed it (the stream itself left out)."""
+    streams: list[torch.Tensor] | None = None
+    """Per decoder layer, the (B, T, d) stream entering it in the model as it is (``decoder_inputs(...,
+    streams=True)``; None otherwise)."""
 
     @property
     def rows(self) -> int:
@@ -37,28 +40,29 @@ class LayerwiseBatch:
 
 
 @torch.no_grad()
-def decoder_inputs(model: PreTrainedModel, calibration: Sequence[Batch]) -> list[LayerwiseBatch]:
-    """Per calibration batch, one forward pass of ``model``'s decoder recording what each layer is given."""
+def decoder_inputs(model: PreTrainedModel, calibration: Sequence[Batch], streams: bool = False) -> list[LayerwiseBatch]:
+    """Per calibration batch, one forward pass of ``model``'s decoder recording what each layer is given (with
+    ``streams``, every layer's input stream as well, not only the first)."""
     device = next(model.parameters()).device
     layers = list(model.model.layers)
-    first: list[torch.Tensor] = []  # the batch under way's stream entering layer 0
+    entering: list[torch.Tensor] = []  # the batch under way's streams entering the layers (the first only, unless streams)
     kwargs: list[dict[str, Any]] = []  # ... and each layer's arguments
 
     def grab(_module: nn.Module, args: tuple, given: dict) -> None:
-        if not first:
-            first.append((args[0] if args else given["hidden_states"]).detach())
+        if streams or not entering:
+            entering.append((args[0] if args else given["hidden_states"]).detach())
         kwargs.append({k: v for k, v in given.items() if k != "hidden_states"})
 
     out: list[LayerwiseBatch] = []
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
     try:
         for batch in calibration:
-            first.clear()
+            entering.clear()
             kwargs.clear()
             model.model(**batch.to(device).model_inputs(), use_cache=False)
             if len(kwargs) != len(layers):
                 raise RuntimeError(f"captured the arguments of {len(kwargs)} of {len(layers)} decoder layers")
-            out.append(LayerwiseBatch(first[0], list(kwargs)))
+            out.append(LayerwiseBatch(entering[0], list(kwargs), list(entering) if streams else None))
     finally:
         for handle in handles:
             handle.remove()
