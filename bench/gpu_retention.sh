@@ -5,7 +5,8 @@
 # SASRec lines. Shorter budgets than `python -m bench.retention --profile gpu` (25 minutes): the report records
 # every setting, so the figures say what they were measured with.
 # usage (on the GPU machine, after ../shared/gpu/README.md's setup):  bash bench/gpu_retention.sh OUT_DIR
-# Knobs (environment): WORK (/tmp/prunerec-gpu-retention), TRAIN_MINUTES (3), TARGETS (0.5,0.9,0.955),
+# Knobs (environment): WORK (/tmp/prunerec-gpu-retention), TRAIN_MINUTES (3), TARGETS (0.5,0.9,0.955), PLAN
+# (uniform; default = one point, the plan `prunerec prune` uses without --target, and no TARGETS),
 # DISTILL_MINUTES (0.3 per stage), DISTILL_EXAMPLES (5000), PRESET (none; prunerec for PruneRec's loss),
 # GRADUAL (cuts per stage; none = 1), RECONSTRUCT (1; 0 = the paper's plain cut), VOCAB (full; catalog = the
 # distillation loss over the catalog's tokens), SASREC_EPOCHS (50), DISTILL_STEPS (none; a step budget per stage,
@@ -97,7 +98,12 @@ preset=()
 [ -n "${DISTILL_EPOCHS:-}" ] && preset+=(--distill-epochs "$DISTILL_EPOCHS")
 [ "${EVERY_STAGE:-0}" = 1 ] && preset+=(--every-stage)
 [ -n "${HIDDEN:-}" ] && preset+=(--distill-hidden-weight "$HIDDEN")
-python3 -m bench.retention "$work/dense" --profile gpu --users 0 --targets "${TARGETS:-0.5,0.9,0.955}" \
+points=(--targets "${TARGETS:-0.5,0.9,0.955}")
+if [ "${PLAN:-uniform}" = default ]; then
+  [ -n "${TARGETS:-}" ] && { log "PLAN=default is one point of its own size: no TARGETS"; log "$retention FAILED"; exit 2; }
+  points=(--plan default)
+fi
+python3 -m bench.retention "$work/dense" --profile gpu --users 0 "${points[@]}" \
   --distill-minutes "${DISTILL_MINUTES:-0.3}" --distill-examples "${DISTILL_EXAMPLES:-5000}" "${preset[@]}" --sasrec-epochs "${SASREC_EPOCHS:-50}" \
   --work "$work/$retention" --output "$out/$retention" || log "$retention" FAILED
 log done

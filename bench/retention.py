@@ -12,6 +12,10 @@ users and, when asked, RecBole SASRec. Resumable: finished stages and evaluation
     python -m bench.retention runs/dense --profile gpu --sasrec-epochs 50           # every user, one GPU
     python -m bench.retention runs/dense --profile gpu --users 0 --distill-minutes 0.5   # sized to a short lease
 
+``--plan default`` prunes one point instead, with the plan ``prunerec prune`` uses when no target is given
+(``pruning.plan.DEFAULT_RATIOS``), so a lease can set the default plan beside the uniform plan of the same size
+(``--compare`` pairs two reports' single points whatever their plans).
+
 ``--every-stage`` also evaluates each point's earlier stages (attn, mlp), to see which cut loses the quality.
 Every model's per-user ranks are kept (``ranks``), so each retention has a paired bootstrap interval
 (``retention_ci95``) and ``--compare DIR_A DIR_B`` pairs two reports on the same users model by model.
@@ -34,7 +38,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmrec.artifact import read_manifest
 from recdata.prep import PreparedData
@@ -55,6 +59,9 @@ class RetentionConfig:
     targets: list[float] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Shares of non-embedding parameters to remove, one pruning run each. Empty: the dense model and MostPop
     only (``--dense-only``: ``bench/gpu_arms.sh`` evaluates the dense model once, and each arm reuses it)."""
+    plan: Literal["uniform", "default"] = "uniform"
+    """uniform: a point per target, each the uniform plan removing that share (``prunerec prune --target``);
+    default: one point, the plan ``prunerec prune`` uses without a target (its keep ratios), targets unused."""
     stages: list[str] = field(default_factory=lambda: ["attn", "mlp", "depth"])
     """Stages of every pruning run."""
     users: int | None = 300
@@ -86,8 +93,12 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
     if config.profile not in PROFILES:
         raise ValueError(f"unknown pruning profile {config.profile!r}; choose one of {sorted(PROFILES)}")
     with_preset(None, config.distill_preset)  # an unknown preset is refused before any work
+    if config.plan not in PLAN_KINDS:
+        raise ValueError(f"unknown plan {config.plan!r}; choose one of {sorted(PLAN_KINDS)}")
     if any(not 0.0 < t < 1.0 for t in config.targets):
         raise ValueError(f"targets must lie strictly between 0 and 1, got {config.targets}")
+    if config.plan == "default" and config.targets:
+        raise ValueError("the default plan is one point of its own size: give no targets with it")
     work = Path(config.work or f"runs/retention-{config.profile}")
     output = Path(config.output or f"bench/results/{config.profile}/retention")
     started = time.perf_counter()
@@ -105,7 +116,7 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
         keeps every figure it finished."""
         report = {
             "protocol": {"teacher": config.teacher, "profile": config.profile, "users": dense_eval["protocol"]["users"],
-                         "seed": config.seed, "plan": "uniform plan per target (prunerec prune --target)",
+                         "seed": config.seed, "plan": PLAN_KINDS[config.plan],
                          "stages": config.stages,
                          "ranking": "full catalog, 20 beams, history excluded, catalog head, no assistant",
                          "minutes": round((time.perf_counter() - started) / 60, 1), "complete": complete,
@@ -121,13 +132,18 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
         return report
 
     write()
-    for target in sorted(config.targets):
-        name = f"target-{target:g}"
+    runs: list[tuple[str, float | None]] = [(f"target-{target:g}", target) for target in sorted(config.targets)]
+    if config.plan == "default":
+        runs = [("default-plan", None)]
+    for name, target in runs:
         prune_config = merge(PruneConfig, with_preset(PROFILES[config.profile], config.distill_preset),
                              {"device": config.device, **config.prune_overrides},
                              output=str(work / name), teacher=config.teacher, target=target, stages=list(config.stages),
                              evaluate=False)
-        partial = {"target": target, "stages": []}
+        plan_fields: dict[str, Any] = {"target": target}
+        if target is None:  # the default plan: the share it removes stands in for a target (the table's order)
+            plan_fields = {"target": round(_default_plan_removed(prune_config), 4), "plan": "default"}
+        partial = {**plan_fields, "stages": []}
 
         def evaluate_stage(path: Path, name: str = name, partial: dict[str, Any] = partial) -> None:
             """A stage evaluated as soon as it is written (--every-stage), the report rewritten."""
@@ -137,12 +153,12 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
             partial["stages"].append({"stage": path.name, **_quality(path, stage_evaluation, _ranks(evaluation_path), dense)})
             write()
 
-        logger.info("retention: pruning to %.1f%% removed", 100 * target)
+        logger.info("retention: pruning to %.1f%% removed (%s)", 100 * plan_fields["target"], point_label(plan_fields))
         artifacts = prune(prune_config, data, on_stage=evaluate_stage if config.every_stage else None)
         final = artifacts[-1]
         evaluation_path = work / "eval" / f"{name}-{final.name}.json"  # --every-stage's file too
         evaluation = evaluate_cached(final, data, config.users, config.seed, "catalog", evaluation_path, config.device)
-        point = {"target": target, "artifact": str(final),
+        point = {**plan_fields, "artifact": str(final),
                  **_quality(final, evaluation, _ranks(evaluation_path), dense)}
         if config.every_stage:  # the stages as evaluated when written; the last one is the point itself
             point["stages"] = [*partial["stages"][:-1], {"stage": final.name, **{key: point[key] for key in _QUALITY}}]
@@ -159,6 +175,27 @@ def run_retention(config: RetentionConfig, data: PreparedData) -> dict[str, Any]
         pairs = sample_users(data.splits["test"], config.users, config.seed)
         sasrec = sasrec_bench.run(sasrec_config, data, users=pairs)["metrics"]
     return write(sasrec, complete=True)
+
+
+PLAN_KINDS = {"uniform": "uniform plan per target (prunerec prune --target)",
+              "default": "the default plan (prunerec prune without --target: pruning.plan.DEFAULT_RATIOS)"}
+"""Plan kinds of a report (``protocol.plan``); reports of two kinds never merge into one curve."""
+
+
+def _default_plan_removed(prune_config: Any) -> float:
+    """Share of the teacher's non-embedding parameters the default plan removes (read from its config)."""
+    from transformers import AutoConfig
+
+    from pruning.prune import make_plan
+
+    return make_plan(AutoConfig.from_pretrained(prune_config.teacher), prune_config).removed_fraction
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """A point's name in tables and comparisons: its target, or "default plan" (its share removed is its row's)."""
+    if point.get("plan") == "default":
+        return "default plan"
+    return f"target {point['target']:g}"
 
 
 _QUALITY = ("non_embedding", "removed", "ndcg@10", "hr@10", "retention", "retention_ci95", "distill_steps",
@@ -216,11 +253,11 @@ def markdown(report: dict[str, Any]) -> str:
              f"| dense | {dense['non_embedding']:,} | 0% | {dense['ndcg@10']:.4f} | {dense['hr@10']:.4f} | 1.000 | |"]
     for point in report["points"]:
         for row in point.get("stages", [])[:-1]:  # a point's earlier stages, when every stage was evaluated
-            lines.append(_row(f"target {point['target']:g}, after {row['stage']}", row))
-        lines.append(_row(f"target {point['target']:g}", point))
+            lines.append(_row(f"{point_label(point)}, after {row['stage']}", row))
+        lines.append(_row(point_label(point), point))
     if report.get("in_progress"):  # a point whose pruning has not finished (yet, or ever: a cut-short run)
         for row in report["in_progress"]["stages"]:
-            lines.append(_row(f"target {report['in_progress']['target']:g}, after {row['stage']} (unfinished)", row))
+            lines.append(_row(f"{point_label(report['in_progress'])}, after {row['stage']} (unfinished)", row))
     lines.append(f"| MostPop | | | {report['mostpop']['ndcg@10']:.4f} | {report['mostpop']['hr@10']:.4f} | | |")
     if report.get("sasrec"):
         lines.append(f"| SASRec (RecBole) | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | | |")
@@ -325,11 +362,15 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]
         found = {"dense": report["dense"]}
         for point in report["points"]:
             for stage in point.get("stages", [])[:-1]:
-                found[f"target {point['target']:g}, after {stage['stage']}"] = stage
-            found[f"target {point['target']:g}"] = point
+                found[f"{point_label(point)}, after {stage['stage']}"] = stage
+            found[point_label(point)] = point
         return found
 
     in_a, in_b = models(a), models(b)
+    if len(a["points"]) == len(b["points"]) == 1:  # one point each under other names (another plan): pair them
+        only_a, only_b = point_label(a["points"][0]), point_label(b["points"][0])
+        if only_a != only_b:
+            in_a[f"{only_a} | {only_b}"], in_b[f"{only_a} | {only_b}"] = a["points"][0], b["points"][0]
     rows = []
     for label in [name for name in in_a if name in in_b]:
         if "ranks" not in in_a[label] or "ranks" not in in_b[label]:
@@ -377,8 +418,12 @@ def command_line() -> argparse.ArgumentParser:
                         help="measure nothing: pair two reports on the same users (arms of one lease), model by model, "
                              "per-user NDCG@10 (B − A) with a bootstrap interval and Wilcoxon/t p-values")
     parser.add_argument("--profile", default="cpu", help="pruning profile: cpu or gpu")
-    parser.add_argument("--targets", default=",".join(f"{t:g}" for t in DEFAULT_TARGETS),
-                        help="comma-separated shares of non-embedding parameters to remove")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated shares of non-embedding parameters to remove "
+                             f"[{','.join(f'{t:g}' for t in DEFAULT_TARGETS)}]")
+    parser.add_argument("--plan", choices=sorted(PLAN_KINDS), default="uniform",
+                        help="uniform: a point per target, each its uniform plan; default: one point, the plan prunerec "
+                             "prune uses without --target (no --targets then)")
     parser.add_argument("--dense-only", action="store_true",
                         help="evaluate the dense model (and MostPop) only, no target: its evaluation in WORK/eval is "
                              "what other runs on the same users reuse (copied into their WORK/eval)")
@@ -465,15 +510,19 @@ def main() -> None:
     from recdata.prep import prepare
     from recdata.sources import read_ml100k
 
+    if args.plan == "default" and (args.targets is not None or args.dense_only):
+        parser.error("--plan default is one point of its own size: no --targets, no --dense-only")
+    given = args.targets if args.targets is not None else ",".join(f"{t:g}" for t in DEFAULT_TARGETS)
     try:
-        targets = [] if args.dense_only else [float(t) for t in args.targets.split(",") if t.strip()]
+        targets = [] if args.dense_only or args.plan == "default" else [float(t) for t in given.split(",") if t.strip()]
     except ValueError:
         parser.error(f"--targets must be numbers, got {args.targets!r}")
-    if not targets and not args.dense_only:
+    if not targets and not args.dense_only and args.plan == "uniform":
         parser.error("--targets is empty (the dense model alone: --dense-only)")
     data = PreparedData.load(args.data) if args.data else prepare(read_ml100k())
     overrides = prune_overrides(args)
-    config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, users=args.users or None,
+    config = RetentionConfig(teacher=args.teacher, profile=args.profile, targets=targets, plan=args.plan,
+                             users=args.users or None,
                              sasrec_epochs=args.sasrec_epochs, every_stage=args.every_stage, distill_preset=args.distill_preset,
                              prune_overrides=overrides, device=args.device, work=args.work, output=args.output)
     try:

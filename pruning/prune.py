@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from llmrec import configs
 from llmrec.artifact import is_artifact, read_manifest
@@ -50,7 +50,7 @@ from pruning.plan import (
     plan_from_ratios,
 )
 from pruning.stages import STAGES, SharedData, StageInputs, eval_config
-from pruning.surgery import shape_of
+from pruning.surgery import shape_of_config
 from pruning.trsp import TRSPConfig
 from recdata.prep import PreparedData
 from recdata.prompts import PromptTemplate
@@ -156,8 +156,10 @@ def apply_profile(config: PruneConfig, profile: str) -> PruneConfig:
     return configs.apply_profile(config, PROFILES, profile)
 
 
-def make_plan(model: PreTrainedModel, config: PruneConfig) -> Plan:
-    shape, bias = shape_of(model), has_attention_bias(model.config)
+def make_plan(model_config: PretrainedConfig, config: PruneConfig) -> Plan:
+    """The run's plan for a model of this (Hugging Face) config: the uniform plan of ``config.target``, else
+    ``config.ratios``."""
+    shape, bias = shape_of_config(model_config), has_attention_bias(model_config)
     if config.target is not None:
         return plan_for_target(shape, config.target, bias)
     return plan_from_ratios(shape, config.ratios, bias)
@@ -186,7 +188,7 @@ def run(config: PruneConfig, data: PreparedData, on_stage: Callable[[Path], None
     teacher, tokenizer = loaded.model, loaded.tokenizer
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    plan = make_plan(teacher, config)
+    plan = make_plan(teacher.config, config)
     logger.info("pruning plan:\n%s", plan.describe())
 
     output = Path(config.output)

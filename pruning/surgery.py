@@ -49,7 +49,11 @@ class Shape:
 
 
 def shape_of(model: PreTrainedModel) -> Shape:
-    c = model.config
+    return shape_of_config(model.config)
+
+
+def shape_of_config(c: PretrainedConfig) -> Shape:
+    """A model's shape from its Hugging Face config alone (no weights loaded)."""
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return Shape(
         hidden=c.hidden_size,

@@ -81,6 +81,15 @@ def test_without_the_probe_only_the_knobs_given_reach_the_commands(tmp_path):
     assert "--distill-lr 0.0005" in retention and "--distill-batch-size" not in retention
 
 
+def test_an_arm_of_the_default_plan_prunes_one_point_without_targets(tmp_path):
+    calls = run_retention_script(tmp_path, PLAN="default", DISTILL_LR="0.001")
+    retention = calls[-1]
+    assert "--plan default" in retention and "--targets" not in retention and "--distill-lr 0.001" in retention
+    ran = run_script(tmp_path, "gpu_retention.sh", [str(tmp_path / "out")], {"PLAN": "default", "TARGETS": "0.9"}, ok=False)
+    assert ran.result.returncode != 0 and "no TARGETS" in ran.result.stdout
+    assert not any("bench.retention" in call for call in ran.calls)
+
+
 @pytest.mark.parametrize("finished", [True, False])
 def test_the_wait_returns_when_the_job_is_done_and_brings_its_results(tmp_path, finished):
     log = tmp_path / "job.log"

@@ -90,6 +90,30 @@ def test_retention_refuses_bad_targets_and_profiles(tmp_path, prepared):
         run_retention(RetentionConfig(teacher=str(tmp_path), distill_preset="fast"), prepared)
 
 
+def test_the_default_plan_is_one_point_of_the_size_prunerec_prune_gives_without_a_target(tmp_path, tiny_dense, prepared):
+    """--plan default: the plan `prunerec prune` uses without --target (its keep ratios), one point named for it,
+    its share removed standing in for a target; another plan kind is named in the protocol (no merge mixes them)."""
+    from transformers import AutoConfig
+
+    from pruning.plan import DEFAULT_RATIOS, has_attention_bias, plan_from_ratios
+    from pruning.surgery import shape_of_config
+
+    config = RetentionConfig(teacher=str(tiny_dense), profile="cpu", targets=[], plan="default", users=None,
+                             prune_overrides=TINY_PRUNE, work=str(tmp_path / "work"), output=str(tmp_path / "out"))
+    report = run_retention(config, prepared)
+    (point,) = report["points"]
+    model_config = AutoConfig.from_pretrained(tiny_dense)
+    expected = plan_from_ratios(shape_of_config(model_config), DEFAULT_RATIOS, has_attention_bias(model_config))
+    assert point["plan"] == "default" and point["target"] == pytest.approx(expected.removed_fraction, abs=1e-4)
+    assert point["non_embedding"] == expected.target_params["non_embedding"]  # the default ratios' shape, not a uniform one
+    assert "default plan" in report["protocol"]["plan"] and "default-plan" in point["artifact"]
+    assert "| default plan |" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="give no targets"):
+        run_retention(RetentionConfig(teacher=str(tiny_dense), targets=[0.9], plan="default"), prepared)
+    with pytest.raises(ValueError, match="unknown plan"):
+        run_retention(RetentionConfig(teacher=str(tiny_dense), plan="greedy"), prepared)  # type: ignore[arg-type]
+
+
 def test_the_command_lines_distillation_options_reach_every_points_prune_config():
     from bench.retention import command_line, prune_overrides
 
@@ -233,6 +257,12 @@ def test_two_arms_reports_compare_model_by_model(tmp_path, monkeypatch, capsys):
     assert final["mean_difference"] > 0 and final["ci95"][0] > 0 and final["wilcoxon_p"] < 0.01
     assert final["users_better_b"] == 80 and final["users_better_a"] == 0
     assert "| target 0.955 |" in capsys.readouterr().out
+
+    default_plan = arm([0, 0, 0, 0, 0, -1] * 20, ["1-attn", "2-mlp"])  # another plan, one point: paired as the final one
+    default_plan["points"][0]["plan"] = "default"
+    rows = retention.compare_reports(base, default_plan)
+    assert [row["model"] for row in rows] == ["dense", "target 0.955 | default plan"]
+    assert rows[1]["mean_difference"] > 0 and rows[1]["users_better_b"] == 80
 
     other_users = {**base, "protocol": {**base["protocol"], "users": 300}}
     with pytest.raises(ValueError, match="differ in users"):
