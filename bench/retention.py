@@ -260,7 +260,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(_row(f"{point_label(report['in_progress'])}, after {row['stage']} (unfinished)", row))
     lines.append(f"| MostPop | | | {report['mostpop']['ndcg@10']:.4f} | {report['mostpop']['hr@10']:.4f} | | |")
     if report.get("sasrec"):
-        lines.append(f"| SASRec (RecBole) | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | | |")
+        source = report["sasrec"].get("source")
+        name = f"SASRec (RecBole, {report['sasrec'].get('epochs')} epochs; from {source})" if source else "SASRec (RecBole)"
+        lines.append(f"| {name} | | | {report['sasrec']['ndcg@10']:.4f} | {report['sasrec']['hr@10']:.4f} | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -297,11 +299,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
                     textcoords="offset points", xytext=(4, 4))
     ax.axhline(report["mostpop"]["ndcg@10"], color="grey", linestyle=":", label="MostPop")
     if report.get("sasrec"):
-        ax.axhline(report["sasrec"]["ndcg@10"], color="black", linestyle="--", label="SASRec")
+        epochs = report["sasrec"].get("epochs")
+        borrowed = f" ({epochs} epochs, another run)" if report["sasrec"].get("source") else ""
+        ax.axhline(report["sasrec"]["ndcg@10"], color="black", linestyle="--", label=f"SASRec{borrowed}")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("NDCG@10")
-    ax.legend(fontsize=8, loc="best")
+    ax.annotate("dense", (report["dense"]["non_embedding"], report["dense"]["ndcg@10"]), fontsize=7,
+                textcoords="offset points", xytext=(-10, 6))
+    ax.legend(fontsize=8, loc="lower right")  # the curve rises to the right: that corner stays clear of it
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -345,6 +351,21 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     if unfinished:  # a cut-short report's unfinished point: the first one's (the table shows one)
         merged["in_progress"] = unfinished[0]
     return merged
+
+
+def sasrec_from(report: dict[str, Any], source: dict[str, Any], name: str) -> dict[str, Any]:
+    """The SASRec line of a curve whose own run left it out (a GPU lease has no minutes for it), from
+    ``bench.sasrec_masking``'s report of the same protocol: its SASRec scored on every test user with the past
+    excluded. Refused unless the source's MostPop on every test user (same split and masking) is the curve's to
+    1e-6, the check that both ranked the same users the same way (a curve on a sample of users fails it)."""
+    if "sasrec_masked" not in source or "mostpop_masked" not in source:
+        raise ValueError(f"{name}: not a bench.sasrec_masking report (no sasrec_masked / mostpop_masked)")
+    mine, theirs = report["mostpop"]["ndcg@10"], source["mostpop_masked"]["ndcg@10"]
+    if abs(mine - theirs) > 1e-6:
+        raise ValueError(f"{name}: MostPop NDCG@10 {theirs:.6f} there against {mine:.6f} here: other users or protocol")
+    return {"ndcg@10": source["sasrec_masked"]["ndcg@10"], "hr@10": source["sasrec_masked"]["hr@10"],
+            "epochs": source.get("sasrec_epochs_run"), "source": name,
+            "note": "another run's SASRec on the same users and protocol (its MostPop equals this curve's)"}
 
 
 def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -414,6 +435,9 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="REPORT_DIR",
                         help="prune nothing: one curve from these reports' points (the same dense model and settings, "
                              "other targets: bench/gpu_arms.sh's target arms), written to --output")
+    parser.add_argument("--sasrec-from", type=Path, default=None, metavar="SASREC_MASKING_JSON",
+                        help="with --merge: the SASRec line from python -m bench.sasrec_masking's report (every test "
+                             "user, past excluded), where the curve's run had none; refused unless its MostPop is the curve's")
     parser.add_argument("--compare", nargs=2, type=Path, default=None, metavar=("REPORT_DIR_A", "REPORT_DIR_B"),
                         help="measure nothing: pair two reports on the same users (arms of one lease), model by model, "
                              "per-user NDCG@10 (B − A) with a bootstrap interval and Wilcoxon/t p-values")
@@ -500,6 +524,8 @@ def main() -> None:
             parser.error("--merge needs --output, the merged report's directory")
         try:
             merged = merge_reports([json.loads((path / "report.json").read_text()) for path in args.merge])
+            if args.sasrec_from is not None:
+                merged["sasrec"] = sasrec_from(merged, json.loads(args.sasrec_from.read_text()), str(args.sasrec_from))
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
         write_report(merged, Path(args.output))

@@ -199,6 +199,29 @@ def test_reports_of_one_configuration_merge_into_one_curve(tmp_path, monkeypatch
     assert merged["protocol"]["complete"] is False and merged["in_progress"]["target"] == 0.98
 
 
+def test_a_merged_curve_takes_its_sasrec_line_only_from_a_report_of_the_same_users(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from bench import retention
+
+    (tmp_path / "t50").mkdir()
+    (tmp_path / "t50" / "report.json").write_text(json.dumps(_report([0.5])))  # MostPop 0.045 on its users
+    same = {"sasrec_epochs_run": 5, "sasrec_masked": {"ndcg@10": 0.0996, "hr@10": 0.187},
+            "mostpop_masked": {"ndcg@10": 0.045, "hr@10": 0.086}}
+    (tmp_path / "sasrec.json").write_text(json.dumps(same))
+    monkeypatch.setattr(sys, "argv", ["retention", "--merge", str(tmp_path / "t50"), "--sasrec-from",
+                                      str(tmp_path / "sasrec.json"), "--output", str(tmp_path / "curve")])
+    retention.main()
+    merged = json.loads((tmp_path / "curve" / "report.json").read_text())
+    assert merged["sasrec"]["ndcg@10"] == 0.0996 and merged["sasrec"]["source"].endswith("sasrec.json")
+    assert "| SASRec (RecBole, 5 epochs; from " in capsys.readouterr().out
+    other_users = {**same, "mostpop_masked": {"ndcg@10": 0.0586, "hr@10": 0.107}}  # a sample's MostPop
+    with pytest.raises(ValueError, match="other users or protocol"):
+        retention.sasrec_from(merged, other_users, "sample.json")
+    with pytest.raises(ValueError, match=r"not a bench\.sasrec_masking report"):
+        retention.sasrec_from(merged, {"metrics": {}}, "result.json")
+
+
 @pytest.mark.parametrize("other, complaint", [
     (_report([0.9], prune_overrides={"distill.vocab": "catalog"}), "prune_overrides"),  # another configuration
     (_report([0.5]), "a target in two reports"),
