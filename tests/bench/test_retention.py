@@ -132,6 +132,9 @@ ARMS = {  # README "One GPU lease": the arms of bench/gpu_arms.sh, as retention 
     "catalog": ({"distill.vocab": "catalog"}, ["1-attn", "2-mlp", "3-depth"]),
     "hidden": ({"distill.hidden_weight": 1.0}, ["1-attn", "2-mlp", "3-depth"]),
     "gradual": ({"gradual": 2}, ["1-attn", "2-attn", "3-mlp", "4-mlp", "5-depth", "6-depth"]),
+    "lr": ({"distill.lr": 1e-3}, ["1-attn", "2-mlp", "3-depth"]),
+    "long": ({"distill.max_minutes": 2.0}, ["1-attn", "2-mlp", "3-depth"]),
+    "default": ({"plan": "default"}, ["1-attn", "2-mlp", "3-depth"]),  # a RetentionConfig field, not an override
 }
 
 
@@ -142,10 +145,13 @@ def test_the_leases_retention_arms_run_under_the_gpu_profile_on_the_cpu(tmp_path
     a tiny model here, so a wrong combination fails in CI and not in a 15-minute lease. Only the step count is
     capped (seconds); a gradual arm's budget is split over its cuts (one step each)."""
     changed, stages = ARMS[arm]
+    plan = changed.get("plan", "uniform")
+    changed = {key: value for key, value in changed.items() if key != "plan"}
     overrides = {"distill.batch_size": 16, "distill.lr": 8.5e-4, "distill.epochs": 3.0, "distill.max_minutes": 1.0,
                  "distill.examples": 20000, "distill.max_steps": 2, **changed}
-    config = RetentionConfig(teacher=str(tiny_dense), profile="gpu", targets=[0.955], users=None, every_stage=True,
-                             prune_overrides=overrides, device="cpu", work=str(tmp_path / "work"), output=str(tmp_path / "out"))
+    config = RetentionConfig(teacher=str(tiny_dense), profile="gpu", targets=[0.955] if plan == "uniform" else [],
+                             plan=plan, users=None, every_stage=True, prune_overrides=overrides, device="cpu",
+                             work=str(tmp_path / "work"), output=str(tmp_path / "out"))
     report = run_retention(config, prepared)
     assert report["protocol"]["complete"] is True and report["protocol"]["users"] == len(prepared.splits["test"])
     (point,) = report["points"]
@@ -153,7 +159,10 @@ def test_the_leases_retention_arms_run_under_the_gpu_profile_on_the_cpu(tmp_path
     manifest = read_manifest(point["artifact"])
     distilled = manifest["stage_config"]["distill"]
     cuts = changed.get("gradual", 1)  # a gradual stage's budget is split over its cuts
-    assert (distilled["batch_size"], distilled["lr"], distilled["pack_tokens"]) == (16, 8.5e-4, 2048)
+    assert (distilled["batch_size"], distilled["lr"], distilled["pack_tokens"]) == (16, changed.get("distill.lr", 8.5e-4), 2048)
+    assert distilled["max_minutes"] == pytest.approx(changed.get("distill.max_minutes", 1.0) / cuts)
+    assert point.get("plan", "uniform") == plan and manifest["stage_config"]["plan"]["ratios"]["mlp"] == (
+        0.25 if plan == "default" else pytest.approx(manifest["stage_config"]["plan"]["ratios"]["hidden"]))
     assert distilled["epochs"] == pytest.approx(3.0 / cuts)
     assert distilled["vocab"] == changed.get("distill.vocab", "full")
     assert distilled["hidden_weight"] == changed.get("distill.hidden_weight", 0.0)
