@@ -72,7 +72,9 @@ class PruneConfig:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     """Stages to run, in order (a subset of attn, mlp, depth, vocab)."""
     target: float | None = None
-    """Share of non-embedding parameters to remove; derives a uniform plan (overrides ratios)."""
+    """Share of non-embedding parameters to remove; derives a uniform plan (overrides ratios). Measured on one
+    H100 from SmolLM2 with a minute of distillation a stage: 0.75 kept the dense NDCG@10 (1.04), 0.9 kept 0.86,
+    0.955 kept 0.75 (README, "How much to remove")."""
     ratios: KeepRatios = field(default_factory=lambda: DEFAULT_RATIOS)
     """Per-stage keep ratios (used when target is None)."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
