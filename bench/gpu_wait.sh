@@ -12,23 +12,40 @@ log=${1:?usage: bash bench/gpu_wait.sh LOG RESULTS [SECONDS]}
 results=${2:?usage: bash bench/gpu_wait.sh LOG RESULTS [SECONDS]}
 limit=${3:-540}
 started=$(date +%s)
-# A device call brings back at most 8 files from $OUT (the rest are left out, whichever they are), so the copy
-# chooses: every JSON report first (a retention run's report.md and plot are drawn again from its report.json:
-# python -m bench.retention --merge DIR --output DIR), then the log, then the other logs while room is left; and
-# what an earlier copy brought that this one does not choose is removed from $OUT.
+# A device call brings back at most 8 files from $OUT (the rest are left out, whichever they are) of at most
+# 16 MiB each, so the copy chooses: RESULTS whole as one archive, results.tar.gz (every report, plot and log: the
+# curve's lease brought back two of its five arms' logs), then every JSON report on its own (readable without
+# unpacking; a retention run's report.md and plot are drawn again from its report.json: python -m bench.retention
+# --merge DIR --output DIR), then the log, then the other logs while room is left; what an earlier copy brought
+# that this one does not choose is removed from $OUT. The archive is written beside $OUT and moved in, so a call
+# killed while it is written leaves the previous one; one over 15 MiB is written again without the plots and
+# the markdown, and left out (an earlier one removed) if it is still too large.
 max_files=${MAX_FILES:-8}
+archive=results.tar.gz
+max_archive_bytes=$((15 * 1024 * 1024))
+pack() {
+  local staged
+  staged=$(mktemp) || return 0
+  tar -czf "$staged" -C "$results" . 2>/dev/null
+  if [ "$(stat -c %s "$staged")" -gt "$max_archive_bytes" ]; then
+    (cd "$results" && find . -type f \( -name '*.json' -o -name '*.log' \) -print0 | tar -czf "$staged" --null -T - 2>/dev/null)
+  fi
+  if [ "$(stat -c %s "$staged")" -le "$max_archive_bytes" ]; then mv -f "$staged" "$OUT/$archive"
+  else rm -f "$staged" "$OUT/$archive"; fi  # not an earlier archive standing in for this one
+}
 bring() {
   [ -n "${OUT:-}" ] || return 0
   local chosen=() file keep
   if [ -d "$results" ]; then
+    pack
     mapfile -t chosen < <(cd "$results" && { find . -type f -name '*.json' | sort; find . -type f -name '*.log' | sort; } \
-      | sed 's|^\./||' | grep -vxF "$(basename "$log")" | head -n $((max_files - 1)))
+      | sed 's|^\./||' | grep -vxF "$(basename "$log")" | head -n $((max_files - 2)))
   fi
   for file in "${chosen[@]}"; do
     mkdir -p "$OUT/$(dirname "$file")" && cp "$results/$file" "$OUT/$file" 2>/dev/null
   done
   cp "$log" "$OUT/" 2>/dev/null
-  keep=$(printf '%s\n' "${chosen[@]}" "$(basename "$log")")
+  keep=$(printf '%s\n' "${chosen[@]}" "$(basename "$log")" "$archive")
   (cd "$OUT" && find . -type f | sed 's|^\./||' | while IFS= read -r file; do
     grep -qxF "$file" <<< "$keep" || rm -f "$file"; done)
   return 0

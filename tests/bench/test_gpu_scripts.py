@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,9 @@ def test_the_wait_returns_when_the_job_is_done_and_brings_its_results(tmp_path, 
 
 def test_the_wait_brings_at_most_eight_files_the_reports_first(tmp_path):
     """A device call brings back 8 files of $OUT and leaves out the rest whichever they are (the first lease,
-    2026-11-27, lost three arms' reports to their report.md and plots): every JSON report, then the log, then
-    the other logs; what an earlier copy brought and this one does not choose is dropped."""
+    2026-11-27, lost three arms' reports to their report.md and plots; the second, three arms' logs): the
+    results whole in one archive, every JSON report, then the log, then the other logs; what an earlier copy
+    brought and this one does not choose is dropped."""
     log = tmp_path / "gpu.log"
     log.write_text("== 10:00:00 arms\n")
     results = tmp_path / "results"
@@ -127,7 +129,7 @@ def test_the_wait_brings_at_most_eight_files_the_reports_first(tmp_path):
         return {str(path.relative_to(out)) for path in out.rglob("*") if path.is_file()}
 
     early = wait()  # only logs so far: they fill the call
-    assert len(early) == 8 and "gpu.log" in early
+    assert len(early) == 8 and {"gpu.log", "results.tar.gz"} < early
     (results / "probe.json").write_text("{}")
     for arm in "abcde":
         (results / f"retention-{arm}").mkdir()
@@ -138,6 +140,33 @@ def test_the_wait_brings_at_most_eight_files_the_reports_first(tmp_path):
     assert {"probe.json", "gpu.log"} | {f"retention-{arm}/report.json" for arm in "abcde"} < late
     assert not any(name.endswith((".md", ".png")) for name in late)
     assert (out / "retention-e" / "report.json").read_text() == "e"
+    with tarfile.open(out / "results.tar.gz") as archive:  # every file of the results, the logs left out above too
+        packed = {os.path.normpath(member.name): archive.extractfile(member).read().decode()  # type: ignore[union-attr]
+                  for member in archive.getmembers() if member.isfile()}
+    every = {str(path.relative_to(results)): path.read_text() for path in results.rglob("*") if path.is_file()}
+    assert packed == every and "arm-g.log" in packed and "retention-a/retention.png" in packed
+
+
+def test_an_archive_too_large_to_come_back_keeps_the_reports_and_logs_or_is_left_out(tmp_path):
+    """A device call brings back no file over 16 MiB: the archive drops the plots first, then itself."""
+    log = tmp_path / "gpu.log"
+    log.write_text("== 10:00:00 arms\n")
+    results = tmp_path / "results"
+    (results / "retention").mkdir(parents=True)
+    (results / "retention" / "report.json").write_text("{}")
+    (results / "arm-a.log").write_text("a")
+    (results / "retention" / "retention.png").write_bytes(os.urandom(16 * 1024 * 1024))  # does not compress
+    out = tmp_path / "out"
+    out.mkdir()
+    run = ["bash", str(ROOT / "bench" / "gpu_wait.sh"), str(log), str(results), "0"]
+    subprocess.run(run, env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=60, check=True)
+    with tarfile.open(out / "results.tar.gz") as archive:
+        assert {os.path.normpath(name) for name in archive.getnames() if "." in os.path.basename(name)} == {
+            "retention/report.json", "arm-a.log"}
+    (results / "big.log").write_bytes(os.urandom(16 * 1024 * 1024))
+    subprocess.run(run, env={**os.environ, "OUT": str(out)}, capture_output=True, text=True, timeout=60, check=True)
+    assert not (out / "results.tar.gz").exists()
+    assert (out / "retention" / "report.json").is_file() and (out / "gpu.log").is_file()
 
 
 def test_a_wait_killed_midway_has_already_brought_the_results(tmp_path):
