@@ -212,12 +212,13 @@ def test_arms_share_the_probe_and_the_dense_model_and_each_runs_its_own_retentio
 
 
 def test_the_next_leases_arms_reach_their_options(tmp_path):
-    """README "The next lease": base, lr, the default plan and a longer budget, each one change over the shared
-    knobs, and the changes combined; the default plan's arm gives no targets."""
+    """README "The next lease": base, lr, more rows a step, the default plan and a longer budget, each one change
+    over the shared knobs (or over lr), and the changes combined; the default plan's arm gives no targets."""
     out = tmp_path / "out"
-    arms = ["base:TARGETS=0.955", "lr:TARGETS=0.955 DISTILL_LR=1e-3", "default:PLAN=default",
-            "long:TARGETS=0.955 DISTILL_MINUTES=2", "combined:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_MINUTES=2 VOCAB=catalog"]
-    names = ("base", "lr", "default", "long", "combined")
+    arms = ["base:TARGETS=0.955", "lr:TARGETS=0.955 DISTILL_LR=1e-3", "batch:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_BATCH=8",
+            "default:PLAN=default", "long:TARGETS=0.955 DISTILL_MINUTES=1.5",
+            "combined:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_BATCH=8 DISTILL_MINUTES=1.5 VOCAB=catalog"]
+    names = ("base", "lr", "batch", "default", "long", "combined")
     ran = run_script(tmp_path, "gpu_arms.sh", [str(out), *arms],
                      {"TRAIN_MINUTES": "4", "DISTILL_MINUTES": "1", "DISTILL_EXAMPLES": "20000", "DISTILL_EPOCHS": "3",
                       "SASREC_EPOCHS": "0"})
@@ -226,10 +227,13 @@ def test_the_next_leases_arms_reach_their_options(tmp_path):
     assert set(retentions) == {f"retention-{name}" for name in names}
     assert "--plan default" in retentions["retention-default"] and "--targets" not in retentions["retention-default"]
     assert "--distill-lr 1e-3" in retentions["retention-lr"] and "--distill-lr" not in retentions["retention-base"]
-    assert "--distill-minutes 2" in retentions["retention-long"]
+    assert "--distill-batch-size 8" in retentions["retention-batch"] and "--distill-lr 1e-3" in retentions["retention-batch"]
+    assert not any("--distill-batch-size" in retentions[f"retention-{name}"] for name in ("base", "lr", "default", "long"))
+    assert "--distill-minutes 1.5" in retentions["retention-long"]
     combined = retentions["retention-combined"]
-    assert all(option in combined for option in ("--distill-lr 1e-3", "--distill-minutes 2", "--distill-vocab catalog"))
-    for name in ("base", "lr", "default"):
+    assert all(option in combined for option in ("--distill-lr 1e-3", "--distill-batch-size 8", "--distill-minutes 1.5",
+                                                 "--distill-vocab catalog"))
+    for name in ("base", "lr", "batch", "default"):
         assert "--distill-minutes 1 " in retentions[f"retention-{name}"]
     assert all("--distill-epochs 3" in call and "--every-stage" not in call for call in retentions.values())
     assert not any("FAILED" in (out / f"arm-{name}.log").read_text() for name in names)
