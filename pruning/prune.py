@@ -313,18 +313,23 @@ def summarize(teacher: str, stages: list[Path]) -> list[dict]:
     return rows
 
 
+def _cell(value: float | None, width: int, digits: int) -> str:
+    """A metric right-aligned in ``width``, or a dash where there is none (a stage not evaluated)."""
+    return f"{'-':>{width}}" if value is None or value != value else f"{value:>{width}.{digits}f}"
+
+
 def format_summary(rows: list[dict]) -> str:
     lines = [f"{'stage':<10}{'total':>13}{'non-emb':>13}{'removed':>9}{'NDCG@10':>9}{'HR@10':>8}{'NDCG/dense':>11}"]
     for r in rows:
+        metrics = _cell(r.get("ndcg@10"), 9, 4) + _cell(r.get("hr@10"), 8, 4) + _cell(r.get("ndcg@10_vs_dense"), 11, 3)
         if r["artifact"] is None:
-            lines.append(f"{r['name']:<10}{'':>13}{'':>13}{'':>9}{r['ndcg@10']:>9.4f}{r['hr@10']:>8.4f}"
-                         f"{r.get('ndcg@10_vs_dense', float('nan')):>11.3f}")
+            lines.append(f"{r['name']:<10}{'':>13}{'':>13}{'':>9}{metrics}")
             continue
-        lines.append(
-            f"{r['name']:<10}{r['params']['total']:>13,}{r['params']['non_embedding']:>13,}"
-            f"{100 * r['non_embedding_removed']:>8.1f}%{r.get('ndcg@10', float('nan')):>9.4f}"
-            f"{r.get('hr@10', float('nan')):>8.4f}{r.get('ndcg@10_vs_dense', float('nan')):>11.3f}"
-        )
+        lines.append(f"{r['name']:<10}{r['params']['total']:>13,}{r['params']['non_embedding']:>13,}"
+                     f"{100 * r['non_embedding_removed']:>8.1f}%{metrics}")
+    unevaluated = [r["name"] for r in rows if r["artifact"] is not None and "ndcg@10" not in r]
+    if unevaluated:
+        lines.append(f"not evaluated: {', '.join(unevaluated)} (prunerec evaluate ARTIFACT, or run without --no-evaluate)")
     users = rows[0].get("users") if rows else None
     if users:
         lines.append(f"NDCG@10 / HR@10 on {users} seeded test users (one hit in the top 10 moves HR@10 by {1 / users:.3f}).")

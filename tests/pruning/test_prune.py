@@ -435,6 +435,19 @@ def test_the_summary_says_how_many_users_and_why_a_stage_shows_zero():
     assert "0.0000 means" not in format_summary(rows[:1])
 
 
+def test_the_summary_shows_a_stage_not_evaluated_as_such_not_as_nan():
+    from pruning.prune import format_summary
+
+    params = {"total": 10, "embedding": 2, "non_embedding": 8}
+    rows = [{"name": "dense", "artifact": "d", "params": params, "ndcg@10": 0.03, "hr@10": 0.08, "non_embedding_removed": 0.0},
+            {"name": "1-attn", "artifact": "a", "params": params, "non_embedding_removed": 0.5}]
+    text = format_summary(rows)
+    assert "nan" not in text
+    attn = next(line for line in text.splitlines() if line.startswith("1-attn"))
+    assert attn.split()[-3:] == ["-", "-", "-"]
+    assert "not evaluated: 1-attn" in text and "not evaluated: dense" not in text
+
+
 def test_a_stage_inherits_the_teachers_assistant(tmp_path, dense, prepared):
     import shutil
 
