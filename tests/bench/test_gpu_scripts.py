@@ -220,7 +220,7 @@ def test_the_next_leases_arms_reach_their_options(tmp_path):
     out = tmp_path / "out"
     arms = ["base:TARGETS=0.955", "lr:TARGETS=0.955 DISTILL_LR=1e-3", "batch:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_BATCH=8",
             "default:PLAN=default", "long:TARGETS=0.955 DISTILL_MINUTES=1.5",
-            "combined:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_BATCH=8 DISTILL_MINUTES=1.5 VOCAB=catalog"]
+            "combined:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_BATCH=8 DISTILL_MINUTES=1.5 DISTILL_EPOCHS=6 VOCAB=catalog"]
     names = ("base", "lr", "batch", "default", "long", "combined")
     ran = run_script(tmp_path, "gpu_arms.sh", [str(out), *arms],
                      {"TRAIN_MINUTES": "4", "DISTILL_MINUTES": "1", "DISTILL_EXAMPLES": "20000", "DISTILL_EPOCHS": "3",
@@ -238,7 +238,9 @@ def test_the_next_leases_arms_reach_their_options(tmp_path):
                                                  "--distill-vocab catalog"))
     for name in ("base", "lr", "batch", "default"):
         assert "--distill-minutes 1 " in retentions[f"retention-{name}"]
-    assert all("--distill-epochs 3" in call and "--every-stage" not in call for call in retentions.values())
+    assert "--distill-epochs 6" in combined
+    assert all("--distill-epochs 3" in call for name, call in retentions.items() if name != "retention-combined")
+    assert all("--every-stage" not in call for call in retentions.values())
     assert not any("FAILED" in (out / f"arm-{name}.log").read_text() for name in names)
     # six processes allocating on one card: each with expandable segments, so cached blocks do not fragment it
     allocators = (tmp_path / "calls.txt.allocator").read_text().splitlines()
