@@ -54,9 +54,6 @@ if [ "${PROBE:-0}" = 1 ] && ! [ -s "$out/probe.json" ]; then  # not one probe pe
   log "probe FAILED (dense.log): the arms run at the profiles' batches and rates"
   export PROBE=0
 fi
-# several processes allocate on one card: expandable segments keep each one's cached blocks from fragmenting the
-# memory the others need (PyTorch's CUDA allocator; a value already set is kept)
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 threads=$(( $(nproc) / ARMS ))  # the host's cores divided among the arms, not each arm's torch taking them all
 [ "$threads" -ge 1 ] || threads=1
 for i in "${!names[@]}"; do
