@@ -28,11 +28,11 @@
 # Over 10 minutes in all: start it with setsid nohup and keep
 # the machine busy with `bash bench/gpu_wait.sh` (or ../shared/gpu/README.md's poll); a second configuration
 # needs its own WORK.
-# One 15-minute lease (README, "One GPU lease"): the 95.5% point with the distillation it can afford, ~10 minutes
-# after setup (estimated, not run yet), four configurations at once from one dense model: PROBE=1 EVERY_STAGE=1
-# TARGETS=0.955 TRAIN_MINUTES=2 DISTILL_MINUTES=1 DISTILL_EXAMPLES=20000 DISTILL_EPOCHS=3 SASREC_EPOCHS=0
-# bash bench/gpu_arms.sh OUT base catalog:VOCAB=catalog hidden:HIDDEN=1 gradual:GRADUAL=2 (one alone: the same
-# knobs and bash bench/gpu_retention.sh OUT)
+# A 15-minute lease runs several configurations at once from one dense model through bench/gpu_arms.sh (one
+# alone: the same knobs and bash bench/gpu_retention.sh OUT); the leases so far and the next one's command:
+# README, "One GPU lease" (the first ran base catalog:VOCAB=catalog hidden:HIDDEN=1 gradual:GRADUAL=2 with
+# PROBE=1 EVERY_STAGE=1 TARGETS=0.955 TRAIN_MINUTES=2 DISTILL_MINUTES=1 DISTILL_EXAMPLES=20000 DISTILL_EPOCHS=3
+# SASREC_EPOCHS=0 in 12 minutes; the second, the curve, five targets in 11.8).
 # Seen on an H200 (2026-11-26, a smoke run cut at 200 s): ~40 s of data preparation before training, training at
 # ~4.2 steps/s (the gpu profile's 999 steps = ~4 min), every test user evaluated in ~12 s (plus loading), the
 # attn stage's importance scoring ~18 s; with DISTILL_MINUTES 0.3 a target takes about 2 minutes, so the
