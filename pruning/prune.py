@@ -217,7 +217,7 @@ def run(config: PruneConfig, data: PreparedData, on_stage: Callable[[Path], None
         if on_stage is not None:
             on_stage(artifact.path)
     summary = summarize(config.teacher, written)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))  # strict JSON: jq, browsers
     return written
 
 
@@ -306,7 +306,7 @@ def summarize(teacher: str, stages: list[Path]) -> list[dict]:
         mostpop = evaluated["mostpop"]
         rows[0]["users"] = evaluated.get("protocol", {}).get("users")
         row = {"name": "MostPop", "artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
-               "ndcg@10": mostpop["ndcg@10"], "hr@10": mostpop["hr@10"], "non_embedding_removed": float("nan")}
+               "ndcg@10": mostpop["ndcg@10"], "hr@10": mostpop["hr@10"], "non_embedding_removed": None}
         if dense_metrics.get("ndcg@10"):
             row["ndcg@10_vs_dense"] = mostpop["ndcg@10"] / dense_metrics["ndcg@10"]
         rows.append(row)

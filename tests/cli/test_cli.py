@@ -127,8 +127,12 @@ def test_pipeline_command_fine_tunes_prunes_and_reports(tmp_path, tokenizer, pre
     result = runner.invoke(app, ["pipeline", "-o", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
                                  "--model", str(base), "--profile", "tiny", "--target", "0.6", "--eval-users", "8"])
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    def not_strict(name: str) -> None:
+        raise AssertionError(f"summary.json holds {name}, which strict JSON readers (jq, browsers) refuse")
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=not_strict)
     assert [row["name"] for row in summary] == ["dense", "1-attn", "2-mlp", "3-depth", "MostPop"]
+    assert summary[-1]["non_embedding_removed"] is None
     assert summary[3]["non_embedding_removed"] >= 0.6
     assert all("ndcg@10" in row for row in summary)
     assert "3-depth" in result.output and "NDCG/dense" in result.output
