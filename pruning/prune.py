@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -315,7 +316,7 @@ def summarize(teacher: str, stages: list[Path]) -> list[dict]:
 
 def _cell(value: float | None, width: int, digits: int) -> str:
     """A metric right-aligned in ``width``, or a dash where there is none (a stage not evaluated)."""
-    return f"{'-':>{width}}" if value is None or value != value else f"{value:>{width}.{digits}f}"
+    return f"{'-':>{width}}" if value is None or math.isnan(value) else f"{value:>{width}.{digits}f}"
 
 
 def format_summary(rows: list[dict]) -> str:
