@@ -24,7 +24,9 @@
 # --distill-hidden-weight), ARM (none; names the retention's work and report directories, retention-ARM, so that
 # several configurations share one dense model: bench/gpu_arms.sh), ARMS (1; distillations sharing the card at
 # once, for the probe's batch choice), RETENTION (1; 0 = stop after the probe, the dense model and its evaluation on
-# all users, which every retention run of the same WORK then reuses).
+# all users, which every retention run of the same WORK then reuses), TEACHER_OUTPUTS (1: the teacher's
+# distributions of the distillation rows computed before the first stage, once for every arm of the same WORK,
+# in WORK/teacher-outputs; 0: on first use, in each arm's steps, as the leases before 2026-11-28 ran).
 # Over 10 minutes in all: start it with setsid nohup and keep
 # the machine busy with `bash bench/gpu_wait.sh` (or ../shared/gpu/README.md's poll); a second configuration
 # needs its own WORK.
@@ -98,6 +100,9 @@ preset=()
 [ -n "${DISTILL_EPOCHS:-}" ] && preset+=(--distill-epochs "$DISTILL_EPOCHS")
 [ "${EVERY_STAGE:-0}" = 1 ] && preset+=(--every-stage)
 [ -n "${HIDDEN:-}" ] && preset+=(--distill-hidden-weight "$HIDDEN")
+# the teacher's distributions of the distillation rows computed once, before the first stage, and shared by
+# every arm of the same WORK (a lock: the first computes, the others load); TEACHER_OUTPUTS=0: on first use
+[ "${TEACHER_OUTPUTS:-1}" = 1 ] && preset+=(--distill-teacher-outputs "$work/teacher-outputs")
 points=(--targets "${TARGETS:-0.5,0.9,0.955}")
 if [ "${PLAN:-uniform}" = default ]; then
   [ -n "${TARGETS:-}" ] && { log "PLAN=default is one point of its own size: no TARGETS"; log "$retention FAILED"; exit 2; }

@@ -476,6 +476,12 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--gradual", type=int, default=None, help="cuts per width/depth stage (prunerec prune --gradual)")
     parser.add_argument("--distill-compile", action="store_true", default=None,
                         help="the students' layers compiled while distilling (prunerec prune --distill-compile; for a GPU)")
+    parser.add_argument("--distill-teacher-outputs", default=None, metavar="DIR",
+                        help="teacher outputs computed once before the first stage and shared through DIR with every "
+                             "run of the same teacher, examples and settings (prunerec prune --distill-teacher-outputs; "
+                             "bench/gpu_arms.sh's arms)")
+    parser.add_argument("--distill-prefill-batch-size", type=int, default=None,
+                        help="examples a teacher forward pass when prefilling (prunerec prune --distill-prefill-batch-size)")
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="the paper's plain cut: no least-squares refit after each cut (prunerec prune --no-reconstruct)")
     parser.add_argument("--device", default=None)
@@ -490,7 +496,8 @@ OPTION_PATHS = {"distill_minutes": "distill.max_minutes", "distill_steps": "dist
                 "distill_examples": "distill.examples", "distill_vocab": "distill.vocab",
                 "distill_lr_decay": "distill.lr_decay", "gradual": "gradual", "distill_compile": "distill.compile",
                 "distill_batch_size": "distill.batch_size", "distill_lr": "distill.lr",
-                "distill_hidden_weight": "distill.hidden_weight"}
+                "distill_hidden_weight": "distill.hidden_weight", "distill_teacher_outputs": "distill.teacher_outputs",
+                "distill_prefill_batch_size": "distill.prefill_batch_size"}
 """Command-line options given straight to every point's PruneConfig (dotted paths)."""
 
 

@@ -22,15 +22,22 @@ every evaluation, and a run with the same checkpoint directory resumes from it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import itertools
 import logging
+import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from pruning import reuse
@@ -114,6 +121,18 @@ class DistillConfig:
     pack_tokens: int | None = None
     """Concatenate the distillation examples into rows of at most this many tokens (see pruning.packing);
     batch_size then counts rows. None: one example per row."""
+    prefill_batch_size: int | None = None
+    """Compute the teacher's distribution of every distillation example before the first stage's first step,
+    this many examples (rows) a forward pass, longest first; None: on first use, in each step's batch. Changes
+    no result beyond float tolerance; a minute-capped stage then spends its minutes on the student alone (on
+    the first GPU lease a teacher pass cost ~95 ms of a 331 ms attention-stage step; README, "Teacher outputs
+    computed once")."""
+    teacher_outputs: str | None = None
+    """Directory of computed teacher outputs shared between runs and processes: the prefilled distributions
+    are written there as ``<key>.safetensors`` (the key: a digest of the teacher's weights, the examples and
+    the settings that shape them), and a run whose key matches a file there loads it instead of computing.
+    Processes that start together (``bench/gpu_arms.sh``'s arms) compute it once: the others wait on a lock.
+    Implies a prefill (``prefill_batch_size``, or 8 examples a pass when unset)."""
     seed: int = 0
     """Seed of the example sample and the batch order."""
 
@@ -201,6 +220,10 @@ def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[t
     return torch.stack(terms).mean()
 
 
+DEFAULT_PREFILL_BATCH = 8
+"""Examples (rows) a forward pass of a prefill when only ``teacher_outputs`` asks for one."""
+
+
 class TeacherCache:
     """Coarsened teacher distributions per example index, computed on first use and kept on the teacher's
     device (on a GPU about 0.8 KB per response position at top_k = 64: 2M positions of ml-100k take ~1.6 GB).
@@ -221,50 +244,169 @@ class TeacherCache:
         self.pad_id = pad_id
         self.top_k = top_k
         self.temperature = temperature
-        self._store: dict[int, TeacherTargets] = _TEACHER_OUTPUTS.get(self._key()) if shared else {}
+        self._key: str | None = None
+        self._store: dict[int, TeacherTargets] = _TEACHER_OUTPUTS.get(self.key) if shared else {}
         self.reused = len(self._store)
         """Examples whose distributions an earlier cache of this process had computed."""
         self.computed = 0
         """Examples whose distributions this cache computed."""
+        self.loaded = 0
+        """Examples whose distributions this cache read from a teacher-outputs file (:meth:`prefill`)."""
+        self.prefill_seconds = 0.0
+        """Seconds this cache spent computing distributions before any step needed them (:meth:`prefill`)."""
         if self.reused:
             logger.info("teacher outputs: reusing %d examples' distributions computed earlier in this process", self.reused)
 
-    def _key(self) -> str:
-        into = hashlib.blake2b(digest_size=16)
-        reuse.digest_model(self.teacher, into)
-        into.update(f"{self.pad_id}:{self.top_k}:{self.temperature}".encode())
-        if self.vocabulary is not None:
-            reuse.digest_tensors([self.vocabulary.ids], into)
-        for example in self.examples:
-            into.update(repr((example.input_ids, example.labels, example.position_ids)).encode())
-        return into.hexdigest()
+    @property
+    def key(self) -> str:
+        """Digest of the teacher (weights, config, device), the examples, the padding id, top_k, the temperature
+        and the vocabulary: what the distributions depend on (computed once; about a second for SmolLM2)."""
+        if self._key is None:
+            into = hashlib.blake2b(digest_size=16)
+            reuse.digest_model(self.teacher, into)
+            into.update(f"{self.pad_id}:{self.top_k}:{self.temperature}".encode())
+            if self.vocabulary is not None:
+                reuse.digest_tensors([self.vocabulary.ids], into)
+            for example in self.examples:
+                into.update(repr((example.input_ids, example.labels, example.position_ids)).encode())
+            self._key = into.hexdigest()
+        return self._key
 
     @torch.no_grad()
+    def _compute(self, missing: list[int]) -> None:
+        """The teacher's coarsened distributions of ``missing`` examples, in one forward pass, into the store."""
+        device = next(self.teacher.parameters()).device
+        host = collate_batch([self.examples[i] for i in missing], self.pad_id)
+        counts = host.response.sum(1).tolist()  # per example, on the host: no device synchronisation
+        batch = host.to(device)
+        # the teacher in bf16 on a GPU (no gradients; coarsen() returns to fp32 for the softmax); its
+        # outputs stay on the teacher's device, so later steps move nothing
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = response_logits(self.teacher, batch, self.vocabulary)
+        coarse = coarsen(logits, self.top_k, self.temperature)
+        start = 0
+        for index, n in zip(missing, counts, strict=True):
+            self._store[index] = TeacherTargets(
+                coarse.top_index[start : start + n], coarse.top_logprob[start : start + n],
+                coarse.tail_logprob[start : start + n],
+            )
+            start += n
+        self.computed += len(missing)
+
     def targets(self, indices: list[int]) -> TeacherTargets:
         missing = [i for i in indices if i not in self._store]
         if missing:
-            device = next(self.teacher.parameters()).device
-            host = collate_batch([self.examples[i] for i in missing], self.pad_id)
-            counts = host.response.sum(1).tolist()  # per example, on the host: no device synchronisation
-            batch = host.to(device)
-            # the teacher in bf16 on a GPU (no gradients; coarsen() returns to fp32 for the softmax); its
-            # outputs stay on the teacher's device, so later steps move nothing
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = response_logits(self.teacher, batch, self.vocabulary)
-            coarse = coarsen(logits, self.top_k, self.temperature)
-            start = 0
-            for index, n in zip(missing, counts, strict=True):
-                self._store[index] = TeacherTargets(
-                    coarse.top_index[start : start + n], coarse.top_logprob[start : start + n],
-                    coarse.tail_logprob[start : start + n],
-                )
-                start += n
-            self.computed += len(missing)
+            self._compute(missing)
         parts = [self._store[i] for i in indices]
         return TeacherTargets(
             torch.cat([p.top_index for p in parts]), torch.cat([p.top_logprob for p in parts]),
             torch.cat([p.tail_logprob for p in parts]),
         )
+
+    def prefill(self, batch_size: int = DEFAULT_PREFILL_BATCH, directory: str | Path | None = None) -> None:
+        """Every example's distribution now, ``batch_size`` examples a forward pass, the longest first (so that
+        a batch too large for the device fails at once, and similar lengths share a batch: less padding).
+
+        With ``directory``: loaded from ``<directory>/<key>.safetensors`` when it exists, else computed and
+        written there; a lock file makes processes that share the directory compute each key once."""
+        if batch_size < 1:
+            raise ValueError(f"the prefill's batch size must be positive, got {batch_size}")
+        complete = all(i in self._store for i in range(len(self.examples)))
+        if directory is None:
+            if not complete:
+                self._compute_missing(batch_size)
+            return
+        path = Path(directory) / f"{self.key}.safetensors"
+        if complete and path.exists():  # a later stage of the run that wrote or read it
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.with_name(path.name + ".lock")):
+            if not complete and path.exists() and self._load(path):
+                return
+            self._compute_missing(batch_size)
+            if not path.exists():
+                self._save(path)
+
+    def _compute_missing(self, batch_size: int) -> None:
+        missing = sorted((i for i in range(len(self.examples)) if i not in self._store),
+                         key=lambda i: -len(self.examples[i].input_ids))
+        if not missing:
+            return
+        started = time.perf_counter()
+        progress = tqdm(total=len(missing), desc="teacher outputs", unit="example", disable=None)
+        done = 0
+        while done < len(missing):
+            chunk = missing[done : done + batch_size]
+            try:
+                self._compute(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                # other processes may share the card (bench/gpu_arms.sh): a smaller pass, not a failed run
+                batch_size //= 2
+                torch.cuda.empty_cache()
+                logger.warning("teacher outputs: out of GPU memory; %d examples a forward pass from here", batch_size)
+                continue
+            done += len(chunk)
+            progress.update(len(chunk))
+        progress.close()
+        self.prefill_seconds += time.perf_counter() - started
+        logger.info("teacher outputs: %d examples computed in %.1f s (%d a forward pass)", len(missing),
+                    time.perf_counter() - started, batch_size)
+
+    def _save(self, path: Path) -> None:
+        """Every example's distribution as one file (written beside, then renamed: a reader never sees half)."""
+        parts = [self._store[i] for i in range(len(self.examples))]
+        counts = torch.tensor([0] + [len(p.tail_logprob) for p in parts], dtype=torch.int64)
+        tensors = {
+            # int32 ids (vocabularies are far below 2^31): half the file, exact
+            "top_index": torch.cat([p.top_index for p in parts]).to(torch.int32).cpu().contiguous(),
+            "top_logprob": torch.cat([p.top_logprob for p in parts]).cpu().contiguous(),
+            "tail_logprob": torch.cat([p.tail_logprob for p in parts]).cpu().contiguous(),
+            "offsets": torch.cumsum(counts, 0),
+        }
+        partial = path.with_name(path.name + ".partial")
+        save_file(tensors, str(partial), metadata={"key": self.key, "format": TEACHER_OUTPUTS_FORMAT,
+                                                   "examples": str(len(parts))})
+        os.replace(partial, path)
+        logger.info("teacher outputs: written to %s (%.0f MB)", path, path.stat().st_size / 2**20)
+
+    def _load(self, path: Path) -> bool:
+        """The distributions of ``path`` into the store; False (and a warning) when it is not this cache's."""
+        device = next(self.teacher.parameters()).device
+        with safe_open(str(path), framework="pt", device=str(device)) as file:
+            metadata = file.metadata() or {}
+            if metadata.get("key") != self.key or metadata.get("format") != TEACHER_OUTPUTS_FORMAT:
+                logger.warning("teacher outputs: %s is not this run's (another teacher, examples or settings); "
+                               "computing them again", path)
+                return False
+            offsets = file.get_tensor("offsets").tolist()
+            top_index = file.get_tensor("top_index").to(torch.int64)
+            top_logprob, tail_logprob = file.get_tensor("top_logprob"), file.get_tensor("tail_logprob")
+        if len(offsets) != len(self.examples) + 1:
+            logger.warning("teacher outputs: %s holds %d examples, not %d; computing them again", path,
+                           len(offsets) - 1, len(self.examples))
+            return False
+        for index, (start, end) in enumerate(itertools.pairwise(offsets)):
+            self._store[index] = TeacherTargets(top_index[start:end], top_logprob[start:end], tail_logprob[start:end])
+        self.loaded += len(self.examples)
+        logger.info("teacher outputs: %d examples' distributions loaded from %s", len(self.examples), path)
+        return True
+
+
+TEACHER_OUTPUTS_FORMAT = "prunerec-teacher-outputs/1"
+"""The ``format`` metadata of a teacher-outputs file (:meth:`TeacherCache.prefill`)."""
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if needed) while inside: one process at a time."""
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 TEACHER_OUTPUTS_KEPT = 1
@@ -279,7 +421,7 @@ def schedule_of(config: DistillConfig) -> Schedule:
                     checkpoint_minutes=config.checkpoint_minutes, lr_decay=config.lr_decay)
 
 
-OPERATIONAL_FIELDS = ("checkpoint_minutes", "compile")
+OPERATIONAL_FIELDS = ("checkpoint_minutes", "compile", "prefill_batch_size", "teacher_outputs")
 """DistillConfig fields that change how a run is carried out, not what it produces."""
 
 
@@ -346,6 +488,9 @@ def run(
         with engine.mixed_precision(), eager_layers(student):
             return ranking() if selecting_ndcg and ranking is not None else mean_ce(student, valid_batches, vocabulary)
 
+    prefilled_before = teacher_cache.prefill_seconds
+    if config.prefill_batch_size is not None or config.teacher_outputs is not None:
+        teacher_cache.prefill(config.prefill_batch_size or DEFAULT_PREFILL_BATCH, config.teacher_outputs)
     compile_layers = config.compile and config.hidden_weight <= 0
     if config.compile and not compile_layers:
         logger.warning("distill: compile ignored with hidden_weight > 0 (its hooks change every step)")
@@ -354,7 +499,8 @@ def run(
     engine.restore_best(student)
     student.eval()
     record = {**engine.record(), "teacher_examples_computed": teacher_cache.computed,
-              "teacher_examples_reused": teacher_cache.reused, "compiled_layers": compiled,
+              "teacher_examples_reused": teacher_cache.reused, "teacher_examples_loaded": teacher_cache.loaded,
+              "teacher_prefill_seconds": round(teacher_cache.prefill_seconds - prefilled_before, 1), "compiled_layers": compiled,
               "loss_vocabulary": len(vocabulary) if vocabulary is not None else "full"}
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return student, record

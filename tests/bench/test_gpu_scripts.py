@@ -80,6 +80,10 @@ def test_without_the_probe_only_the_knobs_given_reach_the_commands(tmp_path):
     train, retention = calls
     assert "--batch-size 8" in train and "--lr" not in train
     assert "--distill-lr 0.0005" in retention and "--distill-batch-size" not in retention
+    # the teacher's outputs computed once into WORK/teacher-outputs, unless asked to compute them on first use
+    assert f"--distill-teacher-outputs {tmp_path / 'work' / 'teacher-outputs'}" in retention
+    retention = run_retention_script(tmp_path, TEACHER_OUTPUTS="0")[-1]
+    assert "bench.retention" in retention and "--distill-teacher-outputs" not in retention
 
 
 def test_an_arm_of_the_default_plan_prunes_one_point_without_targets(tmp_path):
@@ -236,6 +240,9 @@ def test_the_next_leases_arms_reach_their_options(tmp_path):
     for name in ("base", "lr", "batch", "default"):
         assert "--distill-minutes 1 " in retentions[f"retention-{name}"]
     assert "--distill-epochs 6" in combined
+    # every arm shares one teacher-outputs directory: one computation per loss vocabulary, not one per arm
+    shared = f"--distill-teacher-outputs {tmp_path / 'work' / 'teacher-outputs'} "
+    assert all(shared in call for call in retentions.values())
     assert all("--distill-epochs 3" in call for name, call in retentions.items() if name != "retention-combined")
     assert all("--every-stage" not in call for call in retentions.values())
     assert not any("FAILED" in (out / f"arm-{name}.log").read_text() for name in names)

@@ -122,7 +122,7 @@ def test_distillation_lowers_kl_on_held_out_samples(tmp_path, tokenizer, prepare
     assert batches(examples[:3], 0, 2)[0].input_ids.shape[0] == 2
 
 
-@pytest.mark.parametrize("operational", [{"checkpoint_minutes": 5.0}, {"compile": True}])
+@pytest.mark.parametrize("operational", [{"checkpoint_minutes": 5.0}, {"compile": True}, {"prefill_batch_size": 4}])
 def test_operational_settings_change_no_stage_key(tmp_path, dense, prepared, operational):
     """How often a stage's distillation writes checkpoints, or whether its layers run compiled, changes nothing
     it produces: a run that differs only in it reuses the finished stage."""
@@ -182,6 +182,142 @@ def test_a_shared_teacher_cache_reuses_outputs_of_the_same_teacher_examples_and_
     assert changed.reused == 0
     changed.targets(every)
     assert changed.computed == 12
+
+
+def test_a_prefill_computes_every_examples_targets_as_on_first_use(tokenizer, prepared):
+    """prefill() runs the teacher over every example up front, longest first in batches of its own size: the
+    same distributions as computing each on first use (to float tolerance: other padding), and later targets()
+    calls run nothing."""
+    teacher = tiny_llama(len(tokenizer), layers=2)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    examples = split_examples(prepared, encoder, "train", limit=10, seed=4)
+    every = list(range(len(examples)))
+    lazy = distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0)
+    expected = lazy.targets(every)
+    prefilled = distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0)
+    prefilled.prefill(batch_size=3)
+    assert prefilled.computed == 10 and prefilled.prefill_seconds > 0
+    got = prefilled.targets(every)
+    assert prefilled.computed == 10  # nothing more
+    assert torch.equal(got.top_index, expected.top_index)
+    assert torch.allclose(got.top_logprob, expected.top_logprob, atol=1e-5)
+    assert torch.allclose(got.tail_logprob, expected.tail_logprob, atol=1e-5)
+    prefilled.prefill(batch_size=3)  # complete: nothing to do
+    assert prefilled.computed == 10
+    with pytest.raises(ValueError, match="positive"):
+        prefilled.prefill(batch_size=0)
+
+
+
+def test_a_prefill_out_of_gpu_memory_halves_its_batch_instead_of_failing(tokenizer, prepared, monkeypatch, caplog):
+    """Arms share the card: a pass that does not fit is retried with half the examples, down to one."""
+    teacher = tiny_llama(len(tokenizer), layers=1)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    examples = split_examples(prepared, encoder, "train", limit=7, seed=4)
+    cache = distill.TeacherCache(teacher, examples, 0, top_k=4, temperature=1.0)
+    original = distill.TeacherCache._compute
+    sizes = []
+
+    def limited(self, missing):
+        sizes.append(len(missing))
+        if len(missing) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        original(self, missing)
+
+    monkeypatch.setattr(distill.TeacherCache, "_compute", limited)
+    with caplog.at_level("WARNING", logger="pruning.distill"):
+        cache.prefill(batch_size=8)
+    assert cache.computed == 7 and sizes[:3] == [7, 4, 2] and max(sizes[3:]) <= 2
+    assert "out of GPU memory" in caplog.text
+    lone = distill.TeacherCache(teacher, examples, 0, top_k=4, temperature=1.0)
+    monkeypatch.setattr(distill.TeacherCache, "_compute", lambda self, missing: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        lone.prefill(batch_size=1)
+
+
+def test_teacher_outputs_written_once_are_loaded_by_a_matching_run_only(tmp_path, tokenizer, prepared, caplog):
+    """A teacher-outputs directory: the first cache computes and writes <key>.safetensors, a second cache of the
+    same teacher, examples and settings loads it (computing nothing, the same tensors exactly), one with other
+    settings writes a file of its own, and a file whose key is not the cache's is not read."""
+    teacher = tiny_llama(len(tokenizer), layers=2)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    examples = split_examples(prepared, encoder, "train", limit=9, seed=5)
+    every = list(range(len(examples)))
+    first = distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0)
+    first.prefill(batch_size=4, directory=tmp_path)
+    written = tmp_path / f"{first.key}.safetensors"
+    assert written.exists() and first.computed == 9
+    second = distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0)
+    second.prefill(batch_size=4, directory=tmp_path)
+    assert (second.computed, second.loaded) == (0, 9)
+    mine, theirs = second.targets(every), first.targets(every)
+    assert second.computed == 0
+    for field in ("top_index", "top_logprob", "tail_logprob"):
+        assert torch.equal(getattr(mine, field), getattr(theirs, field))
+    assert mine.top_index.dtype == torch.int64
+
+    other = distill.TeacherCache(teacher, examples, 0, top_k=4, temperature=1.0)
+    other.prefill(batch_size=4, directory=tmp_path)
+    assert other.computed == 9 and other.key != first.key
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted([written.name, f"{other.key}.safetensors"])
+
+    # a file under this cache's name that holds another key is not trusted: computed again
+    third = distill.TeacherCache(teacher, examples[:8], 0, top_k=8, temperature=1.0)
+    (tmp_path / f"{third.key}.safetensors").write_bytes(written.read_bytes())
+    with caplog.at_level("WARNING", logger="pruning.distill"):
+        third.prefill(batch_size=4, directory=tmp_path)
+    assert third.computed == 8 and third.loaded == 0 and "not this run's" in caplog.text
+
+
+def test_processes_sharing_a_teacher_outputs_directory_compute_it_once(tmp_path, tokenizer, prepared, monkeypatch):
+    """Two caches prefilling into one directory at once (threads here; each takes the lock through its own open
+    file, as processes do): one computes while the other waits, then loads what it wrote."""
+    import threading
+
+    teacher = tiny_llama(len(tokenizer), layers=2)
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    examples = split_examples(prepared, encoder, "train", limit=6, seed=6)
+    caches = [distill.TeacherCache(teacher, examples, 0, top_k=8, temperature=1.0) for _ in range(2)]
+    for cache in caches:
+        assert cache.key  # digested before the race (the digest reads the teacher's weights)
+    computing = threading.Event()
+    original = distill.TeacherCache._compute
+
+    def slow(self, missing):
+        computing.set()
+        threading.Event().wait(0.2)  # long enough for the other thread to reach the lock
+        original(self, missing)
+
+    monkeypatch.setattr(distill.TeacherCache, "_compute", slow)
+    threads = [threading.Thread(target=cache.prefill, kwargs={"batch_size": 6, "directory": tmp_path}) for cache in caches]
+    threads[0].start()
+    computing.wait(5)
+    threads[1].start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted((c.computed, c.loaded) for c in caches) == [(0, 6), (6, 0)]
+
+
+def test_a_stage_distils_from_prefilled_teacher_outputs_and_records_them(tmp_path, dense, prepared):
+    """distill.teacher_outputs: the first run prefills and writes the teacher's distributions, a second run in a
+    fresh process state loads them (no teacher pass) and distils the same student to float tolerance."""
+    outputs = tmp_path / "teacher-outputs"
+    settings = dict(teacher_outputs=str(outputs), prefill_batch_size=16)
+    config = tiny_prune_config(tmp_path / "a", dense, stages=["attn"])
+    config = replace(config, distill=replace(config.distill, **settings))
+    reuse.forget()
+    first = run(config, prepared)[0]
+    record = read_manifest(first)["distillation"]
+    used = record["examples_used"]  # the split's windows, up to the 32 asked for
+    assert record["teacher_examples_computed"] == used and record["teacher_examples_loaded"] == 0
+    assert len(list(outputs.glob("*.safetensors"))) == 1
+    reuse.forget()  # as another process would start
+    second = run(replace(config, output=str(tmp_path / "b")), prepared)[0]
+    record = read_manifest(second)["distillation"]
+    assert (record["teacher_examples_computed"], record["teacher_examples_loaded"]) == (0, used)
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def test_a_loss_vocabulary_restricts_logits_ce_and_the_teachers_distribution(tokenizer, prepared):
