@@ -146,13 +146,13 @@ PROFILES: dict[str, dict] = {
     # One GPU: hundreds of calibration samples, an epoch over the training windows per stage (packed into
     # rows of 2048 tokens, 2 rows ≈ the 32 windows a step had before), every test user. A checkpoint at most
     # every 5 minutes (a stage's validations come seconds apart on a GPU; see the train profile of that name).
-    # The teacher's distributions of every row computed before the first stage, 4 rows a pass: a GPU step
+    # The teacher's distributions of every row computed before the first stage, 8 rows a pass: a GPU step
     # waits on its host, and a teacher pass was ~95 ms of the first lease's 331 ms attention-stage step (the
     # hidden-state arm, which adds one a step, against base). On the CPU it buys nothing (the cpu profile's
     # 512 windows: 87 s on first use in the steps' batches of 8, 87 s prefilled 32 a pass), so cpu stays lazy.
     "gpu": {"calibration": {"samples": 256, "batch_size": 32},
             "distill": {"examples": 20000, "epochs": 1.0, "eval_every": 200, "valid_examples": 256, "batch_size": 2,
-                        "pack_tokens": 2048, "checkpoint_minutes": 5.0, "prefill_batch_size": 4},
+                        "pack_tokens": 2048, "checkpoint_minutes": 5.0, "prefill_batch_size": 8},
             "trsp": {"steps_per_round": 40, "stage_two_steps": 1000, "check_every": 100, "batch_size": 2},
             "eval_users": None},
 }
