@@ -320,6 +320,16 @@ _SAME_SETTINGS = ("distill_preset", "prune_overrides")
 whatever their targets."""
 
 
+def _results_depend_on(key: str, value: Any) -> Any:
+    """A setting as far as the figures depend on it: prune overrides without the distillation's operational
+    fields (checkpoints, compiled layers, where the teacher's outputs were computed: pruning.distill)."""
+    if key != "prune_overrides" or not isinstance(value, dict):
+        return value
+    from pruning.distill import OPERATIONAL_FIELDS
+
+    return {path: v for path, v in value.items() if path.removeprefix("distill.") not in OPERATIONAL_FIELDS}
+
+
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One curve from reports that pruned the same dense model to different targets with the same settings
     (``bench/gpu_arms.sh`` runs such reports at once, a target an arm): their points together, in target order.
@@ -332,9 +342,10 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             if report["protocol"][key] != first["protocol"][key]:
                 raise ValueError(f"reports differ in {key}: {first['protocol'][key]!r} and {report['protocol'][key]!r}")
         for key in _SAME_SETTINGS:
-            if report["protocol"]["config"][key] != first["protocol"]["config"][key]:
-                raise ValueError(f"reports differ in their settings' {key}: {first['protocol']['config'][key]!r} and "
-                                 f"{report['protocol']['config'][key]!r}; a curve is one configuration's points")
+            mine, theirs = (_results_depend_on(key, r["protocol"]["config"][key]) for r in (first, report))
+            if mine != theirs:
+                raise ValueError(f"reports differ in their settings' {key}: {mine!r} and {theirs!r}; a curve is one "
+                                 "configuration's points")
         if report["dense"] != first["dense"]:
             raise ValueError("reports differ in the dense model's evaluation")
     points = sorted((point for report in reports for point in report["points"]), key=lambda point: point["target"])

@@ -124,6 +124,9 @@ def test_the_command_lines_distillation_options_reach_every_points_prune_config(
     assert prune_overrides(given) == {"distill.max_steps": 64, "distill.lr_decay": "linear", "distill.vocab": "catalog",
                                       "distill.compile": True, "reconstruct": False, "distill.batch_size": 16,
                                       "distill.lr": 6e-4, "distill.epochs": 3.0, "distill.hidden_weight": 0.5}
+    shared = command_line().parse_args(["dense", "--distill-teacher-outputs", "work/teacher-outputs",
+                                        "--distill-prefill-batch-size", "4"])
+    assert prune_overrides(shared) == {"distill.teacher_outputs": "work/teacher-outputs", "distill.prefill_batch_size": 4}
     assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own
 
 
@@ -243,6 +246,19 @@ def test_a_merge_refuses_reports_that_are_not_one_curve(other, complaint):
         merge_reports([_report([0.5]), other])
     with pytest.raises(ValueError, match="no reports"):
         merge_reports([])
+
+
+def test_a_merge_ignores_how_the_teachers_outputs_were_computed():
+    """Where the teacher's outputs were computed (prefilled, shared through a directory) changes no figure: points
+    that differ only in it merge into one curve; a setting that changes figures still refuses."""
+    from bench.retention import merge_reports
+
+    plain = _report([0.5])
+    prefilled = _report([0.9], prune_overrides={"distill.teacher_outputs": "/tmp/w/teacher-outputs",
+                                                "distill.prefill_batch_size": 8})
+    assert [p["target"] for p in merge_reports([plain, prefilled])["points"]] == [0.5, 0.9]
+    with pytest.raises(ValueError, match="prune_overrides"):
+        merge_reports([plain, _report([0.9], prune_overrides={"distill.teacher_outputs": "/x", "distill.lr": 1e-3})])
 
 
 def test_retention_interval_brackets_the_ratio_and_narrows_with_more_users():
