@@ -374,15 +374,16 @@ class TeacherCache:
     def _load(self, path: Path) -> bool:
         """The distributions of ``path`` into the store; False (and a warning) when it is not this cache's."""
         device = next(self.teacher.parameters()).device
-        with safe_open(str(path), framework="pt", device=str(device)) as file:
+        with safe_open(str(path), framework="pt", device="cpu") as file:  # then moved: any safetensors version
             metadata = file.metadata() or {}
             if metadata.get("key") != self.key or metadata.get("format") != TEACHER_OUTPUTS_FORMAT:
                 logger.warning("teacher outputs: %s is not this run's (another teacher, examples or settings); "
                                "computing them again", path)
                 return False
             offsets = file.get_tensor("offsets").tolist()
-            top_index = file.get_tensor("top_index").to(torch.int64)
-            top_logprob, tail_logprob = file.get_tensor("top_logprob"), file.get_tensor("tail_logprob")
+            top_index = file.get_tensor("top_index").to(device=device, dtype=torch.int64)
+            top_logprob = file.get_tensor("top_logprob").to(device)
+            tail_logprob = file.get_tensor("tail_logprob").to(device)
         if len(offsets) != len(self.examples) + 1:
             logger.warning("teacher outputs: %s holds %d examples, not %d; computing them again", path,
                            len(offsets) - 1, len(self.examples))
