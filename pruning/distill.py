@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -228,6 +228,9 @@ class TeacherCache:
     """Coarsened teacher distributions per example index, computed on first use and kept on the teacher's
     device (on a GPU about 0.8 KB per response position at top_k = 64: 2M positions of ml-100k take ~1.6 GB).
 
+    :meth:`prefill` computes every example's before the first step (in batches of its own), and with a directory
+    shares them between processes and runs through a file (``DistillConfig.teacher_outputs``).
+
     With ``shared=True`` the distributions are kept for the process (:mod:`pruning.reuse`), keyed by a digest
     of the teacher (weights, config, device), the examples, the padding id, top_k, the temperature and the
     vocabulary: a second compression run from the same teacher on the same examples (the benchmark's TRSP path
@@ -321,10 +324,13 @@ class TeacherCache:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(path.with_name(path.name + ".lock")):
-            if not complete and path.exists() and self._load(path):
-                return
+            rejected = False
+            if not complete and path.exists():
+                if self._load(path):
+                    return
+                rejected = True  # replaced below by what this run computes
             self._compute_missing(batch_size)
-            if not path.exists():
+            if rejected or not path.exists():
                 self._save(path)
 
     def _compute_missing(self, batch_size: int) -> None:
@@ -374,16 +380,20 @@ class TeacherCache:
     def _load(self, path: Path) -> bool:
         """The distributions of ``path`` into the store; False (and a warning) when it is not this cache's."""
         device = next(self.teacher.parameters()).device
-        with safe_open(str(path), framework="pt", device="cpu") as file:  # then moved: any safetensors version
-            metadata = file.metadata() or {}
-            if metadata.get("key") != self.key or metadata.get("format") != TEACHER_OUTPUTS_FORMAT:
-                logger.warning("teacher outputs: %s is not this run's (another teacher, examples or settings); "
-                               "computing them again", path)
-                return False
-            offsets = file.get_tensor("offsets").tolist()
-            top_index = file.get_tensor("top_index").to(device=device, dtype=torch.int64)
-            top_logprob = file.get_tensor("top_logprob").to(device)
-            tail_logprob = file.get_tensor("tail_logprob").to(device)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as file:  # then moved: any safetensors version
+                metadata = file.metadata() or {}
+                if metadata.get("key") != self.key or metadata.get("format") != TEACHER_OUTPUTS_FORMAT:
+                    logger.warning("teacher outputs: %s is not this run's (another teacher, examples or settings); "
+                                   "computing them again", path)
+                    return False
+                offsets = file.get_tensor("offsets").tolist()
+                top_index = file.get_tensor("top_index").to(device=device, dtype=torch.int64)
+                top_logprob = file.get_tensor("top_logprob").to(device)
+                tail_logprob = file.get_tensor("tail_logprob").to(device)
+        except (OSError, SafetensorError) as error:
+            logger.warning("teacher outputs: %s cannot be read (%s); computing them again", path, error)
+            return False
         if len(offsets) != len(self.examples) + 1:
             logger.warning("teacher outputs: %s holds %d examples, not %d; computing them again", path,
                            len(offsets) - 1, len(self.examples))

@@ -268,6 +268,14 @@ def test_teacher_outputs_written_once_are_loaded_by_a_matching_run_only(tmp_path
     with caplog.at_level("WARNING", logger="pruning.distill"):
         third.prefill(batch_size=4, directory=tmp_path)
     assert third.computed == 8 and third.loaded == 0 and "not this run's" in caplog.text
+    fourth = distill.TeacherCache(teacher, examples[:8], 0, top_k=8, temperature=1.0)
+    fourth.prefill(batch_size=4, directory=tmp_path)  # the foreign file was replaced by third's own
+    assert (fourth.computed, fourth.loaded) == (0, 8)
+    torn = distill.TeacherCache(teacher, examples[:7], 0, top_k=8, temperature=1.0)
+    (tmp_path / f"{torn.key}.safetensors").write_bytes(written.read_bytes()[:100])  # a file cut short
+    with caplog.at_level("WARNING", logger="pruning.distill"):
+        torn.prefill(batch_size=4, directory=tmp_path)
+    assert torn.computed == 7 and "cannot be read" in caplog.text
 
 
 def test_processes_sharing_a_teacher_outputs_directory_compute_it_once(tmp_path, tokenizer, prepared, monkeypatch):
