@@ -356,9 +356,10 @@ class TeacherCache:
             done += len(chunk)
             progress.update(len(chunk))
         progress.close()
-        self.prefill_seconds += time.perf_counter() - started
-        logger.info("teacher outputs: %d examples computed in %.1f s (%d a forward pass)", len(missing),
-                    time.perf_counter() - started, batch_size)
+        seconds = time.perf_counter() - started
+        self.prefill_seconds += seconds
+        logger.info("teacher outputs: %d examples computed in %.1f s (%d a forward pass)", len(missing), seconds,
+                    batch_size)
 
     def _save(self, path: Path) -> None:
         """Every example's distribution as one file (written beside, then renamed: a reader never sees half)."""
