@@ -127,6 +127,18 @@ def plan_for_target(source: Shape, removed: float, attention_bias: bool = False)
 GRADUAL_STAGES = ("attn", "mlp", "depth")
 
 
+def stage_scope(plan: dict, stage: str) -> dict:
+    """The part of a plan (as :meth:`Plan.to_dict` writes it) that a stage's student depends on: the source
+    shape and the shape after ``stage``. The attention stage's student is the same whatever the plan asks of
+    the MLP or the depth, so plans that agree on the first cuts share those stages' artifacts (a plan sweep
+    reuses its common prefix). A stage outside the three cuts, or a plan without shapes, is the whole plan."""
+    if stage not in GRADUAL_STAGES or not {"source", "target"} <= plan.keys():
+        return plan
+    source = Shape(**plan["source"])
+    after = Plan(source, Shape(**plan["target"]), KeepRatios()).after(stage)
+    return {"source": asdict(source), "after": asdict(after)}
+
+
 def gradual_plans(plan: Plan, stage: str, steps: int) -> list[Plan]:
     """Plans that take ``stage`` from its input shape to ``plan``'s in ``steps`` cuts (gradual pruning).
 

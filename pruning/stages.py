@@ -38,7 +38,7 @@ from pruning.calibration import Batch, TeacherTargets
 from pruning.evaluate import EvalConfig
 from pruning.evaluate import run as evaluate_artifact
 from pruning.examples import Example
-from pruning.plan import Plan
+from pruning.plan import Plan, stage_scope
 from pruning.surgery import drop_layers, shape_of, slice_heads, slice_mlp, slice_residual
 from pruning.trsp import TRSPConfig, trsp_depth
 from pruning.vocab import ORIGINAL_TOKENIZER, prune_vocabulary
@@ -311,10 +311,19 @@ def sequential_refit(config: PruneConfig, parent: PreTrainedModel, child: PreTra
 
 
 def same_key(saved: dict | None, key: dict) -> bool:
-    """Stage keys match, ignoring the list of stages requested (adding a later stage resumes the earlier)."""
+    """Stage keys match, ignoring the list of stages requested (adding a later stage resumes the earlier) and
+    the parts of the plan the stage does not depend on (:func:`pruning.plan.stage_scope`: a run with another
+    MLP width or depth reuses an attention stage)."""
     if saved is None:
         return False
-    return {k: v for k, v in saved.items() if k != "stages"} == {k: v for k, v in key.items() if k != "stages"}
+    return _comparable(saved) == _comparable(key)
+
+
+def _comparable(key: dict) -> dict:
+    comparable = {k: v for k, v in key.items() if k != "stages"}
+    if isinstance(comparable.get("plan"), dict):
+        comparable["plan"] = stage_scope(comparable["plan"], str(comparable.get("stage")))
+    return comparable
 
 
 def eval_config(config: PruneConfig, artifact: str) -> EvalConfig:

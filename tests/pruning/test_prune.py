@@ -14,7 +14,7 @@ from llmrec.prompting import PromptEncoder
 from pruning import distill, reuse
 from pruning.calibration import CalibrationConfig, batches, calibration_batches, mean_kl, teacher_targets
 from pruning.examples import split_examples
-from pruning.plan import DEFAULT_RATIOS, KeepRatios, gradual_plans, plan_for_target, plan_from_ratios
+from pruning.plan import DEFAULT_RATIOS, KeepRatios, gradual_plans, plan_for_target, plan_from_ratios, stage_scope
 from pruning.prune import PruneConfig, run
 from pruning.surgery import Shape, count_parameters, shape_of, slice_mlp
 from pruning.train import TrainConfig
@@ -133,6 +133,35 @@ def test_operational_settings_change_no_stage_key(tmp_path, dense, prepared, ope
     assert distill.result_key(timed.distill) == distill.result_key(config.distill)
     again = run(timed, prepared)[0]
     assert again == first and read_manifest(again)["created"] == created  # reused, not distilled again
+
+
+def test_a_plan_sweep_reuses_the_stages_its_plans_share(tmp_path, dense, prepared):
+    """Plans that differ only in the MLP width and depth share the attention stage's student: a run with
+    another such plan reuses a finished attention stage, and one with another residual width does not."""
+    def written(path):  # the manifest's "created" has a resolution of a second: too coarse here
+        return (path / "model.safetensors").stat().st_mtime_ns
+
+    first = run(tiny_prune_config(tmp_path / "run", dense, stages=["attn", "mlp"]), prepared)
+    created = [written(path) for path in first]
+    first_mlp = shape_of_artifact(first[1]).intermediate
+    deeper = KeepRatios(kv_groups=0.5, heads_per_group=1.0, hidden=0.5, mlp=0.25, layers=0.75)
+    second = run(tiny_prune_config(tmp_path / "run", dense, stages=["attn", "mlp"], ratios=deeper), prepared)
+    assert written(second[0]) == created[0]  # the attention stage reused
+    assert written(second[1]) != created[1]  # the MLP stage cut to its new width
+    assert shape_of_artifact(second[1]).intermediate < first_mlp
+    wider = replace(deeper, hidden=0.75)
+    third = run(tiny_prune_config(tmp_path / "run", dense, stages=["attn"], ratios=wider), prepared)
+    assert written(third[0]) != created[0]
+    assert shape_of_artifact(third[0]).hidden > shape_of_artifact(first[1]).hidden
+
+
+def test_stage_scope_keeps_what_each_cut_depends_on():
+    plan = plan_from_ratios(SMOLLM2, DEFAULT_RATIOS).to_dict()
+    other = plan_from_ratios(SMOLLM2, replace(DEFAULT_RATIOS, mlp=0.125, layers=0.5)).to_dict()
+    assert stage_scope(plan, "attn") == stage_scope(other, "attn")
+    assert stage_scope(plan, "mlp") != stage_scope(other, "mlp")
+    assert stage_scope(plan, "depth")["after"]["layers"] == 10
+    assert stage_scope(plan, "vocab") == plan  # outside the three cuts: the whole plan
 
 
 def test_compiled_distillation_recovers_the_same_student(tmp_path, dense, prepared):
