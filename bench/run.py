@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -148,11 +149,43 @@ def evaluate_cached(artifact: Path, data: PreparedData, users: int | None, seed:
                 == (users, seed, head, search, assist) and stored.get("artifact_identity") == identity):
             return stored
         logger.info("evaluating %s again: %s holds another protocol or build", artifact, output)
+    own = own_evaluation(artifact, data, users, seed, head, search, assist)
+    if own is not None:
+        own["artifact_identity"] = identity
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(own, indent=2))
+        shutil.copyfile(Path(artifact) / "eval" / "test.ranks.csv", output.with_suffix(".ranks.csv"))
+        return own
     result = evaluate(EvalConfig(artifact=str(artifact), users=users, seed=seed, head=head, output=str(output),
                                  batch_size=16, device=device, search=search, assist=assist), data)  # type: ignore[arg-type]
     result["artifact_identity"] = identity
     output.write_text(json.dumps(result, indent=2))
     return result
+
+
+def own_evaluation(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, search: str,
+                   assist: bool | None) -> dict | None:
+    """The artifact's own test evaluation (``<artifact>/eval/test.json`` and its ranks, which its stage or
+    ``prunerec evaluate`` wrote) when it followed this protocol: the pure LLM only (``assist`` False: an
+    assistant can be chosen again without rebuilding the artifact), the same data, users, seed, head, search,
+    beams and masking. A rebuilt artifact replaces its whole directory, so what lies inside is of this build.
+    None when there is none, or it differs."""
+    from pruning.evaluate import EvalConfig
+
+    path = Path(artifact) / "eval" / "test.json"
+    if assist is not False or not (path.is_file() and path.with_suffix(".ranks.csv").is_file()):
+        return None
+    stored = json.loads(path.read_text())
+    config, protocol = stored.get("config", {}), stored.get("protocol", {})
+    defaults = EvalConfig(artifact=str(artifact))
+    same = ((config.get("users") or 0) == (users or 0) and config.get("seed") == seed and config.get("head") == head
+            and config.get("search", "beam") == search and config.get("split") == "test"
+            and config.get("num_beams") == defaults.num_beams and config.get("exclude_history") == defaults.exclude_history
+            and protocol.get("assisted") is False and protocol.get("dataset_fingerprint") == data.fingerprint)
+    if not same:
+        return None
+    logger.info("reusing %s's own evaluation (%s): the same protocol", artifact, path)
+    return stored
 
 
 class PhaseClock:

@@ -97,6 +97,27 @@ def test_cached_evaluation_is_redone_for_a_rebuilt_artifact(tmp_path, tokenizer,
     assert evaluate_cached(artifact, prepared, 6, 0, "catalog", output, None)["config"]["users"] == 6
 
 
+def test_an_artifacts_own_evaluation_of_the_same_protocol_is_reused(tmp_path, tokenizer, prepared):
+    """A stage evaluated by `prunerec prune` (into <artifact>/eval/test.json) is not decoded again by `prunerec
+    compare` or the benchmark when the protocol is the same; another protocol, or an assisted comparison, is."""
+    from bench.run import evaluate_cached
+    from pruning.evaluate import EvalConfig
+    from pruning.evaluate import run as evaluate
+
+    manifest = {"template": compact_template().to_dict(), "max_history": 10}
+    artifact = write_artifact(tmp_path / "a", tiny_llama(len(tokenizer), seed=0), tokenizer, prepared.catalog, manifest)
+    evaluate(EvalConfig(artifact=str(artifact), users=0, head="catalog"), prepared)
+    own = artifact / "eval" / "test.json"
+    own.write_text(json.dumps({**json.loads(own.read_text()), "marker": "own"}))  # tells a reuse from a recomputation
+    reused = evaluate_cached(artifact, prepared, None, 0, "catalog", tmp_path / "cmp" / "A.json", None)
+    assert reused["marker"] == "own" and reused["artifact_identity"]
+    assert (tmp_path / "cmp" / "A.ranks.csv").read_text() == own.with_suffix(".ranks.csv").read_text()
+    assert "marker" not in evaluate_cached(artifact, prepared, None, 0, "full", tmp_path / "cmp" / "B.json", None)
+    assert "marker" not in evaluate_cached(artifact, prepared, 5, 0, "catalog", tmp_path / "cmp" / "C.json", None)
+    assert "marker" not in evaluate_cached(artifact, prepared, None, 0, "catalog", tmp_path / "cmp" / "D.json", None,
+                                           assist=None)
+
+
 def test_bench_runs_every_part_on_a_tiny_model(tmp_path, tokenizer, prepared):
     from helpers import save_model_dir
 
