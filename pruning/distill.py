@@ -142,9 +142,10 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     # 3e-4, up to 3 epochs over every training example with early stopping at patience 1. Their effective batch
     # of 192 is not copied (our batch counts packed rows; --distill-batch-size sets it), nor is their
     # unshifted KL (ours compares the shifted positions). A profile's safety stop in minutes (cpu: 20 per stage)
-    # still applies; the loss is theirs, over the whole vocabulary, whatever the profile's vocab.
+    # still applies, a profile's step cap does not (their budget is in epochs); the loss is theirs, over the
+    # whole vocabulary, whatever the profile's vocab.
     "prunerec": {"alpha": 0.2, "temperature": 1.0, "lr": 3e-4, "epochs": 3.0, "patience": 1, "examples": None,
-                 "vocab": "full"},
+                 "max_steps": None, "vocab": "full"},
 }
 """Named distillation settings (``prunerec prune --distill-preset NAME``): over the profile, under options given."""
 

@@ -126,21 +126,24 @@ class PruneConfig:
 
 
 PROFILES: dict[str, dict] = {
-    # Minutes on 2 CPU cores: small calibration set, two epochs over 512 windows per stage (128 steps) with the
-    # loss over the catalog's tokens. The budget is in steps, not minutes, so a busy machine changes how long a
-    # stage takes, not what it produces (a 4-minute cap, until 2026-11-26, cut the attention stage at 35-38 of
-    # its 64 steps); the minutes are a safety stop above what a stage here takes (the attention stage's 128
-    # steps: about 12 minutes). lr 1e-3 from a sweep at one epoch over the whole vocabulary (README, `prunerec
-    # prune`): validation CE of the last stage on all 943 valid users 1.84 against 2.51 at 3e-4 and 2.59 at
-    # 1e-4; NDCG@10 on all test users tied (31-36 hits each). The reconstruction's moments on 128 samples
-    # (importance stays on the calibration set's 32): from the benchmark's dense model at 16 calibration
-    # samples, two seeds, the last stage's CE on all 943 valid users 1.220 / 1.238 against 1.297 / 1.763 with
-    # the moments on the 16. The catalog's tokens for two epochs (since 2026-11-26): about the distillation
-    # time one epoch over the whole vocabulary took (17.7 against 16.8 minutes; later epochs reuse the cached
-    # teacher), and the last stage's CE over the catalog's tokens on all 943 valid users 1.137 against 1.300,
-    # NDCG@10 on all test users tied (36 against 34 hits; README, `--distill-vocab`).
+    # Minutes on 2 CPU cores: small calibration set, 128 steps of 8 windows per stage drawn from every training
+    # window, with the loss over the catalog's tokens. The budget is in steps, not minutes, so a busy machine
+    # changes how long a stage takes, not what it produces (a 4-minute cap, until 2026-11-26, cut the attention
+    # stage at 35-38 of its 64 steps); the minutes are a safety stop above what a stage here takes (the
+    # attention stage's 128 steps: about 12 minutes). Every window, not a subset, since 2026-11-28: the teacher
+    # runs only on the windows a step draws (1,024 distinct windows at 128 steps instead of 512 twice, +1.4
+    # minutes of teacher passes), and from the hour-long CPU fine-tune (README, "A CPU teacher above MostPop")
+    # each stage's CE over the catalog's tokens on all 943 valid users fell 0.946 / 0.913 / 0.993 -> 0.826 /
+    # 0.837 / 0.893 (dense 0.631), NDCG@10 on all test users tied (80 against 86 hits at 95.5%). lr 1e-3 from a
+    # sweep at one epoch over the whole vocabulary (README, `prunerec prune`): validation CE of the last stage on
+    # all 943 valid users 1.84 against 2.51 at 3e-4 and 2.59 at 1e-4; NDCG@10 on all test users tied (31-36
+    # hits each). The reconstruction's moments on 128 samples (importance stays on the calibration set's 32):
+    # from the benchmark's dense model at 16 calibration samples, two seeds, the last stage's CE on all 943
+    # valid users 1.220 / 1.238 against 1.297 / 1.763 with the moments on the 16. The catalog's tokens (since
+    # 2026-11-26): the last stage's CE over them on all 943 valid users 1.137 against 1.300 at about the same
+    # distillation time, NDCG@10 on all test users tied (36 against 34 hits; README, `--distill-vocab`).
     "cpu": {"calibration": {"samples": 32, "batch_size": 8}, "reconstruct_samples": 128,
-            "distill": {"examples": 512, "epochs": 2.0, "max_minutes": 20.0, "lr": 1e-3, "eval_every": 20,
+            "distill": {"examples": None, "max_steps": 128, "max_minutes": 20.0, "lr": 1e-3, "eval_every": 20,
                         "valid_examples": 32, "batch_size": 8, "vocab": "catalog"},
             "trsp": {"steps_per_round": 8, "stage_two_steps": 100, "stage_two_minutes": 12.0, "check_every": 20}},
     # One GPU: hundreds of calibration samples, an epoch over the training windows per stage (packed into
@@ -148,8 +151,9 @@ PROFILES: dict[str, dict] = {
     # every 5 minutes (a stage's validations come seconds apart on a GPU; see the train profile of that name).
     # The teacher's distributions of every row computed before the first stage, 8 rows a pass: a GPU step
     # waits on its host, and a teacher pass was ~95 ms of the first lease's 331 ms attention-stage step (the
-    # hidden-state arm, which adds one a step, against base). On the CPU it buys nothing (the cpu profile's
-    # 512 windows: 87 s on first use in the steps' batches of 8, 87 s prefilled 32 a pass), so cpu stays lazy.
+    # hidden-state arm, which adds one a step, against base). On the CPU it buys nothing (512 windows: 87 s on
+    # first use in the steps' batches of 8, 87 s prefilled 32 a pass), and the cpu profile's steps draw ~1,000
+    # of its ~10,000 windows: a prefill would run the teacher on all of them, so cpu stays lazy.
     "gpu": {"calibration": {"samples": 256, "batch_size": 32},
             "distill": {"examples": 20000, "epochs": 1.0, "eval_every": 200, "valid_examples": 256, "batch_size": 2,
                         "pack_tokens": 2048, "checkpoint_minutes": 5.0, "prefill_batch_size": 8},

@@ -675,16 +675,17 @@ def test_the_prunerec_distillation_preset_sits_between_profile_and_options(tmp_p
 
     config = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0, "prunerec")
     assert (config.distill.alpha, config.distill.temperature, config.distill.epochs, config.distill.patience) == (0.2, 1.0, 3.0, 1)
-    assert config.distill.examples is None  # every training example, not the cpu profile's 512
+    assert config.distill.examples is None and config.distill.max_steps is None  # epochs, not the cpu profile's steps
     assert config.distill.max_minutes == 20.0  # the profile's safety stop stays
     assert config.distill.vocab == "full"  # PruneRec's loss over the whole vocabulary, not the cpu profile's catalog
     given = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {"distill.alpha": 0.7}, 0, "prunerec")
     assert given.distill.alpha == 0.7 and given.distill.temperature == 1.0  # an option given wins
     plain = prune_config(tmp_path / "o", tmp_path / "t", "cpu", {}, 0).distill  # no preset: the profile's budget
     assert (plain.alpha, plain.temperature) == (0.2, 1.0) and (plain.epochs, plain.patience, plain.examples) != (3.0, 1, None)
-    assert plain.vocab == "catalog" and plain.epochs == 2.0  # the cpu profile's, from its equal-time measurement
-    # the cpu profile's rate (from its sweep) under the preset's own 3e-4 when the preset is asked for
-    assert plain.lr == 1e-3 and config.distill.lr == 3e-4 and plain.max_steps is None and plain.examples == 512
+    assert plain.vocab == "catalog"  # the cpu profile's, from its equal-time measurement
+    # the cpu profile's rate (from its sweep) under the preset's own 3e-4 when the preset is asked for; its
+    # 128 steps a stage drawn from every training window
+    assert plain.lr == 1e-3 and config.distill.lr == 3e-4 and plain.max_steps == 128 and plain.examples is None
     assert with_preset(None, "prunerec") == {"distill": DISTILL_PRESETS["prunerec"]}
     with pytest.raises(ValueError, match="unknown distillation preset"):
         with_preset({}, "d3")
