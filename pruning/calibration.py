@@ -154,6 +154,8 @@ def distillation_examples(data: PreparedData, encoder: PromptEncoder, limit: int
     elif limit is not None and limit > available:
         logger.info("--distill-examples %d asks for more than the %d training %s: all of them are used",
                     limit, available, kind)
+    else:
+        logger.info("distilling on all %d training %s", available, kind)
     return training_examples(data, encoder, packing, None, limit, seed + 1)
 
 
