@@ -148,7 +148,7 @@ def evaluate_cached(artifact: Path, data: PreparedData, users: int | None, seed:
         if ((cached["users"], cached["seed"], cached["head"], cached.get("search", "beam"), cached.get("assist", False))
                 == (users, seed, head, search, assist) and stored.get("artifact_identity") == identity):
             return stored
-        logger.info("evaluating %s again: %s holds another protocol or build", artifact, output)
+        logger.info("%s: %s holds another protocol or build", artifact, output)
     own = own_evaluation(artifact, data, users, seed, head, search, assist)
     if own is not None:
         own["artifact_identity"] = identity
