@@ -55,8 +55,10 @@ class Settings(BaseSettings):
     (one stream; the graphs step's buffers are per shape, not per thread)."""
     num_beams: int = Field(default=20, ge=1)
     """Beams per request (the list a request gets is the top-k of this search)."""
-    head: Literal["full", "catalog", "catalog-fullnorm"] = "catalog"
-    """Next-token normalisation while decoding: 'full' (exact) or 'catalog' (LM head over catalog tokens only)."""
+    head: Literal["full", "catalog", "catalog-fullnorm", "trie"] = "catalog"
+    """Next-token normalisation while decoding: 'full' (exact), 'catalog' (LM head over catalog tokens only),
+    'catalog-fullnorm' (a check of 'full') or 'trie' (over each title prefix's continuations: log P(item) over the
+    catalog; a title with one way left costs no model call)."""
     search: Literal["beam", "exact"] = "beam"
     """How a list is made: 'beam' (constrained beam search with num_beams) or 'exact' (every catalog title
     scored exactly, one user at a time: minutes per request on a CPU; for a GPU)."""

@@ -246,7 +246,11 @@ class BeamSearchConfig:
     head: str = "catalog"
     """'full': log-softmax over the whole vocabulary (exact item probabilities). 'catalog': the LM head only
     over the tokens catalog titles use, normalised over them (cheaper; changes the scores). 'catalog-fullnorm':
-    the catalog rows for the scores but normalised over the full vocabulary (same lists as 'full'; a check)."""
+    the catalog rows for the scores but normalised over the full vocabulary (same lists as 'full'; a check).
+    'trie': each step normalised over the tokens that continue the beam's title prefix in the catalog (its trie
+    node's children), so a score is log P(item) under the model's distribution restricted to the catalog's
+    items (they sum to 1 over the catalog) and a title with one way left adds nothing: its beam is finished at
+    once, without a model call for the rest of its title."""
     step: str = "auto"
     """How a decoding step runs: 'auto' ('graphs' on a CUDA device, 'lean' elsewhere: the fastest measured on
     each, README "Constrained top-k decoding"), 'lean' (:mod:`llmrec.fast_step`: packed weights, a preallocated beam cache,
@@ -262,7 +266,7 @@ class BeamSearchConfig:
     step (the comparison the benchmark makes)."""
 
 
-HEADS = ("full", "catalog", "catalog-fullnorm")
+HEADS = ("full", "catalog", "catalog-fullnorm", "trie")
 STEPS = ("auto", "lean", "compiled", "graphs", "stock")
 
 
@@ -302,14 +306,32 @@ class NextTokenScorer:
         self.sub_bias = bias.index_select(0, trie.vocabulary.to(bias.device)) if bias is not None and head != "full" else None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, d) -> (N, V) log-probs for 'full', (N, U) over the catalog vocabulary otherwise."""
+        """hidden (N, d) -> (N, V) log-probs for 'full', (N, U) over the catalog vocabulary otherwise ('trie': the
+        catalog tokens' logits, which the caller normalises over each trie node's children:
+        :func:`log_softmax_by_group`)."""
         if self.head == "full":
             return torch.log_softmax(self.output(hidden).float(), dim=-1)
         assert self.sub_weight is not None
         logits = torch.nn.functional.linear(hidden, self.sub_weight, self.sub_bias).float()
+        if self.head == "trie":
+            return logits
         if self.head == "catalog":
             return torch.log_softmax(logits, dim=-1)
         return logits - torch.logsumexp(self.output(hidden).float(), dim=-1, keepdim=True)
+
+
+def log_softmax_by_group(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(C,) values -> (C,) values minus the log-sum-exp of their group (a log-softmax within each group).
+
+    The 'trie' head's normalisation: ``values`` are the logits of the tokens that continue some trie nodes'
+    prefixes, ``group`` (C,) the node (or beam) each belongs to. A group of one gets exactly 0."""
+    if values.numel() == 0:
+        return values
+    top = torch.full((num_groups,), NEG_INF, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, group, values, reduce="amax", include_self=True)
+    shifted = values - top[group]
+    total = torch.zeros((num_groups,), dtype=values.dtype, device=values.device).index_add_(0, group, torch.exp(shifted))
+    return shifted - torch.log(total)[group]
 
 
 def _score_single_paths(lean: LeanDecoder | None, cache: BeamCache, scorer: NextTokenScorer, trie: TitleTrie,
@@ -350,6 +372,19 @@ def _score_single_paths(lean: LeanDecoder | None, cache: BeamCache, scorer: Next
         chunk = where[start : start + 1024]
         ahead.view(-1)[chunk] = scorer(flat_hidden[chunk]).gather(1, flat_columns[chunk, None])[:, 0]
     return ahead
+
+
+def _into_pool(pool_scores: torch.Tensor, pool_items: torch.Tensor, users: torch.Tensor, items: torch.Tensor,
+               scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge finished items into the per-user pools of the best ``top_k`` ((B, top_k) scores and items).
+
+    users, items, scores: (F,) each, users non-decreasing (grouped by user)."""
+    batch, top_k = pool_scores.shape
+    best, where = grouped_topk(users, scores, batch, top_k)
+    merged_scores = torch.cat([pool_scores, best], dim=1)
+    merged_items = torch.cat([pool_items, torch.where(torch.isfinite(best), items[where], -1)], dim=1)
+    pool_scores, order = merged_scores.topk(top_k, dim=1)
+    return pool_scores, merged_items.gather(1, order)
 
 
 @torch.no_grad()
@@ -407,6 +442,7 @@ def constrained_beam_search(
     if scorer is None or scorer.head != config.head:
         scorer = NextTokenScorer(model, trie, config.head)
     token_column = trie.child_tokens if config.head == "full" else trie.child_local  # column of an edge's token
+    per_node = config.head == "trie"
     decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     logprobs = scorer(out.last_hidden_state[:, -1, :])  # (B, V) or (B, U)
@@ -452,6 +488,8 @@ def constrained_beam_search(
             token_scores = ahead[row_slot[beam], ahead_offset]
         else:
             token_scores = logprobs[row_slot[beam], token_column[edge]]
+            if per_node:  # the 'trie' head: a log-softmax over each beam's allowed continuations
+                token_scores = log_softmax_by_group(token_scores, beam, nodes.numel())
         cand_scores = scores[beam] + token_scores  # (C,)
         user = torch.div(beam, beams, rounding_mode="floor")
         if node_prior is not None:  # the prior's share of the step: log mass(child) − log mass(parent)
@@ -460,15 +498,18 @@ def constrained_beam_search(
         if available is not None:  # never step into a subtree holding only excluded items
             cand_scores = cand_scores.masked_fill(available[user, child] <= 0, NEG_INF)
 
-        # Candidates that emit the end token complete an item.
-        ends = token == trie.end_id
+        # Candidates that emit the end token complete an item. Under the 'trie' head so does every candidate whose
+        # title has one way left (the end token's node included): the rest of its title adds log 1 = 0 per token,
+        # and the prior's share 0 too (one item's mass all the way down), so its score is final now, its item joins
+        # the finished ones and no model call runs for the rest of its title.
+        if per_node:
+            finished_item = trie.node_single_item[child]
+            ends = finished_item >= 0
+        else:
+            ends = token == trie.end_id
+            finished_item = trie.node_item[child]
         if bool(ends.any()):
-            end_user, end_item = user[ends], trie.node_item[child[ends]]
-            best, where = grouped_topk(end_user, cand_scores[ends], batch, top_k)
-            merged_scores = torch.cat([pool_scores, best], dim=1)
-            merged_items = torch.cat([pool_items, torch.where(torch.isfinite(best), end_item[where], -1)], dim=1)
-            pool_scores, order = merged_scores.topk(top_k, dim=1)
-            pool_items = merged_items.gather(1, order)
+            pool_scores, pool_items = _into_pool(pool_scores, pool_items, user[ends], finished_item[ends], cand_scores[ends])
 
         # The best `beams` unfinished continuations per user become the next beams.
         cont_scores = cand_scores.masked_fill(ends, NEG_INF)
@@ -510,8 +551,9 @@ def constrained_beam_search(
             cache_users = users
             row_slot = torch.zeros_like(row_slot)  # a dropped row is dead: it is never read
             row_slot[kept] = torch.arange(kept.numel(), device=device)
-            ahead = _score_single_paths(lean, beam_cache, scorer, trie, config.head, nodes[kept], alive[kept],
-                                        step_tokens[kept], step_positions[kept], _step + 1)
+            # (never under the 'trie' head: a title with one way left is finished without the model)
+            ahead = None if per_node else _score_single_paths(lean, beam_cache, scorer, trie, config.head, nodes[kept],
+                                                              alive[kept], step_tokens[kept], step_positions[kept], _step + 1)
             if ahead is not None:
                 ahead_offset = 0
                 continue

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from llmrec.decode import NEG_INF, NextTokenScorer, TitleTrie
+from llmrec.decode import NEG_INF, NextTokenScorer, TitleTrie, log_softmax_by_group
 
 
 @dataclass
@@ -234,5 +234,8 @@ def _score_every_item(model: PreTrainedModel, scorer: NextTokenScorer, trie: Tit
                 part = slice(start, start + 1024)
                 logprobs = scorer(states[part])
                 edge_logprob[children[part]] = logprobs.gather(1, column(token[children[part]])[:, None]).squeeze(1)
+    if head == "trie":  # each edge normalised over its siblings (the 'trie' head: log P(item) over the catalog)
+        below = torch.nonzero(levels.parent.to(device) >= 0).flatten()
+        edge_logprob[below] = log_softmax_by_group(edge_logprob[below], levels.parent.to(device)[below], trie.num_nodes)
     paths = trie.item_paths.to(device)  # (num_items, max_depth), 0 (root) as padding: its edge log-prob is 0
     return edge_logprob[paths].sum(1)

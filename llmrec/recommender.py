@@ -89,7 +89,7 @@ class Recommender:
         """The next-token scorer of a head mode, its LM-head rows gathered once per catalog."""
         if head not in self._scorers:
             distilled_over = (self.manifest.get("distillation") or {}).get("loss_vocabulary")
-            if head != "catalog" and isinstance(distilled_over, int):
+            if head not in ("catalog", "trie") and isinstance(distilled_over, int):
                 logger.warning("this artifact's last distillation trained only the %d catalog tokens' logits "
                                "(--distill-vocab catalog): head %r normalises over tokens it never trained, so "
                                "its scores are worse than the catalog head's", distilled_over, head)
@@ -155,7 +155,8 @@ class Recommender:
             batch_size: users decoded together.
             progress: show a progress bar.
             head: 'full' (exact log-probabilities), 'catalog' (LM head over the catalog's tokens only,
-                renormalised over them) or 'catalog-fullnorm' (see :class:`llmrec.decode.BeamSearchConfig`).
+                renormalised over them), 'catalog-fullnorm' or 'trie' (each step over the title prefix's
+                continuations: log P(item) over the catalog; see :class:`llmrec.decode.BeamSearchConfig`).
             search: 'beam' (constrained beam search with ``num_beams``) or 'exact' (every catalog title scored
                 exactly, :mod:`llmrec.exact`; one user at a time).
             assist: mix the assistant's item probabilities into the scores (D3); None: when the artifact

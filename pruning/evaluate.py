@@ -51,7 +51,8 @@ class EvalConfig:
     device: str | None = None
     """cpu or cuda (default: cuda when available)."""
     head: str = "catalog"
-    """Next-token normalisation: 'full' vocabulary (exact) or 'catalog' tokens only (cheaper, renormalised)."""
+    """Next-token normalisation: 'full' vocabulary (exact), 'catalog' tokens only (cheaper, renormalised) or 'trie'
+    (each step over the continuations of the title prefix: log P(item) over the catalog; llmrec.decode)."""
     search: Literal["beam", "exact"] = "beam"
     """How each user's list is made: 'beam' (constrained beam search, num_beams prefixes per step) or 'exact'
     (every catalog title scored by its exact log P(title + end | prompt); see llmrec.exact)."""

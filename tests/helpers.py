@@ -140,6 +140,23 @@ def teacher_forced_score(rec: Recommender, history: list[int], item: int) -> flo
     return sum(float(logprobs[len(prompt) - 1 + j, tok]) for j, tok in enumerate(response))
 
 
+def teacher_forced_trie_score(rec: Recommender, history: list[int], item: int) -> float:
+    """log P(item) under the 'trie' head, by hand: each response token's logit against the logits of the tokens
+    that continue its title prefix in the catalog (the trie node's children)."""
+    prompt = rec.prompt_ids(history)
+    response = rec.encoder.response_ids(rec.catalog.titles[item])
+    with torch.no_grad():
+        logits = rec.model(torch.tensor([prompt + response])).logits[0].float()
+    trie, node, score = rec.trie, 0, 0.0
+    for j, token in enumerate(response):
+        start, end = int(trie.child_offsets[node]), int(trie.child_offsets[node + 1])
+        siblings = trie.child_tokens[start:end]
+        row = logits[len(prompt) - 1 + j]
+        score += float(row[token] - torch.logsumexp(row[siblings], 0))
+        node = int(trie.child_nodes[start + int((siblings == token).nonzero())])
+    return score
+
+
 def histories(prepared, n=6):
     return [prepared.history(int(u), int(p)).tolist() for u, p in prepared.splits["test"][:n]]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import histories, teacher_forced_score
+from helpers import histories, teacher_forced_score, teacher_forced_trie_score
 
-from llmrec.decode import TitleTrie, grouped_topk
+from llmrec.decode import TitleTrie, grouped_topk, log_softmax_by_group
 
 
 def test_returns_k_distinct_catalog_items_sorted(recommender, prepared):
@@ -127,3 +127,49 @@ def test_excluding_most_of_the_catalog_still_returns_k_items(recommender, prepar
     assert sorted(i for i, _ in ranked) == keep
     full = recommender.recommend([[0, 1]], k=5, num_beams=n)[0]
     assert len(full) == 5
+
+
+def test_log_softmax_by_group_normalises_within_each_group():
+    values = torch.tensor([1.0, 2.0, 3.0, -4.0, 0.5, 7.0])
+    group = torch.tensor([0, 0, 0, 2, 3, 3])
+    out = log_softmax_by_group(values, group, num_groups=4)
+    assert out[:3].tolist() == pytest.approx(torch.log_softmax(values[:3], 0).tolist(), abs=1e-6)
+    assert out[3] == 0.0  # a group of one: its only member has probability 1
+    assert out[4:].tolist() == pytest.approx(torch.log_softmax(values[4:], 0).tolist(), abs=1e-6)
+    assert log_softmax_by_group(torch.empty(0), torch.empty(0, dtype=torch.long), 3).numel() == 0
+
+
+def test_trie_head_scores_are_item_log_probabilities_over_the_catalog(recommender, prepared):
+    """With as many beams as items the 'trie' head returns every item with log P(item), each token normalised
+    over the continuations of its title prefix: the hand-computed score, and the catalog's items sum to 1."""
+    history = histories(prepared, 1)[0]
+    n = len(prepared.catalog)
+    ranked = recommender.recommend([history], k=n, num_beams=n, head="trie")[0]
+    assert sorted(i for i, _ in ranked) == list(range(n))
+    assert sum(torch.tensor([s for _, s in ranked]).exp().tolist()) == pytest.approx(1.0, abs=1e-4)
+    for item, score in ranked[:5] + ranked[-3:]:
+        assert score == pytest.approx(teacher_forced_trie_score(recommender, history, item), abs=1e-3)
+
+
+def test_trie_head_finishes_titles_with_one_way_left_without_the_model(recommender, prepared):
+    """A beam whose title has one way left is finished at once: no one-pass scoring of the rest of a title, and
+    fewer model rows than the catalog head's search computes, for lists of real, distinct, sorted items."""
+    hs = histories(prepared, 4)
+    lean = recommender.lean_decoder("lean")
+    extended: list[int] = []
+    rows = {"trie": 0, "catalog": 0}
+    original_extend, original_step = lean.extend, lean.step
+    lean.extend = lambda cache, tokens, positions, valid=None: (  # type: ignore[method-assign]
+        extended.append(tokens.shape[1]) or original_extend(cache, tokens, positions, valid))
+    for head in rows:
+        lean.step = lambda cache, tokens, positions, head=head: (  # type: ignore[method-assign]
+            rows.__setitem__(head, rows[head] + tokens.shape[0]) or original_step(cache, tokens, positions))
+        ranked = recommender.recommend(hs, k=5, num_beams=8, exclude=hs, head=head, step="lean")
+        for history, items in zip(hs, ranked, strict=True):
+            assert len({i for i, _ in items}) == 5 and not set(history) & {i for i, _ in items}
+            assert [s for _, s in items] == sorted((s for _, s in items), reverse=True)
+        if head == "trie":  # (a step is a one-token extend)
+            assert extended and all(t == 1 for t in extended)
+        else:
+            assert any(t > 1 for t in extended)  # the catalog head scores the rest of such titles in one pass
+    assert rows["trie"] < rows["catalog"]

@@ -22,7 +22,7 @@ def test_every_title_gets_its_teacher_forced_log_probability(recommender, prepar
         assert score == pytest.approx(teacher_forced_score(recommender, history, item), abs=1e-3)
 
 
-@pytest.mark.parametrize("head", ["full", "catalog"])
+@pytest.mark.parametrize("head", ["full", "catalog", "trie"])
 def test_exact_equals_beam_search_with_as_many_beams_as_items(recommender, prepared, head):
     n = len(prepared.catalog)
     hs = histories(prepared, 3)

@@ -137,7 +137,7 @@ def test_reorder_moves_rows_of_every_layer_and_only_the_filled_part():
     assert torch.equal(cache.suffix[:, :, :, :, 2:], suffix[:, :, :, :, 2:])  # unfilled slots untouched
 
 
-@pytest.mark.parametrize("head", ["catalog", "full"])
+@pytest.mark.parametrize("head", ["catalog", "full", "trie"])
 def test_lean_beam_search_equals_the_stock_step(recommender, prepared, head):
     """Llama (d3 template) and Qwen2 (biases, untied; compact template): several users of different prompt
     lengths in one batch, their past excluded: identical lists, scores within float tolerance."""
@@ -166,6 +166,17 @@ def test_lean_equals_stock_with_the_assistant(tokenizer, prepared):
     hs = histories(prepared, 4)
     kwargs = dict(k=5, num_beams=8, batch_size=4, exclude=hs, assist=True)
     _assert_same(recommender.recommend(hs, step="lean", **kwargs), recommender.recommend(hs, step="stock", **kwargs))
+
+
+def test_trie_head_narrowed_equals_every_row_and_the_stock_step(recommender, prepared):
+    """The 'trie' head finishes titles with one way left at once, which leaves gaps among a user's beams: the
+    narrowed search (live rows first) still gives every row's and the stock step's lists, alone and batched."""
+    hs = histories(prepared, 6)
+    kwargs = dict(k=5, num_beams=8, exclude=hs, head="trie")
+    for batch_size in (1, 6):
+        narrowed = recommender.recommend(hs, step="lean", batch_size=batch_size, **kwargs)
+        _assert_same(narrowed, recommender.recommend(hs, step="lean", batch_size=batch_size, narrow=False, **kwargs))
+        _assert_same(narrowed, recommender.recommend(hs, step="stock", batch_size=batch_size, **kwargs))
 
 
 @pytest.mark.parametrize("head", ["catalog", "full"])

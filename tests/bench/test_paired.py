@@ -1,0 +1,39 @@
+"""bench.paired: two evaluations of the same users compared user by user."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import tiny_llama
+
+from bench.paired import compare
+from llmrec.recommender import Recommender
+from pruning.evaluate import EvalConfig, run
+from recdata.prompts import compact_template
+
+
+def test_two_heads_on_the_same_users_compare_user_by_user(tmp_path, tokenizer, prepared):
+    rec = Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, compact_template())
+    paths = {}
+    for head in ("catalog", "trie"):
+        paths[head] = tmp_path / f"{head}.json"
+        run(EvalConfig(artifact=str(tmp_path / "none"), users=12, head=head, output=str(paths[head])), prepared, recommender=rec)
+    same = compare(paths["catalog"], paths["catalog"])
+    assert same["identical_top10_lists"] == 12 and same["mean_top10_overlap"] == 1.0
+    assert same["ndcg@10"]["mean_difference"] == 0 and same["protocol_differences"] == {}
+    other = compare(paths["catalog"], paths["trie"])
+    assert other["protocol_differences"] == {"head": ["catalog", "trie"]}
+    assert other["ndcg@10"]["users"] == 12 and 0 <= other["mean_top10_overlap"] <= 1
+    metrics = {head: json.loads(path.read_text())["metrics"]["ndcg@10"] for head, path in paths.items()}
+    assert other["ndcg@10"]["mean_a"] == pytest.approx(metrics["catalog"]) and other["ndcg@10"]["mean_b"] == pytest.approx(metrics["trie"])
+
+
+def test_evaluations_of_other_users_are_refused(tmp_path, tokenizer, prepared):
+    rec = Recommender(tiny_llama(len(tokenizer)), tokenizer, prepared.catalog, compact_template())
+    for users in (6, 8):
+        run(EvalConfig(artifact=str(tmp_path / "none"), users=users, output=str(tmp_path / f"{users}.json")), prepared, recommender=rec)
+    with pytest.raises(ValueError, match="different users"):
+        compare(tmp_path / "6.json", tmp_path / "8.json")
+    with pytest.raises(FileNotFoundError, match="ranks"):
+        compare(tmp_path / "6.json", tmp_path / "missing.json")
