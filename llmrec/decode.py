@@ -319,6 +319,19 @@ class NextTokenScorer:
             return torch.log_softmax(logits, dim=-1)
         return logits - torch.logsumexp(self.output(hidden).float(), dim=-1, keepdim=True)
 
+    def selected_logits(self, hidden: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """(C,) the logit of catalog-vocabulary column ``columns[c]`` at hidden state ``hidden[rows[c]]``.
+
+        What the 'trie' head needs: only the logits of the tokens that continue the beams' prefixes, usually a few
+        per row after the first token. Where they are few (C × 4 < rows × U) each is one dot product with its LM-head
+        row, else the rows' logits over the whole catalog vocabulary are computed and gathered (the first step's
+        candidates are most of the vocabulary)."""
+        assert self.sub_weight is not None, "the full head has no catalog rows"
+        if columns.numel() * 4 >= hidden.shape[0] * self.sub_weight.shape[0]:
+            return torch.nn.functional.linear(hidden, self.sub_weight, self.sub_bias).float()[rows, columns]
+        logits = (hidden.index_select(0, rows) * self.sub_weight.index_select(0, columns)).sum(-1).float()
+        return logits + self.sub_bias.index_select(0, columns).float() if self.sub_bias is not None else logits
+
 
 def log_softmax_by_group(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """(C,) values -> (C,) values minus the log-sum-exp of their group (a log-softmax within each group).
@@ -445,7 +458,10 @@ def constrained_beam_search(
     per_node = config.head == "trie"
     decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    logprobs = scorer(out.last_hidden_state[:, -1, :])  # (B, V) or (B, U)
+    # (B, d) the last hidden states: the 'trie' head reads only its candidates' logits from them; the others' (B, V)
+    # or (B, U) next-token log-probs
+    head_input = out.last_hidden_state[:, -1, :]
+    logprobs = head_input if per_node else scorer(head_input)  # (unread under 'trie')
 
     # ---- B * beams search rows from here on; the prompt cache stays one copy per user ----
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
@@ -487,9 +503,11 @@ def constrained_beam_search(
         if ahead is not None:  # every live beam has one way left: its token's score was computed ahead
             token_scores = ahead[row_slot[beam], ahead_offset]
         else:
-            token_scores = logprobs[row_slot[beam], token_column[edge]]
-            if per_node:  # the 'trie' head: a log-softmax over each beam's allowed continuations
-                token_scores = log_softmax_by_group(token_scores, beam, nodes.numel())
+            if per_node:  # the 'trie' head: the allowed continuations' logits, a log-softmax over each beam's
+                token_scores = log_softmax_by_group(scorer.selected_logits(head_input, row_slot[beam], token_column[edge]),
+                                                    beam, nodes.numel())
+            else:
+                token_scores = logprobs[row_slot[beam], token_column[edge]]
         cand_scores = scores[beam] + token_scores  # (C,)
         user = torch.div(beam, beams, rounding_mode="floor")
         if node_prior is not None:  # the prior's share of the step: log mass(child) − log mass(parent)
@@ -569,7 +587,8 @@ def constrained_beam_search(
                               use_cache=True)
             hidden = out.last_hidden_state[:, -1, :]
             row_slot = every_row
-        logprobs = scorer(hidden)
+        head_input = hidden
+        logprobs = hidden if per_node else scorer(hidden)  # (unread under 'trie')
 
     results: list[list[tuple[int, float]]] = []
     for row in range(batch):

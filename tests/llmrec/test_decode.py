@@ -173,3 +173,18 @@ def test_trie_head_finishes_titles_with_one_way_left_without_the_model(recommend
         else:
             assert any(t > 1 for t in extended)  # the catalog head scores the rest of such titles in one pass
     assert rows["trie"] < rows["catalog"]
+
+
+def test_the_trie_heads_selected_logits_equal_the_catalog_rows_logits(recommender):
+    """Few candidates: one dot product each; many: the rows' catalog logits gathered. The same numbers."""
+    from llmrec.decode import NextTokenScorer
+
+    scorer = NextTokenScorer(recommender.model, recommender.trie, "trie")
+    torch.manual_seed(0)
+    hidden = torch.randn(6, recommender.model.config.hidden_size)
+    every = scorer(hidden)  # (6, U) the catalog tokens' logits
+    assert every.shape == (6, recommender.trie.vocabulary.numel())
+    for count in (3, 6 * every.shape[1]):  # the dot-product path, then the gathered one
+        rows = torch.randint(0, 6, (count,))
+        columns = torch.randint(0, every.shape[1], (count,))
+        assert torch.allclose(scorer.selected_logits(hidden, rows, columns), every[rows, columns], atol=1e-5)

@@ -373,7 +373,7 @@ def test_a_prebuilt_lean_decoder_is_used_and_the_stock_config_ignores_it(tokeniz
 @pytest.mark.slow
 def test_lean_equals_stock_on_smollm2_for_ml100k_users():
     """The real model (30 layers, 9 heads over 3 KV groups, tied head) on ml-100k test users: identical top-10
-    lists, scores within float tolerance, with the catalog and the full head."""
+    lists, scores within float tolerance, with the catalog, the full and the trie head."""
     from llmrec.model import load_model
     from recdata.prep import prepare
     from recdata.sources import read_ml100k
@@ -382,6 +382,6 @@ def test_lean_equals_stock_on_smollm2_for_ml100k_users():
     data = prepare(read_ml100k())
     recommender = Recommender(loaded.model, loaded.tokenizer, data.catalog, compact_template())
     hs = [data.history(int(u), int(p)).tolist() for u, p in data.splits["test"][:3]]
-    for head in ("catalog", "full"):
+    for head in ("catalog", "full", "trie"):
         kwargs = dict(k=10, num_beams=20, batch_size=3, exclude=hs, head=head)
         _assert_same(recommender.recommend(hs, step="lean", **kwargs), recommender.recommend(hs, step="stock", **kwargs))
