@@ -4,7 +4,8 @@
 # step depends on the shapes, not on how well the weights are trained: these artifacts are for timing, not
 # for quality figures), then
 #   - the CUDA-only tests of the decoding steps (compiled, graph-recorded) against the stock step,
-#   - one request at a time (the service at concurrency 1): ms per top-10 request, lean / graphs / stock,
+#   - one request at a time (the service at concurrency 1): ms per top-10 request, lean / graphs / stock, each
+#     under the catalog and the trie head,
 #   - batches: users/s of ours (stock, lean, graphs) against HF generate, with their top-10 agreement
 #     (in the CUDA default bf16, then in fp32),
 #   - the served arms over HTTP at concurrency 1 and 16 (speedup_p50, throughput_gain),
@@ -36,7 +37,7 @@ if [ "$device" = cuda ]; then
 fi
 log decode_steps
 python3 -m bench.decode_steps "$dense" "$pruned" --device "$device" --requests "${REQUESTS:-32}" \
-  --steps lean,graphs,stock --output "$out/decode_steps.json" || log decode_steps FAILED
+  --steps lean,graphs,stock --heads catalog,trie --output "$out/decode_steps.json" || log decode_steps FAILED
 log decoders
 python3 -m bench.decoders "$dense" "$pruned" --device "$device" --users "${USERS:-64}" --batch-size "${BATCH:-64}" \
   --extra-steps graphs --output "$out/decoders.json" || log decoders FAILED

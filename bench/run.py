@@ -134,6 +134,13 @@ def bench_config(profile: str, **given: Any) -> BenchConfig:
     return config
 
 
+def evaluation_path(work: Path, name: str, head: str) -> Path:
+    """Where the benchmark keeps a model's evaluation in its work directory: ``eval/NAME.json`` under the default
+    head, ``eval/NAME@HEAD.json`` under another, so that a run with another ``--head`` on the same work directory
+    keeps the first run's evaluations (and their per-user ranks) beside its own."""
+    return work / "eval" / (f"{name}.json" if head == "catalog" else f"{name}@{head}.json")
+
+
 def evaluate_cached(artifact: Path, data: PreparedData, users: int | None, seed: int, head: str, output: Path,
                     device: str | None, search: str = "beam", assist: bool | None = False) -> dict:
     """Evaluate (or reuse an evaluation written to ``output`` with the same protocol, of the same build of the
@@ -245,7 +252,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     evaluations: dict[str, dict] = {}
     with clock.phase("evaluate"):
         for name, path in named.items():
-            evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+            evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, evaluation_path(work, name, config.head), config.device)
             models[name] = model_entry(path, evaluations[name], repo_root)
     if config.assist:
         from pruning.stages import carry_assistant
@@ -254,7 +261,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
             for name, source in (("dense", None), ("pruned", dense)):
                 _assistant(config, data, named[name], source)
                 evaluations[f"{name}+assist"] = evaluate_cached(named[name], data, config.users, config.seed, config.head,
-                                                                work / "eval" / f"{name}+assist.json", config.device,
+                                                                evaluation_path(work, f"{name}+assist", config.head), config.device,
                                                                 assist=True)
                 models[f"{name}+assist"] = model_entry(named[name], evaluations[f"{name}+assist"], repo_root)
                 models[f"{name}+assist"]["assisted"] = evaluations[f"{name}+assist"]["protocol"]["assist_weight"]
@@ -279,7 +286,7 @@ def run_bench(config: BenchConfig, data: PreparedData) -> list[Path]:
     if config.peft:
         with clock.phase("peft"):
             for name, path in _peft_arms(config, data, work).items():
-                evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, work / "eval" / f"{name}.json", config.device)
+                evaluations[name] = evaluate_cached(path, data, config.users, config.seed, config.head, evaluation_path(work, name, config.head), config.device)
                 models[name] = model_entry(path, evaluations[name], repo_root)
     models["mostpop"] = {"artifact": None, "params": {"total": 0, "embedding": 0, "non_embedding": 0},
                          "metrics": evaluations["dense"]["mostpop"]}

@@ -287,3 +287,11 @@ def test_the_load_checks_key_records_the_services_batching_and_the_arms_builds(t
     monkeypatch.delenv("PRUNEREC_SOLO_AFTER")
     write_artifact(tmp_path / "pruned", tiny_llama(len(tokenizer), seed=2), tokenizer, prepared.catalog, manifest)
     assert load_key(arms, check, config)["identities"]["pruned"] != before["identities"]["pruned"]
+
+
+def test_a_run_under_another_head_keeps_the_default_heads_evaluations(tmp_path):
+    from bench.run import evaluation_path
+
+    assert evaluation_path(tmp_path, "dense", "catalog") == tmp_path / "eval" / "dense.json"  # the caches runs made so far
+    paths = {evaluation_path(tmp_path, name, head) for name in ("dense", "pruned+assist") for head in ("catalog", "trie", "full")}
+    assert len(paths) == 6 and evaluation_path(tmp_path, "pruned+assist", "trie").name == "pruned+assist@trie.json"
