@@ -18,7 +18,9 @@ Scores are the sum of token log-probabilities of the response, end token include
 under the model (no length normalisation, so scores fall monotonically along a path and the search stops
 exactly when no live beam can beat the k-th finished item). The search keeps ``num_beams`` live prefixes
 per user; every completed item is recorded, and the best ``top_k`` distinct items are returned sorted by
-score. Items a caller excludes (e.g. the user's history) are dropped when they complete.
+score. Items a caller excludes (e.g. the user's history) are dropped when they complete. Under the 'trie' head
+(:attr:`BeamSearchConfig.head`) each token's probability is normalised over the continuations of its title
+prefix instead, so a score is log P(item) over the catalog's items and a title with one way left is complete.
 """
 
 from __future__ import annotations
@@ -387,19 +389,6 @@ def _score_single_paths(lean: LeanDecoder | None, cache: BeamCache, scorer: Next
     return ahead
 
 
-def _into_pool(pool_scores: torch.Tensor, pool_items: torch.Tensor, users: torch.Tensor, items: torch.Tensor,
-               scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge finished items into the per-user pools of the best ``top_k`` ((B, top_k) scores and items).
-
-    users, items, scores: (F,) each, users non-decreasing (grouped by user)."""
-    batch, top_k = pool_scores.shape
-    best, where = grouped_topk(users, scores, batch, top_k)
-    merged_scores = torch.cat([pool_scores, best], dim=1)
-    merged_items = torch.cat([pool_items, torch.where(torch.isfinite(best), items[where], -1)], dim=1)
-    pool_scores, order = merged_scores.topk(top_k, dim=1)
-    return pool_scores, merged_items.gather(1, order)
-
-
 @torch.no_grad()
 def constrained_beam_search(
     model: PreTrainedModel,
@@ -527,7 +516,11 @@ def constrained_beam_search(
             ends = token == trie.end_id
             finished_item = trie.node_item[child]
         if bool(ends.any()):
-            pool_scores, pool_items = _into_pool(pool_scores, pool_items, user[ends], finished_item[ends], cand_scores[ends])
+            best, where = grouped_topk(user[ends], cand_scores[ends], batch, top_k)
+            merged_scores = torch.cat([pool_scores, best], dim=1)
+            merged_items = torch.cat([pool_items, torch.where(torch.isfinite(best), finished_item[ends][where], -1)], dim=1)
+            pool_scores, order = merged_scores.topk(top_k, dim=1)
+            pool_items = merged_items.gather(1, order)
 
         # The best `beams` unfinished continuations per user become the next beams.
         cont_scores = cand_scores.masked_fill(ends, NEG_INF)
