@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -411,3 +412,15 @@ def test_per_arm_model_threads_load_both_arms_intact_and_decode_apart(arms, monk
             answer = client.post("/v1/recommend", json={"user_id": "u", "history": ["i1"], "k": 3}, headers={"X-Prunerec-Arm": arm})
             assert answer.status_code == 200
     assert threads == {"finetune": {"model-dense_0"}, "depth": {"model-pruned_0"}}
+
+
+def test_a_service_under_the_trie_head_answers_with_item_probabilities(arms):
+    """PRUNEREC_HEAD=trie: k distinct items whose scores are log-probabilities over the catalog (each ≤ 0, their
+    probabilities summing to at most 1)."""
+    settings = Settings(models=arms, head="trie", max_history=20, max_k=10)
+    with serving(create_app(settings)) as c:
+        response = c.post("/v1/recommend", json={"user_id": "u1", "history": ["i1", "Babe (1995)"], "k": 5})
+    assert response.status_code == 200, response.text
+    scores = [item["score"] for item in response.json()["items"]]
+    assert len(scores) == 5 and all(s <= 1e-6 for s in scores)
+    assert sum(math.exp(s) for s in scores) <= 1 + 1e-4
