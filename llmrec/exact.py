@@ -235,7 +235,8 @@ def _score_every_item(model: PreTrainedModel, scorer: NextTokenScorer, trie: Tit
                 logprobs = scorer(states[part])
                 edge_logprob[children[part]] = logprobs.gather(1, column(token[children[part]])[:, None]).squeeze(1)
     if head == "trie":  # each edge normalised over its siblings (the 'trie' head: log P(item) over the catalog)
-        below = torch.nonzero(levels.parent.to(device) >= 0).flatten()
-        edge_logprob[below] = log_softmax_by_group(edge_logprob[below], levels.parent.to(device)[below], trie.num_nodes)
+        parent = levels.parent.to(device)
+        below = torch.nonzero(parent >= 0).flatten()
+        edge_logprob[below] = log_softmax_by_group(edge_logprob[below], parent[below], trie.num_nodes)
     paths = trie.item_paths.to(device)  # (num_items, max_depth), 0 (root) as padding: its edge log-prob is 0
     return edge_logprob[paths].sum(1)
