@@ -19,9 +19,8 @@ from typing import Any
 import pandas as pd
 
 from bench.harness import emit_json
+from bench.report import NDCG_K as TOP
 from bench.report import paired_test, per_user_ndcg
-
-TOP = 10
 
 
 def _ranks(evaluation: Path) -> pd.DataFrame:

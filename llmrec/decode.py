@@ -450,7 +450,7 @@ def constrained_beam_search(
     # (B, d) the last hidden states: the 'trie' head reads only its candidates' logits from them; the others' (B, V)
     # or (B, U) next-token log-probs
     head_input = out.last_hidden_state[:, -1, :]
-    logprobs = head_input if per_node else scorer(head_input)  # (unread under 'trie')
+    logprobs = None if per_node else scorer(head_input)
 
     # ---- B * beams search rows from here on; the prompt cache stays one copy per user ----
     expand = torch.arange(batch, device=device).repeat_interleave(beams)
@@ -496,6 +496,7 @@ def constrained_beam_search(
                 token_scores = log_softmax_by_group(scorer.selected_logits(head_input, row_slot[beam], token_column[edge]),
                                                     beam, nodes.numel())
             else:
+                assert logprobs is not None
                 token_scores = logprobs[row_slot[beam], token_column[edge]]
         cand_scores = scores[beam] + token_scores  # (C,)
         user = torch.div(beam, beams, rounding_mode="floor")
@@ -581,7 +582,7 @@ def constrained_beam_search(
             hidden = out.last_hidden_state[:, -1, :]
             row_slot = every_row
         head_input = hidden
-        logprobs = hidden if per_node else scorer(hidden)  # (unread under 'trie')
+        logprobs = None if per_node else scorer(hidden)
 
     results: list[list[tuple[int, float]]] = []
     for row in range(batch):
