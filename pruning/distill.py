@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import logging
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -133,6 +134,17 @@ class DistillConfig:
     the settings that shape them), and a run whose key matches a file there loads it instead of computing.
     Processes that start together (``bench/gpu_arms.sh``'s arms) compute it once: the others wait on a lock.
     Implies a prefill (``prefill_batch_size``, or 8 examples a pass when unset)."""
+    teacher_paths: int = 0
+    """Teacher-path distillation (past the paper; :mod:`pruning.teacher_paths`): the teacher's top this-many
+    items of a beam search (20 beams, the catalog head, history excluded) for ``teacher_path_prompts`` seeded
+    training prompts become extra examples (the prompt, then that item's title), so that the loss also covers
+    the title prefixes the served beam search explores, not only the ground truth's. 0 = off. Costs one teacher
+    decoding of the prompts per run and ``teacher_path_batch`` more examples a step."""
+    teacher_path_prompts: int = 256
+    """Training prompts the teacher decodes for its paths (with ``teacher_paths``)."""
+    teacher_path_batch: int = 8
+    """Path examples added to every step's batch (with ``teacher_paths``; the loss stays one mean over every
+    response position of the batch), drawn by a seeded cycle through them."""
     seed: int = 0
     """Seed of the example sample and the batch order."""
 
@@ -438,10 +450,32 @@ OPERATIONAL_FIELDS = ("checkpoint_minutes", "compile", "prefill_batch_size", "te
 """DistillConfig fields that change how a run is carried out, not what it produces."""
 
 
+PATH_FIELDS = ("teacher_paths", "teacher_path_prompts", "teacher_path_batch")
+"""DistillConfig fields of teacher-path distillation: no part of a result's key while it is off, so that runs
+from before it existed resume."""
+
+
 def result_key(config: DistillConfig) -> dict[str, Any]:
-    """The settings a distilled student depends on (the config without :data:`OPERATIONAL_FIELDS`): what a
-    stage's key and a checkpoint's configuration compare."""
-    return {k: v for k, v in asdict(config).items() if k not in OPERATIONAL_FIELDS}
+    """The settings a distilled student depends on (the config without :data:`OPERATIONAL_FIELDS`, and without
+    :data:`PATH_FIELDS` while teacher paths are off): what a stage's key and a checkpoint's configuration
+    compare."""
+    dropped = OPERATIONAL_FIELDS + (PATH_FIELDS if config.teacher_paths <= 0 else ())
+    return {k: v for k, v in asdict(config).items() if k not in dropped}
+
+
+def path_batches(path_indices: list[int], per_step: int, seed: int) -> Callable[[list[int]], list[int]]:
+    """The path examples a step adds, a function of the step's window batch: each batch gets ``per_step``
+    consecutive entries of a seeded shuffle of ``path_indices`` (cyclic), chosen by a digest of the batch, so
+    that a resumed run draws what an uninterrupted one would have for the same batch."""
+    order = list(path_indices)
+    random.Random(seed).shuffle(order)
+    count = min(per_step, len(order))
+
+    def paths_for(chosen: list[int]) -> list[int]:
+        start = int.from_bytes(hashlib.blake2b(repr(chosen).encode(), digest_size=8).digest(), "big") % len(order)
+        return [order[(start + i) % len(order)] for i in range(count)]
+
+    return paths_for
 
 
 def run(
@@ -453,13 +487,15 @@ def run(
     example_indices: list[int] | None = None,
     ranking: Callable[[], float] | None = None,
     teacher_map: TeacherMap | None = None,
+    path_indices: list[int] | None = None,
 ) -> tuple[PreTrainedModel, dict]:
     """Distil ``student`` on the teacher cache's examples; returns the best student and a training record.
 
     A checkpoint of the same configuration in ``checkpoint_dir`` is resumed (another one is ignored); the
     directory is removed once the best student is restored. With ``config.select_metric == 'ndcg@10'``,
     ``ranking`` (a :class:`pruning.evaluate.RankingCheck` over ``student``) is the validation metric,
-    maximised."""
+    maximised. ``path_indices``: the cache's teacher-path examples (``config.teacher_paths``), added to every
+    step's batch and never drawn as windows."""
     selecting_ndcg = config.select_metric == "ndcg@10"
     if selecting_ndcg and ranking is None:
         raise ValueError("select_metric ndcg@10 needs a ranking check of the student")
@@ -467,7 +503,15 @@ def run(
         raise ValueError("hidden_weight > 0 needs the student's map to the teacher's layers and channels")
     device = next(student.parameters()).device
     pad_id = teacher_cache.pad_id
+    paths = sorted(set(path_indices or []))
+    if config.teacher_paths > 0 and not paths:
+        raise ValueError("teacher_paths > 0 needs the teacher cache's path examples (pruning.prune.shared_data "
+                         "builds them)")
     indices = example_indices if example_indices is not None else list(range(len(teacher_cache.examples)))
+    if paths:
+        excluded = set(paths)
+        indices = [i for i in indices if i not in excluded]
+    paths_for = path_batches(paths, config.teacher_path_batch, config.seed) if paths and config.teacher_path_batch > 0 else None
     valid_batches = validation_batches(valid, pad_id, config.batch_size, config.pack_tokens)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     engine = Engine(student, optimizer, schedule_of(config), checkpoint_dir=checkpoint_dir, config_key=result_key(config),
@@ -482,6 +526,11 @@ def run(
     vocabulary = teacher_cache.vocabulary.to(device) if teacher_cache.vocabulary is not None else None
 
     def loss_of(chosen: list[int]) -> torch.Tensor:
+        # the paths join the step's batch: one mean over every response position, so a path's positions weigh
+        # what a window's do (a separate mean over the paths' few positions, added to the windows', gave their
+        # noisy gradient the windows' weight and the attention stage diverged at lr 1e-3: README)
+        if paths_for is not None:
+            chosen = [*chosen, *paths_for(chosen)]
         teacher = teacher_cache.targets(chosen).to(device)
         batch = collate_batch([teacher_cache.examples[i] for i in chosen], pad_id).to(device)
         labels = response_targets(batch, vocabulary)
@@ -515,5 +564,7 @@ def run(
               "teacher_examples_reused": teacher_cache.reused, "teacher_examples_loaded": teacher_cache.loaded,
               "teacher_prefill_seconds": round(teacher_cache.prefill_seconds - prefilled_before, 1), "compiled_layers": compiled,
               "loss_vocabulary": len(vocabulary) if vocabulary is not None else "full"}
+    if paths:
+        record["teacher_path_examples"] = len(paths)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return student, record

@@ -39,7 +39,7 @@ from pruning.calibration import (
 )
 from pruning.distill import DistillConfig
 from pruning.evaluate import run as evaluate_artifact
-from pruning.examples import split_examples, training_example_count
+from pruning.examples import Example, split_examples, training_example_count
 from pruning.packing import pack
 from pruning.plan import (
     DEFAULT_RATIOS,
@@ -52,6 +52,7 @@ from pruning.plan import (
 )
 from pruning.stages import STAGES, SharedData, StageInputs, eval_config
 from pruning.surgery import shape_of_config
+from pruning.teacher_paths import teacher_paths
 from pruning.trsp import TRSPConfig
 from recdata.prep import PreparedData
 from recdata.prompts import PromptTemplate
@@ -285,12 +286,19 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
     if config.distill.pack_tokens:
         examples = pack(examples, config.distill.pack_tokens, config.distill.seed)
     valid = split_examples(data, encoder, "valid", limit=config.distill.valid_examples, seed=config.distill.seed)
-    vocabulary = catalog_vocabulary(teacher, encoder, data, [*examples, *valid]) if config.distill.vocab == "catalog" else None
+    paths: list[Example] = []
+    if config.distill.teacher_paths > 0:
+        paths = teacher_paths(teacher, tokenizer, data, template, encoder, config.distill.teacher_path_prompts,
+                              config.distill.teacher_paths, config.distill.seed, num_beams=config.num_beams,
+                              batch_size=config.eval_batch_size).examples
+    distilled = [*examples, *paths]
+    vocabulary = catalog_vocabulary(teacher, encoder, data, [*distilled, *valid]) if config.distill.vocab == "catalog" else None
     # shared: another run of this process from the same teacher on the same examples reuses its outputs
-    cache = distill.TeacherCache(teacher, examples, pad_id, config.distill.top_k, config.distill.temperature, vocabulary,
+    cache = distill.TeacherCache(teacher, distilled, pad_id, config.distill.top_k, config.distill.temperature, vocabulary,
                                  shared=True)
     return SharedData(calibration, targets, examples, valid, pad_id, cache, examples_available=available,
-                      examples_used=used, reconstruction=reconstruction)
+                      examples_used=used, reconstruction=reconstruction,
+                      path_indices=list(range(len(examples), len(distilled))))
 
 
 def summarize(teacher: str, stages: list[Path]) -> list[dict]:

@@ -78,6 +78,8 @@ class SharedData:
     reconstruction: list[Batch] = field(default_factory=list)
     """Batches the reconstruction's moments are gathered on: ``reconstruct_samples`` of them, else the
     calibration batches themselves."""
+    path_indices: list[int] = field(default_factory=list)
+    """The cache's teacher-path examples (after ``examples`` in it; ``DistillConfig.teacher_paths``)."""
 
 
 @dataclass
@@ -236,7 +238,7 @@ class Stage:
             checkpoint = inputs.output / f".{directory.name}.ckpt"
             student, distilled = distill.run(config.distill, student, inputs.shared.cache, inputs.shared.valid, checkpoint,
                                              ranking=self._ranking_check(config, inputs, student, tokenizer),
-                                             teacher_map=teacher_map)
+                                             teacher_map=teacher_map, path_indices=inputs.shared.path_indices)
             distilled = {**distilled, "examples_used": inputs.shared.examples_used,
                          "examples_available": inputs.shared.examples_available}
         manifest = {

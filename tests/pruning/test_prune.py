@@ -892,3 +892,19 @@ def test_the_pipeline_gives_each_stage_its_share_of_the_budget(tmp_path, dense, 
     manifests = [read_manifest(p) for p in run(config, prepared)]
     assert [m["distillation"]["steps"] for m in manifests] == [2, 4, 8]
     assert [m["stage_config"]["distill"]["max_steps"] for m in manifests] == [2, 4, 8]
+
+
+def test_a_pipeline_with_teacher_paths_records_them_and_keys_its_stages_apart(tmp_path, dense, prepared):
+    base = tiny_prune_config(tmp_path / "plain", dense, stages=["attn"])
+    with_paths = replace(base, output=str(tmp_path / "paths"), num_beams=4,
+                         distill=replace(base.distill, teacher_paths=2, teacher_path_prompts=3, teacher_path_batch=2))
+    plain_path = run(base, prepared)[0]
+    paths_path = run(with_paths, prepared)[0]
+    plain, pathed = read_manifest(plain_path), read_manifest(paths_path)
+    assert pathed["distillation"]["teacher_path_examples"] == 6
+    assert "teacher_path_examples" not in plain["distillation"]
+    assert "teacher_paths" not in plain["stage_key"]["distill"]  # runs from before the option still resume
+    assert pathed["stage_key"]["distill"]["teacher_paths"] == 2
+    a, b = load_file(str(plain_path / "model.safetensors")), load_file(str(paths_path / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the path examples changed the recovered student
+    assert distill.result_key(base.distill) == distill.result_key(replace(base.distill, teacher_path_prompts=99))

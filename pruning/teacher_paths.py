@@ -1,0 +1,83 @@
+"""Teacher-path distillation examples: the dense teacher's own top items as extra distillation targets.
+
+Past PruneRec (arXiv 2507.07064, §3.5 distils on the training data's ground-truth responses only). A
+recommendation is read off a constrained beam search, which scores the title prefixes of the items the model
+ranks high; distillation on the training windows matches the teacher's next-token distribution only along the
+ground-truth title (and at every title's first token), never along the other items' title prefixes that the
+search explores. Sequence-level knowledge distillation (Kim & Rush, EMNLP 2016, §3.2) trains a student on the
+teacher's own beam outputs; here each of the teacher's top-N items for a seeded sample of training prompts
+becomes one example (the prompt, then that item's title and the end token) on which the usual loss runs: the
+KL to the teacher's distribution at every token of the path, and the CE term on the path's tokens.
+
+The teacher decodes with the evaluation's protocol (``num_beams`` beams, the catalog head, the prompt's own
+items excluded, no assistant: the paths are the language model's own), so the paths are the lists a served
+student is asked to reproduce.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llmrec.prompting import PromptEncoder
+from llmrec.recommender import Recommender
+from pruning.examples import Example, sample_example
+from recdata.prep import PreparedData
+from recdata.prompts import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherPaths:
+    """The path examples and where they came from."""
+
+    examples: list[Example]
+    """``items`` examples per prompt, the teacher's best first, prompt by prompt."""
+    pairs: np.ndarray
+    """(prompts, 2) the (user, position) training samples whose prompts were decoded."""
+    items: list[list[int]]
+    """Per prompt, the catalog indices of the teacher's top items, best first."""
+
+
+def sample_prompts(data: PreparedData, prompts: int, seed: int) -> np.ndarray:
+    """A seeded, sorted sample of ``prompts`` training (user, position) pairs (all of them when fewer)."""
+    if prompts < 1:
+        raise ValueError(f"teacher paths need at least one prompt, got {prompts}")
+    pairs = data.splits["train"]
+    if prompts >= len(pairs):
+        return pairs
+    # seed + 2: not the calibration's (seed) nor the distillation windows' (seed + 1) draw
+    keep = np.sort(np.random.default_rng(seed + 2).choice(len(pairs), size=prompts, replace=False))
+    return pairs[keep]
+
+
+@torch.no_grad()
+def teacher_paths(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData,
+                  template: PromptTemplate, encoder: PromptEncoder, prompts: int, items: int, seed: int,
+                  num_beams: int = 20, batch_size: int = 16) -> TeacherPaths:
+    """The teacher's top ``items`` items for ``prompts`` seeded training prompts, as distillation examples."""
+    if not 1 <= items <= num_beams:
+        raise ValueError(f"teacher paths per prompt must be between 1 and the beams ({num_beams}), got {items}")
+    pairs = sample_prompts(data, prompts, seed)
+    histories = [data.history(int(user), int(position)).tolist() for user, position in pairs]
+    recommender = Recommender(teacher, tokenizer, data.catalog, template, encoder.max_history,
+                              max_prompt_tokens=encoder.max_prompt_tokens)
+    was_training = teacher.training
+    teacher.eval()
+    logger.info("teacher paths: decoding %d training prompts with the teacher (%d beams, its top %d items each)",
+                len(pairs), num_beams, items)
+    try:
+        lists = recommender.recommend(histories, k=items, num_beams=num_beams, exclude=histories,
+                                      batch_size=batch_size, progress=True, head="catalog", assist=False)
+    finally:
+        teacher.train(was_training)
+    titles = data.catalog.titles
+    chosen = [[item for item, _ in ranked] for ranked in lists]
+    examples = [sample_example(encoder, [titles[i] for i in history], titles[item])
+                for history, ranked in zip(histories, chosen, strict=True) for item in ranked]
+    return TeacherPaths(examples, pairs, chosen)
