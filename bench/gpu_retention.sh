@@ -26,7 +26,9 @@
 # once, for the probe's batch choice), RETENTION (1; 0 = stop after the probe, the dense model and its evaluation on
 # all users, which every retention run of the same WORK then reuses), TEACHER_OUTPUTS (1: the teacher's
 # distributions of the distillation rows computed before the first stage, once for every arm of the same WORK,
-# in WORK/teacher-outputs; 0: on first use, in each arm's steps, as the leases before 2026-11-28 ran).
+# in WORK/teacher-outputs; 0: on first use, in each arm's steps, as the leases before 2026-11-28 ran), PRUNE_SEED
+# (0; the seed of the calibration sample, the distillation windows' packing and the batch order: `bench.retention
+# --prune-seed`; two arms differing only in it measure the training's own noise).
 # Over 10 minutes in all: start it with setsid nohup and keep
 # the machine busy with `bash bench/gpu_wait.sh` (or ../shared/gpu/README.md's poll); a second configuration
 # needs its own WORK.
@@ -100,6 +102,7 @@ preset=()
 [ -n "${DISTILL_EPOCHS:-}" ] && preset+=(--distill-epochs "$DISTILL_EPOCHS")
 [ "${EVERY_STAGE:-0}" = 1 ] && preset+=(--every-stage)
 [ -n "${HIDDEN:-}" ] && preset+=(--distill-hidden-weight "$HIDDEN")
+[ -n "${PRUNE_SEED:-}" ] && preset+=(--prune-seed "$PRUNE_SEED")
 # the teacher's distributions of the distillation rows computed once, before the first stage, and shared by
 # every arm of the same WORK (a lock: the first computes, the others load); TEACHER_OUTPUTS=0: on first use
 [ "${TEACHER_OUTPUTS:-1}" = 1 ] && preset+=(--distill-teacher-outputs "$work/teacher-outputs")

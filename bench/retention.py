@@ -495,6 +495,10 @@ def command_line() -> argparse.ArgumentParser:
                         help="examples a teacher forward pass when prefilling (prunerec prune --distill-prefill-batch-size)")
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="the paper's plain cut: no least-squares refit after each cut (prunerec prune --no-reconstruct)")
+    parser.add_argument("--prune-seed", type=int, default=None,
+                        help="seed of every point's calibration sample, distillation windows and batch order (prunerec "
+                             "prune --seed; [0]): runs differing only in it measure what the training's randomness "
+                             "moves; the test users stay --users' seeded sample")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, default=None, help="prepared dataset [ml-100k]")
     parser.add_argument("--work", default=None)
@@ -518,6 +522,8 @@ def prune_overrides(args: argparse.Namespace) -> dict[str, Any]:
                                  if getattr(args, name) is not None}
     if args.no_reconstruct:
         overrides["reconstruct"] = False
+    if args.prune_seed is not None:  # one seed for every sampling of the run, as prunerec prune --seed gives it
+        overrides.update({f"{part}.seed": args.prune_seed for part in ("calibration", "distill", "trsp")})
     return overrides
 
 

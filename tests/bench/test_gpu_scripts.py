@@ -216,13 +216,14 @@ def test_arms_share_the_probe_and_the_dense_model_and_each_runs_its_own_retentio
 
 
 def test_the_next_leases_arms_reach_their_options(tmp_path):
-    """README "The next lease": base, lr, more rows a step, the default plan and a longer budget, each one change
-    over the shared knobs (or over lr), and the changes combined; the default plan's arm gives no targets."""
+    """README "The next lease": base, lr, more rows a step and the default plan, each one change over the shared
+    knobs (or over lr), base again with another training seed, and the changes combined; the default plan's arm
+    gives no targets."""
     out = tmp_path / "out"
     arms = ["base:TARGETS=0.955", "lr:TARGETS=0.955 DISTILL_LR=1e-3", "batch:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_BATCH=8",
-            "default:PLAN=default", "long:TARGETS=0.955 DISTILL_MINUTES=1.5",
+            "default:PLAN=default", "seed1:TARGETS=0.955 PRUNE_SEED=1",
             "combined:TARGETS=0.955 DISTILL_LR=1e-3 DISTILL_BATCH=8 DISTILL_MINUTES=1.5 DISTILL_EPOCHS=6 VOCAB=catalog"]
-    names = ("base", "lr", "batch", "default", "long", "combined")
+    names = ("base", "lr", "batch", "default", "seed1", "combined")
     ran = run_script(tmp_path, "gpu_arms.sh", [str(out), *arms],
                      {"TRAIN_MINUTES": "4", "DISTILL_MINUTES": "1", "DISTILL_EXAMPLES": "20000", "DISTILL_EPOCHS": "3",
                       "SASREC_EPOCHS": "0"})
@@ -232,12 +233,13 @@ def test_the_next_leases_arms_reach_their_options(tmp_path):
     assert "--plan default" in retentions["retention-default"] and "--targets" not in retentions["retention-default"]
     assert "--distill-lr 1e-3" in retentions["retention-lr"] and "--distill-lr" not in retentions["retention-base"]
     assert "--distill-batch-size 8" in retentions["retention-batch"] and "--distill-lr 1e-3" in retentions["retention-batch"]
-    assert not any("--distill-batch-size" in retentions[f"retention-{name}"] for name in ("base", "lr", "default", "long"))
-    assert "--distill-minutes 1.5" in retentions["retention-long"]
+    assert not any("--distill-batch-size" in retentions[f"retention-{name}"] for name in ("base", "lr", "default", "seed1"))
+    assert "--prune-seed 1" in retentions["retention-seed1"]
+    assert sum("--prune-seed" in call for call in retentions.values()) == 1
     combined = retentions["retention-combined"]
     assert all(option in combined for option in ("--distill-lr 1e-3", "--distill-batch-size 8", "--distill-minutes 1.5",
                                                  "--distill-vocab catalog"))
-    for name in ("base", "lr", "batch", "default"):
+    for name in ("base", "lr", "batch", "default", "seed1"):
         assert "--distill-minutes 1 " in retentions[f"retention-{name}"]
     assert "--distill-epochs 6" in combined
     # every arm shares one teacher-outputs directory: one computation per loss vocabulary, not one per arm

@@ -128,6 +128,8 @@ def test_the_command_lines_distillation_options_reach_every_points_prune_config(
                                         "--distill-prefill-batch-size", "4"])
     assert prune_overrides(shared) == {"distill.teacher_outputs": "work/teacher-outputs", "distill.prefill_batch_size": 4}
     assert prune_overrides(command_line().parse_args(["dense"])) == {}  # nothing given: the profile's own
+    seeded = prune_overrides(command_line().parse_args(["dense", "--prune-seed", "2"]))
+    assert seeded == {"calibration.seed": 2, "distill.seed": 2, "trsp.seed": 2}
 
 
 ARMS = {  # README "One GPU lease": the arms of bench/gpu_arms.sh, as retention overrides
