@@ -507,11 +507,13 @@ def run(
     if config.teacher_paths > 0 and not paths:
         raise ValueError("teacher_paths > 0 needs the teacher cache's path examples (pruning.prune.shared_data "
                          "builds them)")
+    if paths and config.teacher_path_batch < 1:
+        raise ValueError(f"teacher_path_batch must be at least 1 with teacher paths, got {config.teacher_path_batch}")
     indices = example_indices if example_indices is not None else list(range(len(teacher_cache.examples)))
     if paths:
         excluded = set(paths)
         indices = [i for i in indices if i not in excluded]
-    paths_for = path_batches(paths, config.teacher_path_batch, config.seed) if paths and config.teacher_path_batch > 0 else None
+    paths_for = path_batches(paths, config.teacher_path_batch, config.seed) if paths else None
     valid_batches = validation_batches(valid, pad_id, config.batch_size, config.pack_tokens)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     engine = Engine(student, optimizer, schedule_of(config), checkpoint_dir=checkpoint_dir, config_key=result_key(config),

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmrec.prompting import PromptEncoder
 from llmrec.recommender import Recommender
+from pruning.evaluate import sample_users
 from pruning.examples import Example, sample_example
 from recdata.prep import PreparedData
 from recdata.prompts import PromptTemplate
@@ -48,12 +49,8 @@ def sample_prompts(data: PreparedData, prompts: int, seed: int) -> np.ndarray:
     """A seeded, sorted sample of ``prompts`` training (user, position) pairs (all of them when fewer)."""
     if prompts < 1:
         raise ValueError(f"teacher paths need at least one prompt, got {prompts}")
-    pairs = data.splits["train"]
-    if prompts >= len(pairs):
-        return pairs
     # seed + 2: not the calibration's (seed) nor the distillation windows' (seed + 1) draw
-    keep = np.sort(np.random.default_rng(seed + 2).choice(len(pairs), size=prompts, replace=False))
-    return pairs[keep]
+    return sample_users(data.splits["train"], prompts, seed + 2)
 
 
 @torch.no_grad()

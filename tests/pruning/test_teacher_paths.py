@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from helpers import tiny_llama
 
@@ -67,6 +69,8 @@ def test_every_step_adds_its_path_examples_and_never_draws_them_as_windows(tmp_p
         assert len(batch) == 6 and all(i < 16 for i in batch[:4]) and all(i in path_indices for i in batch[4:])
     with pytest.raises(ValueError, match="path examples"):
         distill.run(config, student, cache, valid, tmp_path / "ckpt2")
+    with pytest.raises(ValueError, match="teacher_path_batch"):
+        distill.run(replace(config, teacher_path_batch=0), student, cache, valid, tmp_path / "ckpt3", path_indices=path_indices)
 
 
 def test_path_batches_cycle_through_a_seeded_order_and_depend_only_on_the_batch():
