@@ -1,7 +1,7 @@
 """One compression stage's distillation run again from an artifact it wrote, with the run's own settings or others.
 
     python -m bench.redistill runs/cpu60-paths-seed1/3-depth --teacher runs/cpu60 --profile cpu --seed 1 \
-        --steps 100 [--teacher-paths 4] [--output OUT.json]
+        --steps 100 [--teacher-paths 4] [--lr 3e-4] [--output OUT.json]
 
 A stage that early stopping ended at step 0 keeps its undistilled cut (``prunerec prune`` writes the best
 student), so its artifact is the cut itself: this distils that student from the dense teacher again on the
@@ -32,10 +32,12 @@ from recdata.prompts import PromptTemplate
 
 
 def redistill(student: str, teacher: str, data: PreparedData, profile: str = "cpu", seed: int = 0, steps: int = 100,
-              teacher_paths: int = 0, device: str = "cpu") -> dict[str, Any]:
-    """Distil ``student`` from ``teacher`` for ``steps`` steps (no early stopping); returns the record."""
+              teacher_paths: int = 0, device: str = "cpu", lr: float | None = None) -> dict[str, Any]:
+    """Distil ``student`` from ``teacher`` for ``steps`` steps (no early stopping; ``lr``: the profile's rate when
+    None); returns the record."""
     config = apply_profile(PruneConfig(output="", teacher=teacher), profile)
-    settings = replace(config.distill, seed=seed, max_steps=steps, patience=0, teacher_paths=teacher_paths)
+    settings = replace(config.distill, seed=seed, max_steps=steps, patience=0, teacher_paths=teacher_paths,
+                       lr=lr if lr is not None else config.distill.lr)
     config = replace(config, distill=settings, calibration=replace(config.calibration, seed=seed))
     manifest = read_manifest(teacher)
     loaded = load_model(teacher, device=device, dtype=torch.float32)
@@ -48,6 +50,7 @@ def redistill(student: str, teacher: str, data: PreparedData, profile: str = "cp
         _, record = distill.run(settings, model, shared.cache, shared.valid, Path(checkpoints) / "ckpt",
                                 path_indices=shared.path_indices)
     return {"student": student, "teacher": teacher, "profile": profile, "seed": seed, "teacher_paths": teacher_paths,
+            "lr": settings.lr,
             "steps": record["steps"], "valid_loss": [round(h["valid_loss"], 4) for h in record["valid_history"]],
             "valid_steps": [h["step"] for h in record["valid_history"]]}
 
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (prunerec prune --seed)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--teacher-paths", type=int, default=0, help="prunerec prune --distill-teacher-paths")
+    parser.add_argument("--lr", type=float, default=None, help="distillation rate [the profile's]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -67,7 +71,7 @@ def main() -> None:
     from cli.common import load_data
 
     report = redistill(args.student, args.teacher, load_data(None), args.profile, args.seed, args.steps,
-                       args.teacher_paths, args.device)
+                       args.teacher_paths, args.device, args.lr)
     emit_json(report, Path(args.output) if args.output else None)
 
 

@@ -19,3 +19,6 @@ def test_a_stages_student_is_distilled_again_from_the_same_start(tmp_path, tiny_
     assert plain["valid_loss"][0] == pathed["valid_loss"][0]  # the same student on the same validation examples
     assert plain["valid_loss"][-1] != pathed["valid_loss"][-1]  # the path examples changed what it learnt
     assert pathed["teacher_paths"] == 2 and plain["teacher_paths"] == 0
+    slower = redistill(student, str(tiny_dense), prepared, profile="cpu", seed=0, steps=3, lr=1e-5)
+    assert plain["lr"] == 1e-3 and slower["lr"] == 1e-5  # the profile's rate unless one is given
+    assert slower["valid_loss"][0] == plain["valid_loss"][0] and slower["valid_loss"][-1] != plain["valid_loss"][-1]
