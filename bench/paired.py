@@ -89,8 +89,8 @@ def compare(a: Path, b: Path, reference: Path | None = None) -> dict[str, Any]:
                                                     for side, ranks in (("a", ranks_a), ("b", ranks_b))}}
     return {
         "a": str(a), "b": str(b),
-        "hits_a": int(((ranks_a["rank"] >= 0) & (ranks_a["rank"] < TOP)).sum()),
-        "hits_b": int(((ranks_b["rank"] >= 0) & (ranks_b["rank"] < TOP)).sum()),
+        "hits_a": sum(rank is not None for rank in _hit_ranks(ranks_a)),
+        "hits_b": sum(rank is not None for rank in _hit_ranks(ranks_b)),
         "ndcg@10": test,
         "identical_top10_lists": sum(x == y for x, y in zip(lists_a, lists_b, strict=True)),
         "mean_top10_overlap": float(_overlaps(lists_a, lists_b).mean()) if lists_a else 0.0,

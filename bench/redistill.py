@@ -35,7 +35,8 @@ def redistill(student: str, teacher: str, data: PreparedData, profile: str = "cp
               teacher_paths: int = 0, device: str = "cpu", lr: float | None = None) -> dict[str, Any]:
     """Distil ``student`` from ``teacher`` for ``steps`` steps (no early stopping; ``lr``: the profile's rate when
     None); returns the record."""
-    config = apply_profile(PruneConfig(output="", teacher=teacher), profile)
+    # the stage's run directory: where the run saved its teacher paths (read back, not decoded again)
+    config = apply_profile(PruneConfig(output=str(Path(student).parent), teacher=teacher), profile)
     settings = replace(config.distill, seed=seed, max_steps=steps, patience=0, teacher_paths=teacher_paths,
                        lr=lr if lr is not None else config.distill.lr)
     config = replace(config, distill=settings, calibration=replace(config.calibration, seed=seed))

@@ -290,7 +290,7 @@ def shared_data(config: PruneConfig, data: PreparedData, teacher: PreTrainedMode
     if config.distill.teacher_paths > 0:
         paths = teacher_paths(teacher, tokenizer, data, template, encoder, config.distill.teacher_path_prompts,
                               config.distill.teacher_paths, config.distill.seed, num_beams=config.num_beams,
-                              batch_size=config.eval_batch_size).examples
+                              batch_size=config.eval_batch_size, saved=Path(config.output) / "teacher-paths.json").examples
     distilled = [*examples, *paths]
     vocabulary = catalog_vocabulary(teacher, encoder, data, [*distilled, *valid]) if config.distill.vocab == "catalog" else None
     # shared: another run of this process from the same teacher on the same examples reuses its outputs

@@ -16,8 +16,11 @@ student is asked to reproduce.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmrec.prompting import PromptEncoder
 from llmrec.recommender import Recommender
+from pruning import reuse
 from pruning.evaluate import sample_users
 from pruning.examples import Example, sample_example
 from recdata.prep import PreparedData
@@ -56,25 +60,57 @@ def sample_prompts(data: PreparedData, prompts: int, seed: int) -> np.ndarray:
 @torch.no_grad()
 def teacher_paths(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData,
                   template: PromptTemplate, encoder: PromptEncoder, prompts: int, items: int, seed: int,
-                  num_beams: int = 20, batch_size: int = 16) -> TeacherPaths:
-    """The teacher's top ``items`` items for ``prompts`` seeded training prompts, as distillation examples."""
+                  num_beams: int = 20, batch_size: int = 16, saved: Path | None = None) -> TeacherPaths:
+    """The teacher's top ``items`` items for ``prompts`` seeded training prompts, as distillation examples.
+
+    ``saved``: a JSON file of the chosen items, read instead of decoding when it was written for the same
+    teacher weights, data and settings, else written after decoding (a resumed compression run decodes nothing)."""
     if not 1 <= items <= num_beams:
         raise ValueError(f"teacher paths per prompt must be between 1 and the beams ({num_beams}), got {items}")
     pairs = sample_prompts(data, prompts, seed)
     histories = [data.history(int(user), int(position)).tolist() for user, position in pairs]
+    key = _key(teacher, data, prompts, items, seed, num_beams) if saved is not None else ""
+    chosen = _load(saved, key)
+    if chosen is None:
+        chosen = _decode(teacher, tokenizer, data, template, encoder, histories, items, num_beams, batch_size)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps({"key": key, "items": chosen}))
+    titles = data.catalog.titles
+    examples = [sample_example(encoder, [titles[i] for i in history], titles[item])
+                for history, ranked in zip(histories, chosen, strict=True) for item in ranked]
+    return TeacherPaths(examples, pairs, chosen)
+
+
+def _decode(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: PreparedData, template: PromptTemplate,
+            encoder: PromptEncoder, histories: list[list[int]], items: int, num_beams: int,
+            batch_size: int) -> list[list[int]]:
     recommender = Recommender(teacher, tokenizer, data.catalog, template, encoder.max_history,
                               max_prompt_tokens=encoder.max_prompt_tokens)
     was_training = teacher.training
     teacher.eval()
     logger.info("teacher paths: decoding %d training prompts with the teacher (%d beams, its top %d items each)",
-                len(pairs), num_beams, items)
+                len(histories), num_beams, items)
     try:
         lists = recommender.recommend(histories, k=items, num_beams=num_beams, exclude=histories,
                                       batch_size=batch_size, progress=True, head="catalog", assist=False)
     finally:
         teacher.train(was_training)
-    titles = data.catalog.titles
-    chosen = [[item for item, _ in ranked] for ranked in lists]
-    examples = [sample_example(encoder, [titles[i] for i in history], titles[item])
-                for history, ranked in zip(histories, chosen, strict=True) for item in ranked]
-    return TeacherPaths(examples, pairs, chosen)
+    return [[item for item, _ in ranked] for ranked in lists]
+
+
+def _key(teacher: PreTrainedModel, data: PreparedData, prompts: int, items: int, seed: int, num_beams: int) -> str:
+    into = hashlib.blake2b(digest_size=16)
+    reuse.digest_model(teacher, into)
+    into.update(f"{data.fingerprint}:{prompts}:{items}:{seed}:{num_beams}".encode())
+    return into.hexdigest()
+
+
+def _load(saved: Path | None, key: str) -> list[list[int]] | None:
+    if saved is None or not saved.is_file():
+        return None
+    stored = json.loads(saved.read_text())
+    if stored.get("key") != key:
+        return None
+    logger.info("teacher paths: the teacher's items read from %s", saved)
+    return [[int(item) for item in ranked] for ranked in stored["items"]]

@@ -80,3 +80,17 @@ def test_path_batches_cycle_through_a_seeded_order_and_depend_only_on_the_batch(
     assert all(len(set(d)) == 3 and set(d) <= set(range(10, 20)) for d in drawn)
     assert len(set().union(*drawn)) == 10  # every path example gets drawn
     assert sorted(distill.path_batches([5, 6], 4, seed=0)([0])) == [5, 6]  # fewer paths than a step asks for
+
+
+def test_saved_paths_are_read_back_for_the_same_teacher_only(tmp_path, tokenizer, prepared, monkeypatch):
+    """A resumed run reads the teacher's items instead of decoding again; another teacher decodes anew."""
+    encoder = PromptEncoder(tokenizer, compact_template(), 10)
+    saved = tmp_path / "teacher-paths.json"
+    args = (tokenizer, prepared, compact_template(), encoder)
+    first = teacher_paths(tiny_llama(len(tokenizer), seed=3), *args, prompts=4, items=2, seed=0, num_beams=4, saved=saved)
+    assert saved.is_file()
+    monkeypatch.setattr(Recommender, "recommend", lambda *a, **k: pytest.fail("decoded again"))
+    again = teacher_paths(tiny_llama(len(tokenizer), seed=3), *args, prompts=4, items=2, seed=0, num_beams=4, saved=saved)
+    assert again.items == first.items and [e.input_ids for e in again.examples] == [e.input_ids for e in first.examples]
+    with pytest.raises(pytest.fail.Exception, match="decoded again"):
+        teacher_paths(tiny_llama(len(tokenizer), seed=4), *args, prompts=4, items=2, seed=0, num_beams=4, saved=saved)
